@@ -1,0 +1,79 @@
+//! The nbd-runner daemon: parses flags, opens the startup exports, and runs
+//! the engine until SIGINT/SIGTERM. A second signal exits at once.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use nbd_cli::runner_args::{normalize, RunnerArgs};
+use nbd_engine::export::ExportTable;
+use nbd_engine::server::{self, EngineConfig, Limits, Shutdown};
+use std::io::Write;
+use std::sync::Arc;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("nbd-runner: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = RunnerArgs::parse_from(normalize(std::env::args()));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+
+    let threads = args.threads();
+    let table = Arc::new(ExportTable::new(threads));
+    for spec in &args.exports {
+        let backend = spec.open()?;
+        let export = table.add(&spec.key, backend)?;
+        tracing::info!(
+            export = %export.name,
+            handler = export.backend.handler(),
+            size = export.backend.size(),
+            mode = %export.backend.mode(),
+            read_only = spec.read_only,
+            "serving"
+        );
+    }
+
+    let shutdown = Arc::new(Shutdown::default());
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Order matters: the first signal arms the flag, a second one exits.
+        signal_hook::flag::register_conditional_shutdown(sig, 1, shutdown.flag())
+            .context("installing signal handlers")?;
+        signal_hook::flag::register(sig, shutdown.flag()).context("installing signal handlers")?;
+    }
+
+    let listener = server::bind(args.io_addr())?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(io = %addr, rpc = %format!("{}:{}", args.rpchost, args.rpcport), threads, state_dir = %args.state_dir.display(), "nbd-runner started");
+    {
+        // One machine-readable line for scripts and tests.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "nbd-runner ready io={addr}")?;
+        out.flush()?;
+    }
+
+    server::run(
+        listener,
+        EngineConfig {
+            threads,
+            limits: Limits::default(),
+        },
+        table.clone(),
+        shutdown,
+    )?;
+
+    for export in table.all() {
+        let report = export.stats.snapshot().render();
+        if !report.is_empty() {
+            tracing::info!(export = %export.name, "latency\n{report}");
+        }
+    }
+    tracing::info!("nbd-runner stopped");
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Shared pieces of the nbd-runner and nbd-cli binaries.
+
+pub mod runner_args;

@@ -1,0 +1,178 @@
+//! nbd-runner's command line: clap flags plus the seed's keyword forms
+//! (`nbd-runner threads 4 rpchost 127.0.0.1 iohost 127.0.0.1`, `help`, `version`).
+
+use clap::Parser;
+use nbd_engine::export::ExportSpec;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nbd-runner",
+    version,
+    about = "Serves block storage (file, mem; gluster and ceph with their features) over NBD",
+    after_help = "Keyword forms from the original nbd-runner also work:\n  \
+                  nbd-runner threads 4 rpchost 127.0.0.1 iohost 127.0.0.1\n  \
+                  nbd-runner help | version\n\n\
+                  Example: nbd-runner --export file:/var/lib/nbd/disk0.raw,size=10G"
+)]
+pub struct RunnerArgs {
+    /// Address the control route listens on (nbd-cli talks to it).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub rpchost: IpAddr,
+    /// Control route TCP port.
+    #[arg(long, default_value_t = 24110)]
+    pub rpcport: u16,
+    /// Address the NBD IO route listens on; IPv4 or IPv6.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub iohost: IpAddr,
+    /// NBD IO route TCP port (0 picks a free one).
+    #[arg(long, default_value_t = 24111)]
+    pub ioport: u16,
+    /// IO shards, one pinned core each [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+    /// Directory holding saveconfig.json.
+    #[arg(long, default_value = "/etc/nbd-runner")]
+    pub state_dir: PathBuf,
+    /// Serve a backstore from startup: HANDLER:KEY[,size=SIZE][,readonly],
+    /// e.g. mem:disk0,size=1G or file:/var/lib/img/a.raw,size=10G. Repeatable.
+    #[arg(long = "export", value_name = "SPEC")]
+    pub exports: Vec<ExportSpec>,
+}
+
+impl RunnerArgs {
+    pub fn io_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.iohost, self.ioport)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.map(usize::from).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+}
+
+/// Keywords the seed accepted without dashes, and whether they take a value.
+const KEYWORDS: &[(&str, bool)] = &[
+    ("help", false),
+    ("version", false),
+    ("threads", true),
+    ("rpchost", true),
+    ("rpcport", true),
+    ("iohost", true),
+    ("ioport", true),
+    ("state-dir", true),
+    ("export", true),
+];
+
+/// Rewrites keyword forms into flags, leaving values untouched.
+pub fn normalize<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut expect_value = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || expect_value {
+            expect_value = false;
+            out.push(arg);
+            continue;
+        }
+        match KEYWORDS.iter().find(|(k, _)| *k == arg) {
+            Some((k, takes)) => {
+                out.push(format!("--{k}"));
+                expect_value = *takes;
+            }
+            None => {
+                expect_value = arg.starts_with("--")
+                    && !arg.contains('=')
+                    && KEYWORDS.iter().any(|(k, t)| *t && arg[2..] == **k);
+                out.push(arg);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunnerArgs, clap::Error> {
+        let v = normalize(args.iter().map(|s| s.to_string()));
+        RunnerArgs::try_parse_from(v)
+    }
+
+    #[test]
+    fn seed_keyword_forms() {
+        let a = parse(&[
+            "nbd-runner",
+            "threads",
+            "4",
+            "rpchost",
+            "127.0.0.1",
+            "iohost",
+            "::1",
+        ])
+        .unwrap();
+        assert_eq!(a.threads(), 4);
+        assert_eq!(a.rpchost.to_string(), "127.0.0.1");
+        assert_eq!(a.io_addr().to_string(), "[::1]:24111");
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&["nbd-runner"]).unwrap();
+        assert_eq!(a.rpcport, 24110);
+        assert_eq!(a.ioport, 24111);
+        assert_eq!(a.rpchost.to_string(), "127.0.0.1");
+        assert_eq!(a.state_dir, PathBuf::from("/etc/nbd-runner"));
+        assert!(a.threads() >= 1);
+    }
+
+    #[test]
+    fn flags_and_exports() {
+        let a = parse(&[
+            "nbd-runner",
+            "--ioport",
+            "0",
+            "--export",
+            "mem:disk0,size=1G",
+            "--export=file:/tmp/x.raw,size=1M,readonly",
+        ])
+        .unwrap();
+        assert_eq!(a.exports.len(), 2);
+        assert_eq!(a.exports[0].size, Some(1 << 30));
+        assert!(a.exports[1].read_only);
+    }
+
+    #[test]
+    fn a_value_named_like_a_keyword_stays_a_value() {
+        // An export literally named "threads" must not become a flag.
+        let v = normalize(["nbd-runner", "--export", "threads"].map(String::from));
+        assert_eq!(v, ["nbd-runner", "--export", "threads"]);
+        let v = normalize(["nbd-runner", "export", "mem:help,size=1M"].map(String::from));
+        assert_eq!(v, ["nbd-runner", "--export", "mem:help,size=1M"]);
+    }
+
+    #[test]
+    fn help_and_version_keywords() {
+        assert_eq!(
+            parse(&["nbd-runner", "help"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayHelp
+        );
+        assert_eq!(
+            parse(&["nbd-runner", "version"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayVersion
+        );
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_a_reason() {
+        let e = parse(&["nbd-runner", "--export", "mem:disk0"]).unwrap_err();
+        assert!(e.to_string().contains("size"), "{e}");
+        assert!(parse(&["nbd-runner", "threads", "0"]).is_err());
+        assert!(parse(&["nbd-runner", "--iohost", "not-an-ip"]).is_err());
+        assert!(parse(&["nbd-runner", "bogus"]).is_err());
+    }
+}

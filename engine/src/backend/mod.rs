@@ -1,0 +1,254 @@
+//! Backends: one trait with capability methods, in the shape of nbdkit's
+//! `can_*` calls and cloud-hypervisor's `DiskFile`/`AsyncIo` split.
+//!
+//! [`Backend`] is the shared, thread-safe description of a backstore: size and
+//! capabilities, from which the NBD transmission flags and block sizes derive.
+//! [`Backend::attach`] opens a per-shard [`BackendIo`] inside that shard's
+//! executor, so io_uring rings and file descriptors stay shard-local.
+
+pub mod file;
+pub mod mem;
+
+use crate::protocol::consts::*;
+use crate::protocol::{Errno, Extent, MAX_PAYLOAD};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use thiserror::Error;
+
+pub use file::FileBackend;
+pub use mem::MemBackend;
+
+/// A shard-local future; backends complete on the shard that issued the IO.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + 'a>>;
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("operation not supported by this backend")]
+    Unsupported,
+    #[error("{0}")]
+    Config(String),
+}
+
+impl BackendError {
+    pub fn io(context: &'static str, source: std::io::Error) -> Self {
+        BackendError::Io { context, source }
+    }
+
+    /// The NBD error the client sees; backend errors always reach the client
+    /// (nbdcopy CVE-2022-0485 was a swallowed one).
+    pub fn errno(&self) -> Errno {
+        match self {
+            BackendError::Io { source, .. } => Errno::from_io(source),
+            BackendError::Unsupported => Errno::NotSup,
+            BackendError::Config(_) => Errno::Io,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSizes {
+    pub min: u32,
+    pub preferred: u32,
+    pub max: u32,
+}
+
+impl Default for BlockSizes {
+    fn default() -> Self {
+        BlockSizes {
+            min: 1,
+            preferred: 4096,
+            max: MAX_PAYLOAD,
+        }
+    }
+}
+
+/// What a backend can do. The engine advertises exactly this, nothing more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    pub read_only: bool,
+    pub flush: bool,
+    pub fua: bool,
+    pub trim: bool,
+    pub zero: bool,
+    pub fast_zero: bool,
+    pub cache: bool,
+    pub block_status: bool,
+    /// Writes acknowledged on any connection are covered by a flush on any
+    /// other (DESIGN §4).
+    pub multi_conn: bool,
+    pub rotational: bool,
+    pub block: BlockSizes,
+}
+
+impl Capabilities {
+    /// NBD transmission flags for these capabilities.
+    pub fn transmission_flags(&self) -> u16 {
+        let mut f = TF_HAS_FLAGS | TF_SEND_DF;
+        let mut set = |cond: bool, bit: u16| {
+            if cond {
+                f |= bit;
+            }
+        };
+        set(self.read_only, TF_READ_ONLY);
+        set(self.flush, TF_SEND_FLUSH);
+        set(self.fua, TF_SEND_FUA);
+        set(self.rotational, TF_ROTATIONAL);
+        set(self.trim && !self.read_only, TF_SEND_TRIM);
+        set(self.zero && !self.read_only, TF_SEND_WRITE_ZEROES);
+        set(self.multi_conn, TF_CAN_MULTI_CONN);
+        set(self.cache, TF_SEND_CACHE);
+        set(
+            self.fast_zero && self.zero && !self.read_only,
+            TF_SEND_FAST_ZERO,
+        );
+        f
+    }
+}
+
+/// Flags for WRITE_ZEROES.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    pub fua: bool,
+    /// The client wants allocated zeroes, not a hole.
+    pub no_hole: bool,
+    /// Fail with ENOTSUP rather than be slower than a write.
+    pub fast: bool,
+}
+
+/// Bytes a READ returns, owned so an io_uring or C completion can fill them
+/// after the submitting future is gone.
+pub enum ReadBuf {
+    Vec(Vec<u8>),
+    Glommio(glommio::io::ReadResult),
+}
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadBuf::Vec(v) => v,
+            ReadBuf::Glommio(r) => r,
+        }
+    }
+}
+
+impl ReadBuf {
+    /// The Vec back, for the connection's buffer pool.
+    pub fn into_vec(self) -> Option<Vec<u8>> {
+        match self {
+            ReadBuf::Vec(v) => Some(v),
+            ReadBuf::Glommio(_) => None,
+        }
+    }
+}
+
+/// The shared description of a backstore.
+pub trait Backend: Send + Sync + 'static {
+    /// Handler name: "mem", "file", ...
+    fn handler(&self) -> &'static str;
+    fn size(&self) -> u64;
+    fn capabilities(&self) -> Capabilities;
+    /// How IO is done, for operators: e.g. "ram", "buffered io_uring + fdatasync".
+    fn mode(&self) -> String;
+    /// Opens this backstore on the calling shard.
+    fn attach(&self) -> IoFuture<'static, Rc<dyn BackendIo>>;
+}
+
+/// Per-shard IO. Offsets and lengths are already range-checked by the protocol layer.
+pub trait BackendIo {
+    /// Reads `len` bytes at `offset`. `buf` is an empty buffer the caller
+    /// lends (with capacity) to avoid an allocation; backends may ignore it.
+    fn read(&self, offset: u64, len: usize, buf: Vec<u8>) -> IoFuture<'_, ReadBuf>;
+    /// Writes `data` at `offset`; with `fua` it is durable before completion.
+    /// Returns the buffer for reuse when the backend is done with it.
+    fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> IoFuture<'_, Option<Vec<u8>>>;
+    /// Makes every acknowledged write durable.
+    fn flush(&self) -> IoFuture<'_, ()>;
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()>;
+    /// Prefetch hint.
+    fn cache(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Allocation map of `[offset, offset+len)`, in order, covering at least the first byte.
+    fn extents(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>>;
+}
+
+/// A hole that reads as zeroes.
+pub const HOLE: u32 = STATE_HOLE | STATE_ZERO;
+/// Allocated data.
+pub const DATA: u32 = 0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps() -> Capabilities {
+        Capabilities {
+            read_only: false,
+            flush: true,
+            fua: true,
+            trim: true,
+            zero: true,
+            fast_zero: true,
+            cache: true,
+            block_status: true,
+            multi_conn: true,
+            rotational: false,
+            block: BlockSizes::default(),
+        }
+    }
+
+    #[test]
+    fn flags_follow_capabilities() {
+        let f = caps().transmission_flags();
+        for bit in [
+            TF_HAS_FLAGS,
+            TF_SEND_FLUSH,
+            TF_SEND_FUA,
+            TF_SEND_TRIM,
+            TF_SEND_WRITE_ZEROES,
+            TF_SEND_DF,
+            TF_CAN_MULTI_CONN,
+            TF_SEND_CACHE,
+            TF_SEND_FAST_ZERO,
+        ] {
+            assert_ne!(f & bit, 0, "bit {bit:#x}");
+        }
+        assert_eq!(f & (TF_READ_ONLY | TF_ROTATIONAL), 0);
+    }
+
+    #[test]
+    fn read_only_hides_write_side_commands() {
+        let f = Capabilities {
+            read_only: true,
+            ..caps()
+        }
+        .transmission_flags();
+        assert_ne!(f & TF_READ_ONLY, 0);
+        assert_eq!(
+            f & (TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO),
+            0
+        );
+    }
+
+    #[test]
+    fn missing_capability_clears_flag() {
+        let f = Capabilities {
+            flush: false,
+            fua: false,
+            zero: false,
+            ..caps()
+        }
+        .transmission_flags();
+        assert_eq!(
+            f & (TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO),
+            0
+        );
+    }
+}

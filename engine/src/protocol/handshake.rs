@@ -1,0 +1,468 @@
+//! Fixed-newstyle handshake as a sans-IO state machine.
+//!
+//! The driver asks [`Handshake::want`] how many bytes to read, hands exactly
+//! that many to [`Handshake::receive`], and sends whatever
+//! [`Handshake::take_output`] returns. No sockets, so every state is unit-tested
+//! and fuzzed.
+
+use super::consts::*;
+use super::wire::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
+use thiserror::Error;
+
+/// Longest option payload we accept. Real options are far smaller (a name is
+/// at most 4096 bytes); anything bigger is refused without buffering it.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Options per handshake before we give up on the client.
+pub const MAX_OPTIONS: u32 = 256;
+/// Meta-context queries per option.
+const MAX_QUERIES: u32 = 128;
+
+/// What the handshake needs to know about an export. Opening the backend
+/// waits until the handshake is over (nbdkit CVE-2019-14850).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: String,
+    pub size: u64,
+    /// Transmission flags, HAS_FLAGS included.
+    pub flags: u16,
+    pub min_block: u32,
+    pub preferred_block: u32,
+    pub max_block: u32,
+}
+
+/// Export lookup for the handshake.
+pub trait ExportCatalog {
+    /// The export a client names; "" is the default export, if there is one.
+    fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// (name, description) for NBD_OPT_LIST.
+    fn list(&self) -> Vec<(String, String)>;
+}
+
+/// Outcome of a finished handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    pub export: ExportInfo,
+    pub structured_replies: bool,
+    /// Context id for base:allocation, if the client selected it.
+    pub base_allocation: Option<u32>,
+    pub no_zeroes: bool,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    #[error("client sent unknown client flags {0:#x}")]
+    BadClientFlags(u32),
+    #[error("client does not speak fixed newstyle")]
+    NotFixedNewstyle,
+    #[error("bad option magic {0:#x}")]
+    BadOptionMagic(u64),
+    #[error("option length {0} exceeds the limit")]
+    OptionTooBig(u32),
+    #[error("more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+    #[error("client asked for unknown export {0:?}")]
+    UnknownExport(String),
+    #[error("client aborted the handshake")]
+    Aborted,
+    #[error("handshake is over")]
+    Finished,
+    #[error("wrong input size: wanted {want}, got {got}")]
+    WrongInput { want: usize, got: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    ClientFlags,
+    OptionHeader,
+    OptionData { option: u32, len: u32 },
+    Done,
+    Closed,
+}
+
+/// The server side of one handshake.
+#[derive(Debug)]
+pub struct Handshake {
+    state: State,
+    out: Vec<u8>,
+    no_zeroes: bool,
+    structured: bool,
+    /// Resolved export name base:allocation was selected for.
+    meta_export: Option<String>,
+    options_seen: u32,
+    shutting_down: bool,
+    negotiated: Option<Negotiated>,
+}
+
+impl Default for Handshake {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Handshake {
+    /// A new handshake whose output already holds the server greeting.
+    pub fn new() -> Self {
+        let mut out = Vec::with_capacity(256);
+        put_u64(&mut out, NBDMAGIC);
+        put_u64(&mut out, IHAVEOPT);
+        put_u16(&mut out, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        Handshake {
+            state: State::ClientFlags,
+            out,
+            no_zeroes: false,
+            structured: false,
+            meta_export: None,
+            options_seen: 0,
+            shutting_down: false,
+            negotiated: None,
+        }
+    }
+
+    /// From now on every option is answered with NBD_REP_ERR_SHUTDOWN.
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+    }
+
+    /// Bytes the state machine needs next; 0 once finished or closed.
+    pub fn want(&self) -> usize {
+        match self.state {
+            State::ClientFlags => 4,
+            State::OptionHeader => 16,
+            State::OptionData { len, .. } => len as usize,
+            State::Done | State::Closed => 0,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Bytes to send to the client now.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// The result of a finished handshake.
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref()
+    }
+
+    /// Feeds exactly [`want`](Self::want) bytes. An error means: send the
+    /// output, then close the connection.
+    pub fn receive(
+        &mut self,
+        input: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Result<(), HandshakeError> {
+        let want = self.want();
+        if matches!(self.state, State::Done | State::Closed) {
+            return Err(HandshakeError::Finished);
+        }
+        if input.len() != want {
+            return Err(HandshakeError::WrongInput {
+                want,
+                got: input.len(),
+            });
+        }
+        let result = match self.state {
+            State::ClientFlags => self.on_client_flags(input),
+            State::OptionHeader => self.on_option_header(input),
+            State::OptionData { option, .. } => {
+                self.state = State::OptionHeader;
+                self.on_option(option, input, catalog)
+            }
+            State::Done | State::Closed => unreachable!(),
+        };
+        if result.is_err() {
+            self.state = State::Closed;
+        }
+        result
+    }
+
+    fn on_client_flags(&mut self, input: &[u8]) -> Result<(), HandshakeError> {
+        let flags = get_u32(input, 0);
+        if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+            return Err(HandshakeError::BadClientFlags(flags));
+        }
+        if flags & CLIENT_FIXED_NEWSTYLE == 0 {
+            return Err(HandshakeError::NotFixedNewstyle);
+        }
+        self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
+        self.state = State::OptionHeader;
+        Ok(())
+    }
+
+    fn on_option_header(&mut self, input: &[u8]) -> Result<(), HandshakeError> {
+        let magic = get_u64(input, 0);
+        if magic != IHAVEOPT {
+            return Err(HandshakeError::BadOptionMagic(magic));
+        }
+        self.options_seen += 1;
+        if self.options_seen > MAX_OPTIONS {
+            return Err(HandshakeError::TooManyOptions);
+        }
+        let option = get_u32(input, 8);
+        let len = get_u32(input, 12);
+        if len > MAX_OPTION_LEN {
+            // Answer, then close: skipping gigabytes would only feed the attacker.
+            self.reply_error(option, REP_ERR_TOO_BIG, "option too long");
+            return Err(HandshakeError::OptionTooBig(len));
+        }
+        self.state = State::OptionData { option, len };
+        Ok(())
+    }
+
+    fn on_option(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Result<(), HandshakeError> {
+        if self.shutting_down && option != OPT_ABORT {
+            self.reply_error(option, REP_ERR_SHUTDOWN, "server is shutting down");
+            return Ok(());
+        }
+        match option {
+            OPT_EXPORT_NAME => self.on_export_name(data, catalog),
+            OPT_ABORT => {
+                self.reply(option, REP_ACK, &[]);
+                Err(HandshakeError::Aborted)
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    self.reply_error(option, REP_ERR_INVALID, "LIST takes no data");
+                    return Ok(());
+                }
+                for (name, _) in catalog.list() {
+                    let mut body = Vec::with_capacity(4 + name.len());
+                    put_u32(&mut body, name.len() as u32);
+                    body.extend_from_slice(name.as_bytes());
+                    self.reply(option, REP_SERVER, &body);
+                }
+                self.reply(option, REP_ACK, &[]);
+                Ok(())
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    self.reply_error(option, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
+                } else {
+                    self.structured = true;
+                    self.reply(option, REP_ACK, &[]);
+                }
+                Ok(())
+            }
+            OPT_INFO | OPT_GO => self.on_info_or_go(option, data, catalog),
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.on_meta_context(option, data, catalog);
+                Ok(())
+            }
+            OPT_STARTTLS => {
+                self.reply_error(option, REP_ERR_UNSUP, "TLS is not supported");
+                Ok(())
+            }
+            _ => {
+                self.reply_error(option, REP_ERR_UNSUP, "unsupported option");
+                Ok(())
+            }
+        }
+    }
+
+    fn on_export_name(
+        &mut self,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Result<(), HandshakeError> {
+        let name = String::from_utf8_lossy(data).into_owned();
+        // The spec leaves no way to refuse EXPORT_NAME but to hang up.
+        let Some(export) = (data.len() <= MAX_STRING)
+            .then(|| catalog.lookup(&name))
+            .flatten()
+        else {
+            return Err(HandshakeError::UnknownExport(name));
+        };
+        put_u64(&mut self.out, export.size);
+        put_u16(&mut self.out, export.flags);
+        if !self.no_zeroes {
+            self.out.extend_from_slice(&[0u8; 124]);
+        }
+        self.finish(export);
+        Ok(())
+    }
+
+    fn on_info_or_go(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Result<(), HandshakeError> {
+        let Some((name, requests)) = parse_info_request(data) else {
+            self.reply_error(option, REP_ERR_INVALID, "malformed INFO/GO request");
+            return Ok(());
+        };
+        let Some(export) = catalog.lookup(&name) else {
+            self.reply_error(option, REP_ERR_UNKNOWN, "no such export");
+            return Ok(());
+        };
+        let mut info = Vec::with_capacity(12);
+        put_u16(&mut info, INFO_EXPORT);
+        put_u64(&mut info, export.size);
+        put_u16(&mut info, export.flags);
+        self.reply(option, REP_INFO, &info);
+        for req in requests.iter().copied() {
+            match req {
+                INFO_NAME => {
+                    let mut body = Vec::with_capacity(2 + export.name.len());
+                    put_u16(&mut body, INFO_NAME);
+                    body.extend_from_slice(export.name.as_bytes());
+                    self.reply(option, REP_INFO, &body);
+                }
+                INFO_DESCRIPTION if !export.description.is_empty() => {
+                    let mut body = Vec::with_capacity(2 + export.description.len());
+                    put_u16(&mut body, INFO_DESCRIPTION);
+                    body.extend_from_slice(export.description.as_bytes());
+                    self.reply(option, REP_INFO, &body);
+                }
+                _ => {}
+            }
+        }
+        // Always sent: clients that did not ask may ignore it, and the ones
+        // that did (qemu, libnbd, the kernel via nbd-cli) need it.
+        let mut body = Vec::with_capacity(14);
+        put_u16(&mut body, INFO_BLOCK_SIZE);
+        put_u32(&mut body, export.min_block);
+        put_u32(&mut body, export.preferred_block);
+        put_u32(&mut body, export.max_block);
+        self.reply(option, REP_INFO, &body);
+        self.reply(option, REP_ACK, &[]);
+        if option == OPT_GO {
+            self.finish(export);
+        }
+        Ok(())
+    }
+
+    fn on_meta_context(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) {
+        if option == OPT_SET_META_CONTEXT && !self.structured {
+            self.reply_error(
+                option,
+                REP_ERR_INVALID,
+                "negotiate structured replies first",
+            );
+            return;
+        }
+        let Some((name, queries)) = parse_meta_request(data) else {
+            self.reply_error(option, REP_ERR_INVALID, "malformed meta context request");
+            return;
+        };
+        let Some(export) = catalog.lookup(&name) else {
+            self.reply_error(option, REP_ERR_UNKNOWN, "no such export");
+            return;
+        };
+        let matches = if queries.is_empty() {
+            // LIST with no queries lists all; SET with none selects none.
+            option == OPT_LIST_META_CONTEXT
+        } else {
+            queries
+                .iter()
+                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
+        };
+        if option == OPT_SET_META_CONTEXT {
+            self.meta_export = matches.then_some(export.name);
+        }
+        if matches {
+            let mut body = Vec::with_capacity(4 + META_BASE_ALLOCATION.len());
+            put_u32(&mut body, META_ID_BASE_ALLOCATION);
+            body.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+            self.reply(option, REP_META_CONTEXT, &body);
+        }
+        self.reply(option, REP_ACK, &[]);
+    }
+
+    fn finish(&mut self, export: ExportInfo) {
+        // A context selected for another export does not carry over.
+        let base_allocation = (self.structured
+            && self.meta_export.as_deref() == Some(export.name.as_str()))
+        .then_some(META_ID_BASE_ALLOCATION);
+        self.negotiated = Some(Negotiated {
+            export,
+            structured_replies: self.structured,
+            base_allocation,
+            no_zeroes: self.no_zeroes,
+        });
+        self.state = State::Done;
+    }
+
+    fn reply(&mut self, option: u32, kind: u32, body: &[u8]) {
+        put_u64(&mut self.out, OPT_REPLY_MAGIC);
+        put_u32(&mut self.out, option);
+        put_u32(&mut self.out, kind);
+        put_u32(&mut self.out, body.len() as u32);
+        self.out.extend_from_slice(body);
+    }
+
+    fn reply_error(&mut self, option: u32, kind: u32, message: &str) {
+        self.reply(option, kind, message.as_bytes());
+    }
+}
+
+/// INFO/GO payload: u32 name length, name, u16 count, count × u16.
+fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
+    if data.len() < 6 {
+        return None;
+    }
+    let name_len = get_u32(data, 0) as usize;
+    if name_len > MAX_STRING || name_len > data.len() - 6 {
+        return None;
+    }
+    let name = std::str::from_utf8(&data[4..4 + name_len]).ok()?.to_owned();
+    let count = get_u16(data, 4 + name_len) as usize;
+    let rest = &data[6 + name_len..];
+    if rest.len() != count * 2 {
+        return None;
+    }
+    let requests = (0..count).map(|i| get_u16(rest, i * 2)).collect();
+    Some((name, requests))
+}
+
+/// META_CONTEXT payload: u32 name length, name, u32 count, count × (u32 length, query).
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    if data.len() < 8 {
+        return None;
+    }
+    let name_len = get_u32(data, 0) as usize;
+    if name_len > MAX_STRING || name_len > data.len() - 8 {
+        return None;
+    }
+    let name = std::str::from_utf8(&data[4..4 + name_len]).ok()?.to_owned();
+    let count = get_u32(data, 4 + name_len);
+    if count > MAX_QUERIES {
+        return None;
+    }
+    let mut pos = 8 + name_len;
+    let mut queries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        if data.len() - pos < 4 {
+            return None;
+        }
+        let len = get_u32(data, pos) as usize;
+        pos += 4;
+        if len > MAX_STRING || len > data.len() - pos {
+            return None;
+        }
+        queries.push(std::str::from_utf8(&data[pos..pos + len]).ok()?.to_owned());
+        pos += len;
+    }
+    (pos == data.len()).then_some((name, queries))
+}
+
+#[cfg(test)]
+#[path = "handshake_tests.rs"]
+mod tests;

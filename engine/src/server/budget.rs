@@ -1,0 +1,138 @@
+//! Bounds on requests and bytes in flight, per connection and per shard.
+//! A permit is held from the moment a request is accepted until its reply
+//! has left the socket, so it also bounds queued reply data.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+pub struct Budget {
+    max_requests: u32,
+    max_bytes: u64,
+    requests: Cell<u32>,
+    bytes: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Budget {
+    pub fn new(max_requests: u32, max_bytes: u64) -> Rc<Self> {
+        Rc::new(Budget {
+            max_requests: max_requests.max(1),
+            max_bytes: max_bytes.max(1),
+            requests: Cell::new(0),
+            bytes: Cell::new(0),
+            waiters: RefCell::new(Vec::new()),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn in_flight(&self) -> u32 {
+        self.requests.get()
+    }
+
+    /// Fits if under both limits; an idle budget admits any one request, so an
+    /// oversized one cannot wedge the connection.
+    fn fits(&self, bytes: u64) -> bool {
+        self.requests.get() == 0
+            || (self.requests.get() < self.max_requests
+                && self.bytes.get() + bytes <= self.max_bytes)
+    }
+
+    fn take(&self, bytes: u64) {
+        self.requests.set(self.requests.get() + 1);
+        self.bytes.set(self.bytes.get() + bytes);
+    }
+
+    fn give(&self, bytes: u64) {
+        self.requests.set(self.requests.get() - 1);
+        self.bytes.set(self.bytes.get() - bytes);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Waits until nothing is in flight.
+    pub async fn drained(&self) {
+        poll_fn(|cx| {
+            if self.requests.get() == 0 {
+                Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// One request's share of its connection's and shard's budgets.
+pub struct Permit {
+    conn: Rc<Budget>,
+    shard: Rc<Budget>,
+    bytes: u64,
+}
+
+impl Permit {
+    pub async fn acquire(conn: &Rc<Budget>, shard: &Rc<Budget>, bytes: u64) -> Permit {
+        poll_fn(|cx| {
+            if conn.fits(bytes) && shard.fits(bytes) {
+                return Poll::Ready(());
+            }
+            let waker = cx.waker().clone();
+            conn.waiters.borrow_mut().push(waker.clone());
+            shard.waiters.borrow_mut().push(waker);
+            Poll::Pending
+        })
+        .await;
+        conn.take(bytes);
+        shard.take(bytes);
+        Permit {
+            conn: conn.clone(),
+            shard: shard.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.conn.give(self.bytes);
+        self.shard.give(self.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::future::{block_on, poll_once};
+
+    #[test]
+    fn blocks_at_limit_and_wakes_on_release() {
+        let conn = Budget::new(2, 1 << 20);
+        let shard = Budget::new(100, 1 << 30);
+        block_on(async {
+            let a = Permit::acquire(&conn, &shard, 10).await;
+            let _b = Permit::acquire(&conn, &shard, 10).await;
+            let mut third = Box::pin(Permit::acquire(&conn, &shard, 10));
+            assert!(poll_once(&mut third).await.is_none(), "third fits");
+            drop(a);
+            assert!(poll_once(&mut third).await.is_some());
+            assert_eq!(conn.in_flight(), 2);
+            assert_eq!(shard.in_flight(), 2);
+        });
+    }
+
+    #[test]
+    fn byte_limit_and_oversized_request_on_idle_budget() {
+        let conn = Budget::new(100, 100);
+        let shard = Budget::new(100, 1 << 30);
+        block_on(async {
+            let big = Permit::acquire(&conn, &shard, 1000).await;
+            let mut next = Box::pin(Permit::acquire(&conn, &shard, 1));
+            assert!(poll_once(&mut next).await.is_none());
+            drop(big);
+            assert!(poll_once(&mut next).await.is_some());
+        });
+    }
+}

@@ -1,0 +1,220 @@
+//! Reply path. Requests complete in any order and drop their reply here; one
+//! writer task per connection sends everything queued with a single
+//! `sendmsg` whose iovecs point at the reply headers and straight at the
+//! backend's read buffers, so read data is never copied on the way out.
+
+use super::budget::Permit;
+use crate::backend::ReadBuf;
+use crate::protocol::ReplyHeader;
+use futures_lite::AsyncWriteExt;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::os::unix::io::RawFd;
+use std::task::{Poll, Waker};
+
+pub enum Body {
+    None,
+    Read(ReadBuf),
+    Bytes(Vec<u8>),
+}
+
+pub struct Reply {
+    pub header: ReplyHeader,
+    pub body: Body,
+    /// Released once the reply has left the socket.
+    pub _permit: Option<Permit>,
+}
+
+/// Replies per sendmsg; well under IOV_MAX (1024) at two iovecs each.
+const BATCH: usize = 256;
+
+#[derive(Default)]
+pub struct Outbox {
+    queue: RefCell<VecDeque<Reply>>,
+    writer: Cell<Option<Waker>>,
+    closed: Cell<bool>,
+    failed: Cell<bool>,
+    /// Vec bodies come back here for the reader to reuse.
+    pub pool: BufferPool,
+}
+
+impl Outbox {
+    pub fn push(&self, reply: Reply) {
+        if self.failed.get() {
+            return; // the client is gone; dropping releases the permit
+        }
+        self.queue.borrow_mut().push_back(reply);
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
+    /// No more replies will come; the writer exits once the queue is empty.
+    pub fn close(&self) {
+        self.closed.set(true);
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.get()
+    }
+
+    async fn next_batch(&self, batch: &mut Vec<Reply>) -> bool {
+        poll_fn(|cx| {
+            let mut q = self.queue.borrow_mut();
+            if !q.is_empty() {
+                let n = q.len().min(BATCH);
+                batch.extend(q.drain(..n));
+                return Poll::Ready(true);
+            }
+            if self.closed.get() {
+                return Poll::Ready(false);
+            }
+            self.writer.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The writer task: runs until closed and drained, or the socket fails.
+    pub async fn run<W: futures_lite::AsyncWrite + Unpin>(&self, fd: RawFd, mut wr: W) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while self.next_batch(&mut batch).await {
+            let result = {
+                let slices: Vec<&[u8]> = batch
+                    .iter()
+                    .flat_map(|r| {
+                        let body: &[u8] = match &r.body {
+                            Body::None => &[],
+                            Body::Read(b) => b,
+                            Body::Bytes(b) => b,
+                        };
+                        [r.header.as_bytes(), body]
+                    })
+                    .collect();
+                send_all(fd, &mut wr, &slices).await
+            };
+            for r in batch.drain(..) {
+                match r.body {
+                    Body::Read(b) => {
+                        if let Some(v) = b.into_vec() {
+                            self.pool.put(v)
+                        }
+                    }
+                    Body::Bytes(v) => self.pool.put(v),
+                    Body::None => {}
+                }
+            }
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reply write failed; dropping connection");
+                self.failed.set(true);
+                self.queue.borrow_mut().clear();
+                // Wake the reader out of a blocking recv.
+                // SAFETY: shutdown on our own socket fd.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                return;
+            }
+        }
+        let _ = wr.flush().await;
+    }
+}
+
+/// Writes every slice, gathering them into as few syscalls as the socket allows.
+pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
+    fd: RawFd,
+    wr: &mut W,
+    slices: &[&[u8]],
+) -> io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(slices.len());
+    while idx < slices.len() {
+        if slices[idx].len() == off {
+            idx += 1;
+            off = 0;
+            continue;
+        }
+        iov.clear();
+        for (i, s) in slices[idx..].iter().enumerate() {
+            let s = if i == 0 { &s[off..] } else { s };
+            if !s.is_empty() {
+                iov.push(libc::iovec {
+                    iov_base: s.as_ptr() as *mut _,
+                    iov_len: s.len(),
+                });
+            }
+        }
+        let n = match sendmsg_now(fd, &iov) {
+            Some(r) => r?,
+            // Socket full: let glommio wait for room, then go back to gathering.
+            None => wr.write(&slices[idx][off..]).await?,
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n;
+        while n > 0 {
+            let left = slices[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sendmsg_now(fd: RawFd, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+    // SAFETY: msghdr is plain data; iov points at live slices for this call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut _;
+    msg.msg_iovlen = iov.len();
+    loop {
+        // SAFETY: fd is our socket, msg is valid for the duration of the call.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if r >= 0 {
+            return Some(Ok(r as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return None,
+            _ => return Some(Err(err)),
+        }
+    }
+}
+
+/// Reusable payload buffers, so steady-state IO does not allocate.
+#[derive(Default)]
+pub struct BufferPool {
+    free: RefCell<Vec<Vec<u8>>>,
+}
+
+const POOL_MAX_BUFFERS: usize = 64;
+const POOL_MAX_CAPACITY: usize = 1 << 20;
+
+impl BufferPool {
+    pub fn get(&self, capacity: usize) -> Vec<u8> {
+        let mut free = self.free.borrow_mut();
+        match free.iter().rposition(|v| v.capacity() >= capacity) {
+            Some(i) => free.swap_remove(i),
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    pub fn put(&self, mut v: Vec<u8>) {
+        let mut free = self.free.borrow_mut();
+        if v.capacity() <= POOL_MAX_CAPACITY && free.len() < POOL_MAX_BUFFERS {
+            v.clear();
+            free.push(v);
+        }
+    }
+}

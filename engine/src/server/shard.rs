@@ -1,0 +1,143 @@
+//! Per-shard state: its budget, its live connections, and the backends it
+//! has attached. Everything here is touched by one executor thread only.
+
+use super::budget::Budget;
+use super::Limits;
+use crate::backend::{BackendError, BackendIo};
+use crate::export::{Export, ExportTable};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::os::unix::io::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+/// An export and this shard's open handle to it.
+type Attached = (Arc<Export>, Rc<dyn BackendIo>);
+
+pub struct ShardCtx {
+    pub index: usize,
+    pub table: Arc<ExportTable>,
+    pub limits: Limits,
+    pub budget: Rc<Budget>,
+    closing: Cell<bool>,
+    next_conn: Cell<u64>,
+    conns: RefCell<HashMap<u64, RawFd>>,
+    waiters: RefCell<Vec<Waker>>,
+    attached: RefCell<HashMap<String, Attached>>,
+}
+
+/// Keeps a connection listed on its shard while it lives.
+pub struct ConnRegistration {
+    shard: Rc<ShardCtx>,
+    id: u64,
+}
+
+impl Drop for ConnRegistration {
+    fn drop(&mut self) {
+        self.shard.conns.borrow_mut().remove(&self.id);
+        self.shard.wake_all();
+    }
+}
+
+impl ShardCtx {
+    pub fn new(index: usize, table: Arc<ExportTable>, limits: Limits) -> Rc<Self> {
+        Rc::new(ShardCtx {
+            index,
+            table,
+            budget: Budget::new(limits.shard_requests, limits.shard_bytes),
+            limits,
+            closing: Cell::new(false),
+            next_conn: Cell::new(0),
+            conns: RefCell::new(HashMap::new()),
+            waiters: RefCell::new(Vec::new()),
+            attached: RefCell::new(HashMap::new()),
+        })
+    }
+
+    pub fn register(self: &Rc<Self>, fd: RawFd) -> ConnRegistration {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        self.conns.borrow_mut().insert(id, fd);
+        if self.closing.get() {
+            shut_read(fd);
+        }
+        ConnRegistration {
+            shard: self.clone(),
+            id,
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    /// Starts a clean shutdown: every reader sees end-of-stream once it has
+    /// drained what the client already sent; those requests get ESHUTDOWN
+    /// while in-flight ones finish.
+    pub fn begin_close(&self) {
+        if self.closing.replace(true) {
+            return;
+        }
+        for &fd in self.conns.borrow().values() {
+            shut_read(fd);
+        }
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn closing(&self) {
+        poll_fn(|cx| {
+            if self.closing.get() {
+                Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Resolves once no connection is left.
+    pub async fn idle(&self) {
+        poll_fn(|cx| {
+            if self.conns.borrow().is_empty() {
+                Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// This shard's IO handle for `export`, attached on first use and shared
+    /// by the shard's connections to it.
+    pub async fn backend_for(
+        &self,
+        export: &Arc<Export>,
+    ) -> Result<Rc<dyn BackendIo>, BackendError> {
+        if let Some((e, io)) = self.attached.borrow().get(&export.name) {
+            if Arc::ptr_eq(e, export) {
+                return Ok(io.clone());
+            }
+        }
+        let io = export.backend.attach().await?;
+        self.attached
+            .borrow_mut()
+            .insert(export.name.clone(), (export.clone(), io.clone()));
+        Ok(io)
+    }
+}
+
+fn shut_read(fd: RawFd) {
+    // SAFETY: shutdown on a socket this shard owns; harmless if already closed.
+    unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+}
