@@ -51,13 +51,6 @@ fn run() -> Result<()> {
     let listener = server::bind(args.io_addr())?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(io = %addr, rpc = %format!("{}:{}", args.rpchost, args.rpcport), threads, state_dir = %args.state_dir.display(), "nbd-runner started");
-    {
-        // One machine-readable line for scripts and tests.
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "nbd-runner ready io={addr}")?;
-        out.flush()?;
-    }
-
     server::run(
         listener,
         EngineConfig {
@@ -66,6 +59,12 @@ fn run() -> Result<()> {
         },
         table.clone(),
         shutdown,
+        || {
+            // One machine-readable line for scripts and tests.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "nbd-runner ready io={addr}");
+            let _ = out.flush();
+        },
     )?;
 
     for export in table.all() {

@@ -18,7 +18,7 @@ use crate::export::ExportTable;
 use futures_lite::future::or;
 use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::net::{AcceptedTcpStream, TcpListener};
-use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 use shard::ShardCtx;
 use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
@@ -94,11 +94,13 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, EngineError> {
 }
 
 /// Serves until `shutdown` triggers and every connection has closed.
+/// `on_ready` runs once every shard has started.
 pub fn run(
     listener: std::net::TcpListener,
     config: EngineConfig,
     table: Arc<ExportTable>,
     shutdown: Arc<Shutdown>,
+    on_ready: impl FnOnce(),
 ) -> Result<(), EngineError> {
     let threads = config.threads.max(1);
     let listener_fd = listener.into_raw_fd();
@@ -111,7 +113,7 @@ pub fn run(
         Arc::new(Mutex::new(receivers.into_iter().map(Some).collect()));
     let next_index = Arc::new(AtomicUsize::new(0));
     let limits = config.limits;
-    let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(threads, None))
+    let handles = LocalExecutorPoolBuilder::new(placement(threads))
         .name("nbd-shard")
         .on_all_shards(move || {
             let (senders, receivers, table, shutdown, next_index) = (
@@ -138,10 +140,34 @@ pub fn run(
             }
         })
         .map_err(|e| EngineError::Executor(e.to_string()))?;
+    on_ready();
     for r in handles.join_all() {
         r.map_err(|e| EngineError::Executor(e.to_string()))?;
     }
     Ok(())
+}
+
+/// One core per shard, spread across packages and cores first; with more
+/// shards than cores, shards share cores round-robin rather than float.
+fn placement(threads: usize) -> PoolPlacement {
+    let Ok(online) = CpuSet::online() else {
+        return PoolPlacement::Unbound(threads);
+    };
+    let cpus: Vec<usize> = online.iter().map(|l| l.cpu).collect();
+    if cpus.is_empty() {
+        return PoolPlacement::Unbound(threads);
+    }
+    if threads <= cpus.len() {
+        return PoolPlacement::MaxSpread(threads, None);
+    }
+    PoolPlacement::Custom(
+        (0..threads)
+            .map(|i| {
+                let cpu = cpus[i % cpus.len()];
+                online.clone().filter(|l| l.cpu == cpu)
+            })
+            .collect(),
+    )
 }
 
 async fn watch_shutdown(shard: Rc<ShardCtx>, shutdown: Arc<Shutdown>) {

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, and integration tests against real
+# NBD clients (qemu-img/qemu-io, nbdinfo/nbdsh/nbdcopy, fio's nbd engine).
+# Installs the system packages it needs when they are missing (needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for tool in fio:fio nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdsh:libnbd-bin \
+            qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "tests/run.sh: missing packages: ${need[*]} (run as root, or apt-get install them)" >&2
+    exit 1
+  fi
+  echo "tests/run.sh: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+    $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+fi
+
+# Debian's python3-libnbd lives beside /usr/bin/python3, which nbdsh must find
+# first even when another python3 (pyenv, venv) leads the PATH.
+export PATH="/usr/bin:$PATH"
+exec cargo test --workspace --all-targets "$@"
