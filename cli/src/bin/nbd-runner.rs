@@ -6,7 +6,7 @@ use clap::Parser;
 use nbd_cli::runner_args::{normalize, RunnerArgs};
 use nbd_engine::export::ExportTable;
 use nbd_engine::server::{self, EngineConfig, Limits, Shutdown};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
 fn main() {
@@ -20,6 +20,7 @@ fn run() -> Result<()> {
     let args = RunnerArgs::parse_from(normalize(std::env::args()));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
