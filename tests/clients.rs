@@ -1,0 +1,278 @@
+//! Real NBD clients nobody here wrote, against the mem and file backends:
+//! qemu-img, qemu-io, nbdinfo, nbdcopy, libnbd (python) and fio.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+const MIB: usize = 1 << 20;
+
+/// A 16 MiB source image: patterned data with zero stretches between.
+fn source_image(dir: &tempfile::TempDir) -> (std::path::PathBuf, Vec<u8>) {
+    let mut data = pattern(16 * MIB, 1);
+    data[4 * MIB..8 * MIB].fill(0);
+    data[12 * MIB..].fill(0);
+    let path = tmp_path(dir, "src.raw");
+    write_file(&path, &data);
+    (path, data)
+}
+
+fn read_back(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Every test gets both backends: a RAM export and a file export.
+fn both_backends(dir: &tempfile::TempDir) -> (Runner, [String; 2], std::path::PathBuf) {
+    let file = tmp_path(dir, "disk.raw");
+    let file_spec = format!("file:{},size=16M", path_str(&file));
+    let runner = Runner::start(&["mem:disk0,size=16M", &file_spec]);
+    let uris = [runner.uri("disk0"), runner.uri(path_str(&file))];
+    (runner, uris, file)
+}
+
+#[test]
+fn qemu_img_convert_in_and_out_keeps_every_byte() {
+    let dir = scratch();
+    let (src, data) = source_image(&dir);
+    let (mut runner, uris, file) = both_backends(&dir);
+    for (i, uri) in uris.iter().enumerate() {
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                path_str(&src),
+                uri,
+            ],
+        );
+        run_ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", path_str(&src), uri],
+        );
+        let out = tmp_path(&dir, &format!("out{i}.raw"));
+        run_ok(
+            "qemu-img",
+            &["convert", "-f", "raw", "-O", "raw", uri, path_str(&out)],
+        );
+        assert!(
+            read_back(&out) == data,
+            "{uri}: image differs after round trip"
+        );
+    }
+    // The file export wrote through to the file itself.
+    assert!(read_back(&file) == data, "backing file differs");
+    runner.assert_alive();
+}
+
+#[test]
+fn qemu_io_patterns_discard_and_write_zeroes() {
+    let dir = scratch();
+    let (mut runner, uris, _) = both_backends(&dir);
+    for uri in &uris {
+        let script = [
+            "write -P 0xab 0 2M",
+            "read -P 0xab 0 2M",
+            "write -P 0xcd -f 3M 64k", // FUA
+            "read -P 0xcd 3M 64k",
+            "discard 0 1M",
+            "read -P 0 0 1M",
+            "read -P 0xab 1M 1M",
+            "write -z 1M 512k",       // WRITE_ZEROES, NO_HOLE
+            "write -z -u 1536k 512k", // WRITE_ZEROES, may punch
+            "read -P 0 1M 1M",
+            "write -P 0x5a 5000 3000", // unaligned
+            "read -P 0x5a 5000 3000",
+            "read -P 0 8000 192",
+            "flush",
+        ];
+        let mut args = vec!["-f", "raw", uri.as_str()];
+        for c in script {
+            args.extend(["-c", c]);
+        }
+        let out = run_ok("qemu-io", &args);
+        assert!(
+            !out.contains("failed") && !out.contains("error"),
+            "{uri}: qemu-io reported a problem:\n{out}"
+        );
+        assert_eq!(out.matches("read ").count(), 7, "{uri}: {out}");
+    }
+    runner.assert_alive();
+}
+
+#[test]
+fn nbdinfo_reports_size_flags_and_block_sizes() {
+    let dir = scratch();
+    let ro = tmp_path(&dir, "ro.raw");
+    write_file(&ro, &pattern(3 * MIB, 5));
+    let ro_spec = format!("file:{},readonly", path_str(&ro));
+    let runner = Runner::start(&["mem:disk0,size=1.5G", &ro_spec]);
+
+    let info = |uri: &str| -> serde_json::Value {
+        let out = run_ok("nbdinfo", &["--json", uri]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo json");
+        v["exports"][0].clone()
+    };
+    let rw = info(&runner.uri("disk0"));
+    assert_eq!(rw["export-name"], "disk0");
+    assert_eq!(rw["export-size"], 1536u64 << 20);
+    for (key, want) in [
+        ("is_read_only", false),
+        ("can_flush", true),
+        ("can_fua", true),
+        ("can_trim", true),
+        ("can_zero", true),
+        ("can_fast_zero", true),
+        ("can_cache", true),
+        ("can_df", true),
+        ("can_multi_conn", true),
+        ("is_rotational", false),
+    ] {
+        assert_eq!(rw[key], want, "{key} in {rw}");
+    }
+    assert_eq!(rw["block_size_minimum"], 1);
+    assert_eq!(rw["block_size_preferred"], 4096);
+    assert_eq!(rw["block_size_maximum"], 32u64 << 20);
+    assert!(
+        rw["contexts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "base:allocation"),
+        "no base:allocation in {rw}"
+    );
+    assert_eq!(rw["description"], "mem backstore");
+
+    let ro_info = info(&runner.uri(path_str(&ro)));
+    assert_eq!(ro_info["export-size"], 3u64 << 20);
+    assert_eq!(ro_info["is_read_only"], true);
+    assert_eq!(ro_info["can_trim"], false);
+    assert_eq!(ro_info["can_zero"], false);
+
+    // NBD_OPT_LIST names both exports.
+    let list = run_ok("nbdinfo", &["--list", "--json", &runner.uri("")]);
+    assert!(
+        list.contains("\"disk0\"") && list.contains(path_str(&ro)),
+        "{list}"
+    );
+}
+
+#[test]
+fn nbdcopy_round_trip_keeps_data_and_holes() {
+    let dir = scratch();
+    let (src, data) = source_image(&dir);
+    let (mut runner, uris, _) = both_backends(&dir);
+    for (i, uri) in uris.iter().enumerate() {
+        run_ok(
+            "nbdcopy",
+            &["--connections=4", "--requests=32", path_str(&src), uri],
+        );
+        let out = tmp_path(&dir, &format!("copy{i}.raw"));
+        run_ok("nbdcopy", &[uri, path_str(&out)]);
+        assert!(read_back(&out) == data, "{uri}: nbdcopy round trip differs");
+        // Zero stretches were copied as zeroes, so the export reports them
+        // as holes and a sparse copy skips them.
+        let map = run_ok("nbdinfo", &["--map", "--json", uri]);
+        let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+        let holes: u64 = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"].as_u64().unwrap() & 1 != 0)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert!(
+            holes >= 7 * MIB as u64,
+            "{uri}: only {holes} bytes of holes: {map}"
+        );
+    }
+    runner.assert_alive();
+}
+
+#[test]
+fn fio_verify_random_and_sequential() {
+    let dir = scratch();
+    let (mut runner, uris, _) = both_backends(&dir);
+    for uri in &uris {
+        for (rw, bs, depth) in [("randwrite", "4k", "32"), ("write", "1M", "8")] {
+            let uri_arg = format!("--uri={uri}");
+            let out = run_ok(
+                "fio",
+                &[
+                    "--name=verify",
+                    "--ioengine=nbd",
+                    &uri_arg,
+                    &format!("--rw={rw}"),
+                    &format!("--bs={bs}"),
+                    &format!("--iodepth={depth}"),
+                    "--size=16M",
+                    "--verify=crc32c",
+                    "--do_verify=1",
+                    "--verify_fatal=1",
+                    "--output-format=json",
+                ],
+            );
+            // fio may print notes before the JSON document.
+            let json = &out[out.find('{').expect("fio printed no JSON")..];
+            let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
+            let job = &v["jobs"][0];
+            assert_eq!(job["error"], 0, "{uri} {rw}: {job}");
+            assert_eq!(job["write"]["io_bytes"], 16u64 << 20, "{uri} {rw}");
+            assert_eq!(
+                job["read"]["io_bytes"],
+                16u64 << 20,
+                "{uri} {rw}: verify read"
+            );
+        }
+    }
+    runner.assert_alive();
+}
+
+#[test]
+fn libnbd_structured_replies_and_block_status() {
+    let dir = scratch();
+    let (_runner, uris, _) = both_backends(&dir);
+    for uri in &uris {
+        let out = python(include_str!("py/block_status.py"), &[uri, "65536"]);
+        assert_eq!(out.trim(), "ok");
+    }
+}
+
+#[test]
+fn libnbd_sixty_four_requests_in_flight() {
+    let dir = scratch();
+    let (_runner, uris, _) = both_backends(&dir);
+    for uri in &uris {
+        assert_eq!(python(include_str!("py/in_flight.py"), &[uri]).trim(), "ok");
+    }
+}
+
+#[test]
+fn libnbd_multi_conn_flush_visibility() {
+    let dir = scratch();
+    let (_runner, uris, _) = both_backends(&dir);
+    for uri in &uris {
+        assert_eq!(
+            python(include_str!("py/multi_conn.py"), &[uri]).trim(),
+            "ok"
+        );
+    }
+}
+
+#[test]
+fn libnbd_server_side_range_and_permission_errors() {
+    let dir = scratch();
+    let ro = tmp_path(&dir, "ro.raw");
+    write_file(&ro, &[0u8; 65536]);
+    let ro_spec = format!("file:{},readonly", path_str(&ro));
+    let runner = Runner::start(&["mem:disk0,size=10M", &ro_spec]);
+    let out = python(
+        include_str!("py/server_errors.py"),
+        &[&runner.uri("disk0"), &runner.uri(path_str(&ro))],
+    );
+    assert_eq!(out.trim(), "ok");
+}

@@ -1,0 +1,318 @@
+//! Shared helpers for the integration tests: a runner process per test, a
+//! raw NBD client for the cases real clients refuse to produce, and
+//! wrappers that run the real peers (qemu, libnbd, fio).
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running nbd-runner, killed when dropped.
+pub struct Runner {
+    pub child: Child,
+    /// IO route as HOST:PORT.
+    pub addr: String,
+}
+
+impl Runner {
+    /// Starts a runner on a free loopback port with two shards and `exports`.
+    pub fn start(exports: &[&str]) -> Runner {
+        let mut args = vec!["--threads", "2"];
+        for e in exports {
+            args.extend(["--export", e]);
+        }
+        Self::start_with(&args)
+    }
+
+    pub fn start_with(extra: &[&str]) -> Runner {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-runner"))
+            .args(["--iohost", "127.0.0.1", "--ioport", "0", "--rpcport", "0"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn nbd-runner");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = match line.trim().strip_prefix("nbd-runner ready io=") {
+            Some(a) => a.to_owned(),
+            None => {
+                let status = child.wait().unwrap();
+                panic!("nbd-runner did not start ({status}); first line {line:?}");
+            }
+        };
+        Runner { child, addr }
+    }
+
+    /// nbd URI of an export. The name is everything after the first '/', so
+    /// a file key (an absolute path) gives `nbd://HOST:PORT//path`.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{}", self.addr, export)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panics if the daemon has exited.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("nbd-runner exited: {status}");
+        }
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "nbd-runner did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scratch directory removed at drop.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("nbd-runner-test")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Runs a real peer and returns its output; a missing tool fails the test
+/// with the package to install (tests/run.sh installs them all).
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e} (tests/run.sh installs the test dependencies)")
+        });
+    out
+}
+
+/// Like [`run`] but asserts success and returns stdout.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a python3 script that has libnbd's `nbd` module (Debian's
+/// python3-libnbd lives beside /usr/bin/python3) with `args` in sys.argv.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let mut full = vec!["-c", script];
+    full.extend_from_slice(args);
+    run_ok("/usr/bin/python3", &full)
+}
+
+/// Deterministic bytes that differ at every 4 KiB block.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn write_file(path: &Path, data: &[u8]) {
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+pub fn tmp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+// ---- a raw NBD client, for what real clients never send ----
+
+pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+
+pub const EPERM: u32 = 1;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const ESHUTDOWN: u32 = 108;
+
+/// Connects and reads the 18-byte greeting.
+pub fn connect(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    s
+}
+
+pub fn option(code: u32, data: &[u8]) -> Vec<u8> {
+    let mut opt = Vec::with_capacity(16 + data.len());
+    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    opt.extend_from_slice(&code.to_be_bytes());
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(data);
+    opt
+}
+
+/// One option reply: (option, reply type, body); None if the server closed.
+pub fn read_option_reply(s: &mut TcpStream) -> Option<(u32, u32, Vec<u8>)> {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).ok()?;
+    assert_eq!(
+        u64::from_be_bytes(h[..8].try_into().unwrap()),
+        0x3e889045565a9
+    );
+    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((opt, kind, body))
+}
+
+/// Fixed newstyle + NBD_OPT_GO on `name`, simple replies only.
+pub fn negotiate(addr: &str, name: &str) -> TcpStream {
+    let mut s = connect(addr);
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    let mut data = Vec::new();
+    data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&option(7, &data)).unwrap();
+    loop {
+        let (_, kind, _) = read_option_reply(&mut s).expect("server closed during GO");
+        assert!(kind < 0x8000_0000, "GO refused: {kind:#x}");
+        if kind == 1 {
+            return s; // ACK
+        }
+    }
+}
+
+pub fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28);
+    b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// (cookie, error) of the next simple reply; None once the server has closed.
+pub fn read_simple_reply(s: &mut TcpStream) -> Option<(u64, u32)> {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).ok()?;
+    assert_eq!(
+        u32::from_be_bytes(h[0..4].try_into().unwrap()),
+        SIMPLE_REPLY_MAGIC,
+        "garbled reply"
+    );
+    let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    Some((u64::from_be_bytes(h[8..16].try_into().unwrap()), err))
+}
+
+/// A READ on a negotiated simple-reply connection; Err(errno) on failure.
+pub fn read_at(s: &mut TcpStream, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+    s.write_all(&request(CMD_READ, 0, 0xfeed, offset, len))
+        .unwrap();
+    let (cookie, err) = read_simple_reply(s).expect("server closed");
+    assert_eq!(cookie, 0xfeed);
+    if err != 0 {
+        return Err(err);
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data).unwrap();
+    Ok(data)
+}
+
+pub fn write_at(s: &mut TcpStream, offset: u64, data: &[u8]) -> u32 {
+    let mut b = request(CMD_WRITE, 0, 0xbeef, offset, data.len() as u32);
+    b.extend_from_slice(data);
+    s.write_all(&b).unwrap();
+    let (cookie, err) = read_simple_reply(s).expect("server closed");
+    assert_eq!(cookie, 0xbeef);
+    err
+}
+
+/// True once the peer has closed the connection (reads EOF or a reset).
+pub fn closed_by_peer(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Asserts the runner still serves `export` correctly on a fresh connection.
+pub fn assert_healthy(addr: &str, export: &str) {
+    let mut s = negotiate(addr, export);
+    let data = pattern(4096, 77);
+    assert_eq!(write_at(&mut s, 0, &data), 0, "healthy write failed");
+    assert_eq!(
+        read_at(&mut s, 0, 4096).unwrap(),
+        data,
+        "healthy read differs"
+    );
+    s.write_all(&request(CMD_DISC, 0, 1, 0, 0)).unwrap();
+}
