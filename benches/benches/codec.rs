@@ -1,0 +1,167 @@
+//! The per-request protocol work: request header parse + validate, reply
+//! header construction, and block-status extent encoding.
+
+mod common;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use nbd_engine::backend::{Backend, MemBackend, DATA, HOLE};
+use nbd_engine::protocol::consts::*;
+use nbd_engine::protocol::{
+    encode_extents, validate, Errno, Extent, ReplyHeader, RequestHeader, Session,
+};
+use std::hint::black_box;
+
+/// Requests in one batch: what a QD32 client has in flight.
+const BATCH: usize = 32;
+const EXPORT: u64 = 1 << 30;
+
+fn session(structured: bool) -> Session {
+    let backend = MemBackend::new(EXPORT, false).expect("mem backend");
+    Session {
+        size: EXPORT,
+        flags: backend.capabilities().transmission_flags(),
+        structured,
+        base_allocation: structured,
+    }
+}
+
+/// `BATCH` request headers back to back, as a pipelining client sends them
+/// (payloads left out): mostly 4 KiB reads and writes at random offsets, with
+/// a FUA write, a FLUSH and a BLOCK_STATUS mixed in.
+fn request_batch() -> Vec<u8> {
+    let mut offsets = common::Offsets::new(EXPORT, 4096);
+    let mut wire = Vec::with_capacity(BATCH * REQUEST_LEN);
+    for i in 0..BATCH {
+        let (kind, flags, length) = match i {
+            7 => (CMD_WRITE, CMD_FLAG_FUA, 4096),
+            15 => (CMD_FLUSH, 0, 0),
+            23 => (CMD_BLOCK_STATUS, 0, 1 << 20),
+            _ if i % 2 == 0 => (CMD_READ, 0, 4096),
+            _ => (CMD_WRITE, 0, 4096),
+        };
+        let offset = if kind == CMD_FLUSH {
+            0
+        } else {
+            offsets.next_offset().min(EXPORT - length as u64)
+        };
+        let h = RequestHeader {
+            flags,
+            kind,
+            cookie: i as u64,
+            offset,
+            length,
+        };
+        wire.extend_from_slice(&h.encode());
+    }
+    wire
+}
+
+fn requests(c: &mut Criterion) {
+    let wire = request_batch();
+    let s = session(true);
+    let mut g = c.benchmark_group("request");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("parse_batch32", |b| {
+        b.iter(|| {
+            let mut sum = 0u64;
+            for raw in black_box(&wire).chunks_exact(REQUEST_LEN) {
+                let h = RequestHeader::parse(raw.try_into().unwrap()).unwrap();
+                sum = sum.wrapping_add(h.offset ^ h.payload_len() as u64);
+            }
+            sum
+        })
+    });
+    g.bench_function("parse_validate_batch32", |b| {
+        b.iter(|| {
+            let mut ok = 0u32;
+            for raw in black_box(&wire).chunks_exact(REQUEST_LEN) {
+                let h = RequestHeader::parse(raw.try_into().unwrap()).unwrap();
+                ok += validate(&h, black_box(&s)).is_ok() as u32;
+            }
+            assert_eq!(ok, BATCH as u32);
+            ok
+        })
+    });
+    g.finish();
+}
+
+/// Builds one reply header for a cookie.
+type BuildReply = fn(u64) -> ReplyHeader;
+
+fn replies(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reply");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    // Each case builds BATCH headers and touches their bytes, as the writer does
+    // when it points an iovec at them.
+    let cases: [(&str, BuildReply); 5] = [
+        ("simple_ok", |c| ReplyHeader::simple(c, None)),
+        ("read_data_simple", |c| {
+            ReplyHeader::read_data(c, c << 12, 4096, false)
+        }),
+        ("read_data_structured", |c| {
+            ReplyHeader::read_data(c, c << 12, 4096, true)
+        }),
+        ("error_simple", |c| {
+            ReplyHeader::error(c, Errno::Inval, false)
+        }),
+        ("error_structured", |c| {
+            ReplyHeader::error(c, Errno::Inval, true)
+        }),
+    ];
+    for (name, build) in cases {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut bytes = 0usize;
+                for cookie in 0..BATCH as u64 {
+                    let h = build(black_box(cookie));
+                    bytes += black_box(h.as_bytes()).len();
+                }
+                bytes
+            })
+        });
+    }
+    g.finish();
+}
+
+fn extents(c: &mut Criterion) {
+    const N: usize = 1024;
+    let chunk = 64 * 1024u64;
+    // Worst case: alternating data/hole, nothing merges (1024 descriptors).
+    let alternating: Vec<Extent> = (0..N)
+        .map(|i| Extent {
+            len: chunk,
+            flags: if i % 2 == 0 { DATA } else { HOLE },
+        })
+        .collect();
+    // Best case: all data, everything merges into one descriptor.
+    let uniform: Vec<Extent> = (0..N)
+        .map(|_| Extent {
+            len: chunk,
+            flags: DATA,
+        })
+        .collect();
+    let limit = (N as u64 * chunk) as u32;
+    let mut g = c.benchmark_group("encode_extents");
+    g.throughput(Throughput::Elements(N as u64));
+    for (name, ext, req_one) in [
+        ("alternating_1024", &alternating, false),
+        ("uniform_1024", &uniform, false),
+        ("alternating_req_one", &alternating, true),
+    ] {
+        let mut out = Vec::with_capacity(N * 8);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                encode_extents(black_box(ext), limit, req_one, &mut out)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = common::config();
+    targets = requests, replies, extents
+}
+criterion_main!(benches);

@@ -1,0 +1,363 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: nbd-runner (mem export) vs nbdkit (memory plugin) vs
+# qemu-nbd (raw file on /dev/shm), all over loopback TCP, driven by fio's libnbd
+# engine (fio/nbd.fio). Runs are interleaved: for each case and each repetition
+# every server runs once, in an order that rotates, so drift on a shared machine
+# hits all servers alike. Compare the ratios, which are taken within one run.
+#
+# For each run it records fio's IOPS and p99 total latency (lat_percentiles=1),
+# and the server's CPU time per IO: the change in utime+stime of the server
+# process (/proc/PID/stat, all threads) across just that fio run, divided by the
+# IOs fio completed in it.
+#
+# Usage: fio/bench.sh            (from anywhere; builds nbd-runner in release mode)
+#        QUICK=1 fio/bench.sh    (smoke check: 1 s runs, 1 repetition)
+#
+# Environment (defaults in brackets):
+#   RT=10            seconds per fio run
+#   REPS=3           repetitions of every (case, server)
+#   QUICK=0          1: RT=1 REPS=1 unless given, for a smoke check
+#   CASES=all        space-separated case names to run (see the list printed by CASES=help)
+#   SERVERS="nbd-runner nbdkit qemu-nbd"   subset / order of servers
+#   RESULTS=fio/results   parent folder; each run writes RESULTS/YYYYmmdd-HHMMSS/
+#   NBD_RUNNER=target/release/nbd-runner   binary to test (given: no cargo build)
+#   RUNNER_THREADS=$(nproc)   nbd-runner --threads (IO shards, one per core)
+#   NBDKIT_THREADS=16         nbdkit --threads (per connection; 16 is nbdkit's default)
+#   QEMU_AIO=io_uring         qemu-nbd --aio (io_uring, threads; native needs O_DIRECT)
+#   QEMU_CACHE=writeback      qemu-nbd --cache (tmpfs refuses O_DIRECT, so not none)
+#   QEMU_SHARED=8             qemu-nbd -e (connections allowed at once)
+#   PREFILL=1                 write every byte of each export once before measuring,
+#                             so reads copy real data instead of answering holes
+#   SHM_DIR=/dev/shm          where qemu-nbd's raw file lives
+set -euo pipefail
+
+die() {
+	echo "bench.sh: $*" >&2
+	exit 1
+}
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+	RT=${RT:-1}
+	REPS=${REPS:-1}
+fi
+RT=${RT:-10}
+REPS=${REPS:-3}
+CASES=${CASES:-all}
+SERVERS=${SERVERS:-nbd-runner nbdkit qemu-nbd}
+RESULTS=${RESULTS:-$HERE/results}
+RUNNER_THREADS=${RUNNER_THREADS:-$(nproc)}
+NBDKIT_THREADS=${NBDKIT_THREADS:-16}
+QEMU_AIO=${QEMU_AIO:-io_uring}
+QEMU_CACHE=${QEMU_CACHE:-writeback}
+QEMU_SHARED=${QEMU_SHARED:-8}
+PREFILL=${PREFILL:-1}
+SHM_DIR=${SHM_DIR:-/dev/shm}
+SIZE=1G
+
+[[ $RT =~ ^[0-9]+$ && $RT -ge 1 ]] || die "RT must be a whole number of seconds >= 1 (got '$RT')"
+[[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]] || die "REPS must be a whole number >= 1 (got '$REPS')"
+
+# name rw bs iodepth numjobs
+ALL_CASES=(
+	"randread-4k-qd32-j1 randread 4k 32 1"
+	"randwrite-4k-qd32-j1 randwrite 4k 32 1"
+	"randread-4k-qd32-j2 randread 4k 32 2"
+	"randwrite-4k-qd32-j2 randwrite 4k 32 2"
+	"randread-4k-qd1 randread 4k 1 1"
+	"randwrite-4k-qd1 randwrite 4k 1 1"
+	"read-1m-qd8 read 1m 8 1"
+	"write-1m-qd8 write 1m 8 1"
+)
+
+if [[ $CASES == help ]]; then
+	printf '%s\n' "${ALL_CASES[@]}" | awk '{printf "%-22s rw=%s bs=%s iodepth=%s numjobs=%s\n", $1, $2, $3, $4, $5}'
+	exit 0
+fi
+
+SELECTED=()
+for c in "${ALL_CASES[@]}"; do
+	name=${c%% *}
+	if [[ $CASES == all || " $CASES " == *" $name "* ]]; then
+		SELECTED+=("$c")
+	fi
+done
+((${#SELECTED[@]} > 0)) || die "CASES='$CASES' matches no case; CASES=help lists them"
+
+read -ra SERVER_LIST <<<"$SERVERS"
+for s in "${SERVER_LIST[@]}"; do
+	case $s in nbd-runner | nbdkit | qemu-nbd) ;; *) die "unknown server '$s' in SERVERS" ;; esac
+done
+
+# --- tools ------------------------------------------------------------------
+
+need() { # command, Debian package
+	command -v "$1" >/dev/null 2>&1 || die "missing tool: $1 (Debian: apt-get install $2)"
+}
+need fio fio
+need nbdinfo libnbd-bin
+need python3 python3
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no 'nbd' engine (fio >= 3.17 built with libnbd; Debian's fio has it)"
+for s in "${SERVER_LIST[@]}"; do
+	case $s in
+	nbdkit)
+		need nbdkit nbdkit
+		nbdkit memory --version >/dev/null 2>&1 || die "nbdkit has no memory plugin (Debian: apt-get install nbdkit)"
+		;;
+	qemu-nbd)
+		need qemu-nbd qemu-utils
+		[[ -d $SHM_DIR && -w $SHM_DIR ]] || die "SHM_DIR=$SHM_DIR is not a writable directory"
+		;;
+	nbd-runner)
+		if [[ -z ${NBD_RUNNER:-} ]]; then
+			need cargo "rustup (https://rustup.rs)"
+			echo "bench.sh: cargo build --release --bin nbd-runner" >&2
+			(cd "$ROOT" && cargo build --release --quiet --bin nbd-runner) || die "cargo build failed"
+			NBD_RUNNER=$ROOT/target/release/nbd-runner
+		fi
+		[[ -x $NBD_RUNNER ]] || die "NBD_RUNNER=$NBD_RUNNER is not an executable"
+		;;
+	esac
+done
+
+CLK_TCK=$(getconf CLK_TCK)
+
+# --- results folder and cleanup -----------------------------------------------
+
+STAMP=$(date +%Y%m%d-%H%M%S)
+OUT=$RESULTS/$STAMP
+mkdir -p "$OUT/json" "$OUT/logs"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbd-bench.XXXXXX")
+SHM_FILE=$SHM_DIR/nbd-bench-$$.raw
+
+declare -A PID URI
+STARTED=()
+
+cleanup() {
+	local p
+	for p in "${STARTED[@]}"; do
+		kill -TERM "$p" 2>/dev/null || true
+	done
+	for p in "${STARTED[@]}"; do
+		for _ in $(seq 50); do
+			kill -0 "$p" 2>/dev/null || break
+			sleep 0.1
+		done
+		kill -KILL "$p" 2>/dev/null || true
+		wait "$p" 2>/dev/null || true
+	done
+	rm -f "$SHM_FILE"
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() {
+	python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_ready() { # server, uri, pid
+	local i
+	for i in $(seq 100); do
+		kill -0 "$3" 2>/dev/null || die "$1 exited during start-up; see $OUT/logs/$1.log"
+		if nbdinfo --size "$2" >/dev/null 2>&1; then
+			return 0
+		fi
+		sleep 0.1
+		[[ $i == 100 ]] && die "$1 did not answer on $2 within 10 s; see $OUT/logs/$1.log"
+	done
+}
+
+start_server() {
+	local s=$1 port p line
+	case $s in
+	nbd-runner)
+		mkdir -p "$WORK/state"
+		"$NBD_RUNNER" --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads "$RUNNER_THREADS" \
+			--state-dir "$WORK/state" --export "mem:disk0,size=$SIZE" \
+			>"$WORK/runner.out" 2>"$OUT/logs/$s.log" &
+		p=$!
+		STARTED+=("$p")
+		for _ in $(seq 100); do
+			line=$(grep -m1 '^nbd-runner ready io=' "$WORK/runner.out" || true)
+			[[ -n $line ]] && break
+			kill -0 "$p" 2>/dev/null || die "nbd-runner exited during start-up; see $OUT/logs/$s.log"
+			sleep 0.1
+		done
+		[[ -n $line ]] || die "nbd-runner printed no ready line within 10 s"
+		URI[$s]="nbd://${line#nbd-runner ready io=}/disk0"
+		echo "$NBD_RUNNER --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads $RUNNER_THREADS --export mem:disk0,size=$SIZE" >"$OUT/logs/$s.cmd"
+		;;
+	nbdkit)
+		port=$(free_port)
+		nbdkit -f -i 127.0.0.1 -p "$port" --threads "$NBDKIT_THREADS" memory "$SIZE" \
+			>"$OUT/logs/$s.log" 2>&1 &
+		p=$!
+		STARTED+=("$p")
+		URI[$s]="nbd://127.0.0.1:$port/"
+		echo "nbdkit -f -i 127.0.0.1 -p $port --threads $NBDKIT_THREADS memory $SIZE" >"$OUT/logs/$s.cmd"
+		;;
+	qemu-nbd)
+		port=$(free_port)
+		rm -f "$SHM_FILE"
+		truncate -s "$SIZE" "$SHM_FILE"
+		qemu-nbd -f raw --cache="$QEMU_CACHE" --aio="$QEMU_AIO" -e "$QEMU_SHARED" -t \
+			-b 127.0.0.1 -p "$port" "$SHM_FILE" >"$OUT/logs/$s.log" 2>&1 &
+		p=$!
+		STARTED+=("$p")
+		URI[$s]="nbd://127.0.0.1:$port/"
+		echo "qemu-nbd -f raw --cache=$QEMU_CACHE --aio=$QEMU_AIO -e $QEMU_SHARED -t -b 127.0.0.1 -p $port $SHM_FILE" >"$OUT/logs/$s.cmd"
+		;;
+	esac
+	PID[$s]=$p
+	wait_ready "$s" "${URI[$s]}" "$p"
+}
+
+cpu_ticks() { # utime+stime of every thread of a process, in clock ticks
+	local stat rest
+	stat=$(<"/proc/$1/stat") || die "server pid $1 is gone"
+	rest=${stat##*) } # comm may hold spaces; fields resume after its ')'
+	local -a f
+	read -ra f <<<"$rest"
+	echo $((f[11] + f[12])) # fields 14 (utime) and 15 (stime)
+}
+
+# --- run ----------------------------------------------------------------------
+
+{
+	echo "date: $(date -Is)"
+	echo "host: $(uname -srm), $(nproc) cpus, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+	echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
+	echo "fio: $(fio --version)"
+	echo "RT=$RT REPS=$REPS CASES=$CASES SERVERS=$SERVERS PREFILL=$PREFILL"
+	echo "git: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+} >"$OUT/env.txt"
+
+for s in "${SERVER_LIST[@]}"; do
+	start_server "$s"
+	echo "bench.sh: $s pid ${PID[$s]} at ${URI[$s]}" >&2
+	case $s in
+	nbdkit) echo "nbdkit: $(nbdkit --version)" >>"$OUT/env.txt" ;;
+	qemu-nbd) echo "qemu-nbd: $(qemu-nbd --version | head -1)" >>"$OUT/env.txt" ;;
+	esac
+	cat "$OUT/logs/$s.cmd" >>"$OUT/env.txt"
+	if [[ $PREFILL == 1 ]]; then
+		echo "bench.sh: prefilling $s" >&2
+		URI=${URI[$s]} fio "$HERE/prefill.fio" --output="$WORK/prefill-$s.txt" >/dev/null ||
+			die "prefill of $s failed: $(cat "$WORK/prefill-$s.txt")"
+	fi
+done
+
+TSV=$OUT/runs.tsv
+printf 'case\tserver\trep\tslot\tiops\tp99_us\tios\tcpu_s\tcpu_us_per_io\tclient_cpu_pct\n' >"$TSV"
+
+# Prints: iops p99_us ios client_cpu_pct (read and write summed; p99 the worse one).
+parse_fio() {
+	python3 - "$1" <<'EOF'
+import json, sys
+text = open(sys.argv[1]).read()
+doc = json.loads(text[text.index("{"):])  # fio may print a note before the JSON
+job = doc["jobs"][0]
+if job.get("error"):
+    sys.exit(f"fio job error {job['error']}")
+iops = ios = 0.0
+p99 = 0.0
+for d in ("read", "write"):
+    st = job[d]
+    if st["total_ios"]:
+        iops += st["iops"]
+        ios += st["total_ios"]
+        p99 = max(p99, st["lat_ns"]["percentile"]["99.000000"] / 1000.0)
+if ios == 0:
+    sys.exit("fio did no IO")
+print(f"{iops:.0f} {p99:.1f} {ios:.0f} {job['usr_cpu'] + job['sys_cpu']:.1f}")
+EOF
+}
+
+n=${#SERVER_LIST[@]}
+total=$((${#SELECTED[@]} * REPS * n))
+done_runs=0
+echo "bench.sh: ${#SELECTED[@]} cases x $REPS reps x $n servers, ${RT} s each (~$((total * (RT + 1) / 60 + 1)) min); results in $OUT" >&2
+for ci in "${!SELECTED[@]}"; do
+	read -r name rw bs qd nj <<<"${SELECTED[$ci]}"
+	for ((rep = 1; rep <= REPS; rep++)); do
+		for ((k = 0; k < n; k++)); do
+			s=${SERVER_LIST[$(((ci + rep - 1 + k) % n))]}
+			json=$OUT/json/$name.$s.rep$rep.json
+			t0=$(cpu_ticks "${PID[$s]}")
+			if ! URI=${URI[$s]} RW=$rw BS=$bs QD=$qd NJ=$nj RT=$RT RAMP=0 \
+				fio "$HERE/nbd.fio" --output-format=json --output="$json" >"$WORK/fio.err" 2>&1; then
+				die "fio failed for $name on $s: $(cat "$WORK/fio.err" "$json" 2>/dev/null | tail -5)"
+			fi
+			t1=$(cpu_ticks "${PID[$s]}")
+			read -r iops p99 ios client < <(parse_fio "$json") || die "cannot parse $json"
+			cpu_s=$(python3 -c "print(f'{($t1 - $t0) / $CLK_TCK:.2f}')")
+			per_io=$(python3 -c "print(f'{($t1 - $t0) / $CLK_TCK * 1e6 / $ios:.2f}')")
+			printf '%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+				"$name" "$s" "$rep" "$((k + 1))" "$iops" "$p99" "$ios" "$cpu_s" "$per_io" "$client" >>"$TSV"
+			done_runs=$((done_runs + 1))
+			printf 'bench.sh: [%d/%d] %-22s rep %d %-10s %8s IOPS  p99 %8s us  %6s us CPU/IO\n' \
+				"$done_runs" "$total" "$name" "$rep" "$s" "$iops" "$p99" "$per_io" >&2
+		done
+	done
+done
+
+# --- summary ------------------------------------------------------------------
+
+python3 - "$TSV" "$RT" "$REPS" >"$OUT/summary.md" <<'EOF'
+import csv, statistics, sys
+from collections import defaultdict
+
+tsv, rt, reps = sys.argv[1], sys.argv[2], sys.argv[3]
+runs = defaultdict(list)
+cases, servers = [], []
+with open(tsv) as f:
+    for r in csv.DictReader(f, delimiter="\t"):
+        runs[(r["case"], r["server"])].append(r)
+        if r["case"] not in cases:
+            cases.append(r["case"])
+        if r["server"] not in servers:
+            servers.append(r["server"])
+
+def med(case, server, key):
+    rows = runs.get((case, server))
+    return statistics.median(float(r[key]) for r in rows) if rows else None
+
+def spread(case, server, key):
+    vals = [float(r[key]) for r in runs[(case, server)]]
+    m = statistics.median(vals)
+    return 100.0 * (max(vals) - min(vals)) / m if m else 0.0
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
+
+print(f"Medians of {reps} interleaved run(s) of {rt} s per case and server.")
+print("CPU/IO = server utime+stime / IOs done. Spread = (max-min)/median of IOPS.\n")
+print("| case | server | IOPS | spread | p99 lat (µs) | server CPU (µs/IO) | client CPU % |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+for c in cases:
+    for s in servers:
+        if (c, s) not in runs:
+            continue
+        print(f"| {c} | {s} | {med(c, s, 'iops'):,.0f} | ±{spread(c, s, 'iops') / 2:.0f}% "
+              f"| {med(c, s, 'p99_us'):,.1f} | {med(c, s, 'cpu_us_per_io'):.2f} "
+              f"| {med(c, s, 'client_cpu_pct'):.0f} |")
+us = "nbd-runner"
+if us in servers:
+    print("\nRatios of medians, nbd-runner / other (IOPS: higher is better; CPU/IO: lower is better).\n")
+    print("| case | IOPS / nbdkit | IOPS / qemu-nbd | CPU/IO / nbdkit | CPU/IO / qemu-nbd |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for c in cases:
+        cells = []
+        for key in ("iops", "cpu_us_per_io"):
+            for other in ("nbdkit", "qemu-nbd"):
+                cells.append(ratio(med(c, us, key), med(c, other, key)))
+        print(f"| {c} | " + " | ".join(cells) + " |")
+EOF
+cat "$OUT/summary.md"
+echo
+echo "bench.sh: raw fio JSON, runs.tsv, summary.md and server logs in $OUT" >&2
