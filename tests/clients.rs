@@ -276,3 +276,19 @@ fn libnbd_server_side_range_and_permission_errors() {
     );
     assert_eq!(out.trim(), "ok");
 }
+
+#[test]
+fn ipv6_io_route_and_seed_keyword_forms() {
+    // The seed's keyword grammar, on IPv6 loopback.
+    let runner = Runner::start_with(&[
+        "threads",
+        "1",
+        "--iohost",
+        "::1",
+        "--export",
+        "mem:disk0,size=2M",
+    ]);
+    assert!(runner.addr.starts_with("[::1]:"), "{}", runner.addr);
+    let out = run_ok("nbdinfo", &["--size", &runner.uri("disk0")]);
+    assert_eq!(out.trim(), (2u64 << 20).to_string());
+}

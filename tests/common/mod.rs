@@ -27,9 +27,19 @@ impl Runner {
     }
 
     pub fn start_with(extra: &[&str]) -> Runner {
+        let mut args: Vec<&str> = Vec::new();
+        for (flag, default) in [
+            ("--iohost", "127.0.0.1"),
+            ("--ioport", "0"),
+            ("--rpcport", "0"),
+        ] {
+            if !extra.contains(&flag) {
+                args.extend([flag, default]);
+            }
+        }
+        args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-runner"))
-            .args(["--iohost", "127.0.0.1", "--ioport", "0", "--rpcport", "0"])
-            .args(extra)
+            .args(&args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -11,6 +11,7 @@ use glommio::io::{BufferedFile, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Most extents one BLOCK_STATUS reply walks; the client asks again for more.
 const MAX_EXTENTS: usize = 1024;
@@ -124,7 +125,18 @@ impl Backend for FileBackend {
                 .buffered_open(&path)
                 .await
                 .map_err(|e| BackendError::io("open", e.into()))?;
-            let io: Rc<dyn BackendIo> = Rc::new(FileIo { file, size });
+            // A second handle for the fallocate modes io_uring cannot take
+            // from glommio; they run on glommio's blocking pool.
+            let fd = file.as_raw_fd();
+            // SAFETY: fd is open for as long as `file` lives, i.e. during this call.
+            let blocking = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .map_err(|e| BackendError::io("dup", e))?;
+            let io: Rc<dyn BackendIo> = Rc::new(FileIo {
+                file,
+                blocking: Arc::new(blocking),
+                size,
+            });
             Ok(io)
         })
     }
@@ -132,7 +144,16 @@ impl Backend for FileBackend {
 
 struct FileIo {
     file: BufferedFile,
+    blocking: Arc<std::os::fd::OwnedFd>,
     size: u64,
+}
+
+/// The filesystem (or device) lacks this fallocate mode.
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
 }
 
 fn gerr<T>(context: &'static str) -> impl FnOnce(glommio::GlommioError<T>) -> BackendError {
@@ -170,6 +191,56 @@ impl FileIo {
             offset += n as u64;
         }
         Ok(())
+    }
+
+    /// fallocate(2) off the shard's thread; Ok(false) when the mode is unsupported.
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<bool, BackendError> {
+        let fd = self.blocking.clone();
+        let result = glommio::executor()
+            .spawn_blocking(move || {
+                // SAFETY: fallocate on an fd we own; no memory is passed.
+                let r = unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset as i64, len as i64) };
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+            .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if unsupported(&e) => Ok(false),
+            Err(e) => Err(BackendError::io("fallocate", e)),
+        }
+    }
+
+    /// Deallocates a range (it then reads as zeroes); false if unsupported.
+    async fn punch_hole(&self, offset: u64, len: u64) -> Result<bool, BackendError> {
+        match self.file.deallocate(offset, len).await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e: std::io::Error = e.into();
+                if unsupported(&e) {
+                    Ok(false)
+                } else {
+                    Err(BackendError::io("punch hole", e))
+                }
+            }
+        }
+    }
+
+    /// Zeroes a range and keeps it allocated, without writing data:
+    /// ZERO_RANGE where the filesystem has it (ext4, xfs, block devices),
+    /// else a punched hole re-allocated (tmpfs); false if neither works.
+    async fn zero_allocated(&self, offset: u64, len: u64) -> Result<bool, BackendError> {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        if self
+            .fallocate(libc::FALLOC_FL_ZERO_RANGE | keep, offset, len)
+            .await?
+        {
+            return Ok(true);
+        }
+        Ok(self.punch_hole(offset, len).await? && self.fallocate(keep, offset, len).await?)
     }
 
     fn seek(&self, pos: u64, whence: i32) -> std::io::Result<Option<u64>> {
@@ -253,16 +324,8 @@ impl BackendIo for FileIo {
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            match self.file.deallocate(offset, len).await {
-                Ok(()) => {}
-                // TRIM is advisory: a filesystem without hole punching just keeps the data.
-                Err(e) => {
-                    let e: std::io::Error = e.into();
-                    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                        return Err(BackendError::io("punch hole", e));
-                    }
-                }
-            }
+            // TRIM is advisory: without hole punching the data just stays.
+            self.punch_hole(offset, len).await?;
             if fua {
                 self.sync().await?;
             }
@@ -272,21 +335,12 @@ impl BackendIo for FileIo {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let punched = if flags.no_hole {
-                false
+            let zeroed = if flags.no_hole {
+                self.zero_allocated(offset, len).await?
             } else {
-                match self.file.deallocate(offset, len).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        let e: std::io::Error = e.into();
-                        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                            return Err(BackendError::io("punch hole", e));
-                        }
-                        false
-                    }
-                }
+                self.punch_hole(offset, len).await? || self.zero_allocated(offset, len).await?
             };
-            if !punched {
+            if !zeroed {
                 if flags.fast {
                     return Err(BackendError::Unsupported);
                 }
@@ -330,5 +384,159 @@ impl BackendIo for FileIo {
             Err(e) => Err(BackendError::io("seek data", e)),
         };
         Box::pin(std::future::ready(res))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glommio::LocalExecutorBuilder;
+
+    /// Runs `f` on a glommio executor against a fresh sparse file of `size`.
+    fn with_file<F, Fut>(dir: &Path, size: u64, f: F)
+    where
+        F: FnOnce(Rc<dyn BackendIo>, PathBuf) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let path = dir.join("disk.raw");
+        LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let backend = FileBackend::open_or_create(&path, Some(size), false).unwrap();
+                let io = backend.attach().await.unwrap();
+                f(io, path).await
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn blocks(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks()
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn test_dirs() -> Vec<tempfile::TempDir> {
+        // The disk-backed temp dir and tmpfs take different fallocate paths.
+        let mut dirs = vec![tempfile::tempdir().unwrap()];
+        if Path::new("/dev/shm").is_dir() {
+            dirs.push(tempfile::tempdir_in("/dev/shm").unwrap());
+        }
+        dirs
+    }
+
+    #[test]
+    fn write_read_flush_and_fua() {
+        for dir in test_dirs() {
+            with_file(dir.path(), 4 * MIB, |io, path| async move {
+                let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+                io.write(4095, data.clone(), true).await.unwrap();
+                io.flush().await.unwrap();
+                let back = io.read(4095, data.len(), Vec::new()).await.unwrap();
+                assert_eq!(&*back, &data[..]);
+                let on_disk = std::fs::read(&path).unwrap();
+                assert_eq!(&on_disk[4095..4095 + 8192], &data[..]);
+                assert_eq!(on_disk.len() as u64, 4 * MIB);
+            });
+        }
+    }
+
+    #[test]
+    fn trim_and_write_zeroes_deallocate_or_keep_allocation() {
+        for dir in test_dirs() {
+            with_file(dir.path(), 8 * MIB, |io, path| async move {
+                io.write(0, vec![0xaa; 4 * MIB as usize], false)
+                    .await
+                    .unwrap();
+                let full = blocks(&path);
+                assert_eq!(io.extents(0, 4 * MIB).await.unwrap()[0].flags, DATA);
+
+                // Punching: the range reads zero and becomes a hole.
+                io.trim(0, MIB, false).await.unwrap();
+                let z = ZeroFlags::default();
+                io.write_zeroes(MIB, MIB, z).await.unwrap();
+                assert!(blocks(&path) < full, "nothing deallocated");
+                let ext = io.extents(0, 4 * MIB).await.unwrap();
+                assert_eq!(
+                    ext[0],
+                    Extent {
+                        len: 2 * MIB,
+                        flags: HOLE
+                    }
+                );
+
+                // NO_HOLE: zeroes that are allocated again, data or not
+                // (ext4 reports unwritten extents as holes to SEEK_DATA).
+                let punched = blocks(&path);
+                let no_hole = ZeroFlags {
+                    no_hole: true,
+                    fast: true,
+                    fua: true,
+                };
+                io.write_zeroes(0, MIB, no_hole).await.unwrap();
+                assert!(blocks(&path) >= punched + MIB / 512, "NO_HOLE left a hole");
+                io.write_zeroes(2 * MIB, MIB, no_hole).await.unwrap();
+
+                let back = io.read(0, 3 * MIB as usize, Vec::new()).await.unwrap();
+                assert!(back.iter().all(|&b| b == 0));
+                let tail = io.read(3 * MIB, MIB as usize, Vec::new()).await.unwrap();
+                assert!(tail.iter().all(|&b| b == 0xaa));
+            });
+        }
+    }
+
+    #[test]
+    fn extents_of_a_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        with_file(dir.path(), 4 * MIB, |io, _| async move {
+            io.write(MIB, vec![1; 4096], false).await.unwrap();
+            let ext = io.extents(0, 4 * MIB).await.unwrap();
+            assert_eq!(
+                ext[0],
+                Extent {
+                    len: MIB,
+                    flags: HOLE
+                }
+            );
+            assert_eq!(ext[1].flags, DATA);
+            assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), 4 * MIB);
+            // Asked from inside the hole, the answer starts there.
+            let ext = io.extents(4096, 8192).await.unwrap();
+            assert_eq!(
+                ext,
+                vec![Extent {
+                    len: 8192,
+                    flags: HOLE
+                }]
+            );
+        });
+    }
+
+    #[test]
+    fn open_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.raw");
+        let err = |r: Result<FileBackend, BackendError>| r.err().unwrap().to_string();
+        assert!(err(FileBackend::open_or_create(
+            Path::new("rel.raw"),
+            Some(1),
+            false
+        ))
+        .contains("absolute"));
+        assert!(err(FileBackend::open_or_create(&p, None, false)).contains("size=SIZE"));
+        assert!(err(FileBackend::open_or_create(&p, Some(MIB), true)).contains("read-only"));
+        assert!(err(FileBackend::open_or_create(dir.path(), None, false)).contains("neither"));
+
+        let b = FileBackend::open_or_create(&p, Some(MIB), false).unwrap();
+        assert_eq!(b.size(), MIB);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "new images are private");
+        // An existing file keeps its own size whatever size= says.
+        let again = FileBackend::open_or_create(&p, Some(8 * MIB), true).unwrap();
+        assert_eq!(again.size(), MIB);
+        let caps = again.capabilities();
+        assert!(caps.read_only && caps.flush && caps.multi_conn);
     }
 }
