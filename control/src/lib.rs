@@ -1,2 +1,11 @@
-//! nbd-runner's control plane. The wire messages, registry and persistence
-//! arrive with the control-plane issue; the data plane does not depend on it.
+//! nbd-runner's control plane: the wire protocol nbd-cli speaks, the
+//! registry of backstores and their states, the `saveconfig.json`
+//! persistence, the server the runner embeds, and the client nbd-cli uses.
+
+pub mod client;
+pub mod handlers;
+pub mod model;
+pub mod registry;
+pub mod saveconfig;
+pub mod server;
+pub mod wire;

@@ -8,6 +8,7 @@ use crate::stats::ExportStats;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 use thiserror::Error;
 
 pub struct Export {
@@ -15,6 +16,8 @@ pub struct Export {
     pub name: String,
     pub backend: Arc<dyn Backend>,
     pub stats: ExportStats,
+    /// When it started being served, for average rates.
+    pub opened: Instant,
 }
 
 impl Export {
@@ -65,6 +68,7 @@ impl ExportTable {
             name: name.to_owned(),
             backend,
             stats: ExportStats::new(self.shards),
+            opened: Instant::now(),
         });
         map.insert(name.to_owned(), export.clone());
         Ok(export)

@@ -123,6 +123,14 @@ impl ExportStats {
             .fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Live connections per shard.
+    pub fn snapshot_connections(&self) -> Vec<u64> {
+        self.shards
+            .iter()
+            .map(|s| s.connections.load(Ordering::Relaxed))
+            .collect()
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let mut merged: Vec<OpStats> = Op::ALL.iter().map(|_| OpStats::new()).collect();
         for slot in &self.shards {
@@ -133,11 +141,7 @@ impl ExportStats {
         }
         StatsSnapshot {
             ops: Op::ALL.iter().copied().zip(merged).collect(),
-            connections_per_shard: self
-                .shards
-                .iter()
-                .map(|s| s.connections.load(Ordering::Relaxed))
-                .collect(),
+            connections_per_shard: self.snapshot_connections(),
         }
     }
 }

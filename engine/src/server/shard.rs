@@ -13,8 +13,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
-/// An export and this shard's open handle to it.
-type Attached = (Arc<Export>, Rc<dyn BackendIo>);
+/// An export and this shard's open handle to it. Both weak: the handle
+/// closes when the shard's last connection to it ends, and a deleted
+/// export's storage is not kept alive here.
+type Attached = (std::sync::Weak<Export>, std::rc::Weak<dyn BackendIo>);
 
 pub struct ShardCtx {
     pub index: usize,
@@ -125,14 +127,19 @@ impl ShardCtx {
         export: &Arc<Export>,
     ) -> Result<Rc<dyn BackendIo>, BackendError> {
         if let Some((e, io)) = self.attached.borrow().get(&export.name) {
-            if Arc::ptr_eq(e, export) {
-                return Ok(io.clone());
+            if std::ptr::eq(e.as_ptr(), Arc::as_ptr(export)) {
+                if let Some(io) = io.upgrade() {
+                    return Ok(io);
+                }
             }
         }
         let io = export.backend.attach().await?;
-        self.attached
-            .borrow_mut()
-            .insert(export.name.clone(), (export.clone(), io.clone()));
+        let mut attached = self.attached.borrow_mut();
+        attached.retain(|_, (e, io)| e.strong_count() > 0 && io.strong_count() > 0);
+        attached.insert(
+            export.name.clone(),
+            (Arc::downgrade(export), Rc::downgrade(&io)),
+        );
         Ok(io)
     }
 }

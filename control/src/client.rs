@@ -1,0 +1,195 @@
+//! The control route's client side, used by nbd-cli.
+
+use crate::wire::{
+    read_frame, write_frame, ErrorCode, Hello, HelloReply, HelloStatus, Request, Response,
+    WireError, PROTOCOL_VERSION,
+};
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+pub const DEFAULT_PORT: u16 = 24110;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Endpoint::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl Endpoint {
+    /// `HOST`, `HOST:PORT`, `[V6]:PORT`, `V6` or a socket path (starts with '/').
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        if s.starts_with('/') {
+            return Ok(Endpoint::Unix(s.into()));
+        }
+        let bad = || format!("bad host {s:?} (HOST, HOST:PORT or [IPV6]:PORT)");
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, tail) = rest.split_once(']').ok_or_else(bad)?;
+            match tail.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if tail.is_empty() => (h, None),
+                None => return Err(bad()),
+            }
+        } else if s.matches(':').count() > 1 {
+            (s, None) // a bare IPv6 address
+        } else {
+            match s.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None => DEFAULT_PORT,
+        };
+        Ok(Endpoint::Tcp {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The host name to use for the IO route when the runner leaves it open.
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Endpoint::Tcp { host, .. } => Some(host),
+            Endpoint::Unix(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach nbd-runner at {endpoint}: {source} (is nbd-runner running there?)")]
+    Connect {
+        endpoint: Endpoint,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error("control route: {0}")]
+    Wire(#[from] WireError),
+    #[error("{message}")]
+    Remote { code: ErrorCode, message: String },
+    #[error("unexpected answer from nbd-runner: {0}")]
+    Unexpected(String),
+}
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+pub struct Client {
+    stream: Box<dyn Stream>,
+    endpoint: Endpoint,
+}
+
+impl Client {
+    pub fn connect(
+        endpoint: &Endpoint,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let mut stream: Box<dyn Stream> = match endpoint {
+            Endpoint::Tcp { host, port } => {
+                let addrs: Vec<_> = (host.as_str(), *port)
+                    .to_socket_addrs()
+                    .map_err(connect_err)?
+                    .collect();
+                let mut last = std::io::Error::other("no address");
+                let mut found = None;
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, timeout) {
+                        Ok(s) => {
+                            found = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = found.ok_or_else(|| connect_err(last))?;
+                s.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            Endpoint::Unix(path) => {
+                let s = UnixStream::connect(path).map_err(connect_err)?;
+                s.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+                Box::new(s)
+            }
+        };
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            token,
+        };
+        stream.write_all(&hello.encode()).map_err(WireError::from)?;
+        let answer = HelloReply::read_from(&mut stream)?;
+        match answer.status {
+            HelloStatus::Welcome => Ok(Client {
+                stream,
+                endpoint: endpoint.clone(),
+            }),
+            _ => Err(ClientError::Refused(format!(
+                "nbd-runner at {endpoint} refused: {}",
+                answer.message
+            ))),
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Sends a request; a runner-side error becomes [`ClientError::Remote`].
+    pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        write_frame(&mut self.stream, request)?;
+        match read_frame(&mut self.stream)? {
+            Response::Error { code, message } => Err(ClientError::Remote { code, message }),
+            r => Ok(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        let tcp = |h: &str, p| Endpoint::Tcp {
+            host: h.into(),
+            port: p,
+        };
+        assert_eq!(Endpoint::parse("10.0.0.1").unwrap(), tcp("10.0.0.1", 24110));
+        assert_eq!(Endpoint::parse("node1:9000").unwrap(), tcp("node1", 9000));
+        assert_eq!(Endpoint::parse("::1").unwrap(), tcp("::1", 24110));
+        assert_eq!(Endpoint::parse("[::1]:7").unwrap(), tcp("::1", 7));
+        assert_eq!(
+            Endpoint::parse("/run/nbd.sock").unwrap(),
+            Endpoint::Unix("/run/nbd.sock".into())
+        );
+        for bad in ["", ":80", "host:notaport", "[::1", "[::1]x", "h:99999"] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(tcp("::1", 7).to_string(), "[::1]:7");
+    }
+}

@@ -1,0 +1,78 @@
+//! Opening, creating and removing each handler's storage.
+
+use crate::model::Handler;
+use crate::saveconfig::SavedBackstore;
+use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Whether this build carries a handler.
+pub fn available(h: Handler) -> Result<(), String> {
+    match h {
+        Handler::File | Handler::Mem => Ok(()),
+        Handler::Gluster | Handler::Ceph => Err(format!(
+            "this nbd-runner was built without the {h} handler (cargo feature \"{h}\")"
+        )),
+    }
+}
+
+/// Opens a backstore's storage; `create` makes it if missing (and says
+/// whether it did).
+pub fn open(b: &SavedBackstore, create: bool) -> Result<(Arc<dyn Backend>, bool), BackendError> {
+    available(b.handler).map_err(BackendError::Config)?;
+    match b.handler {
+        Handler::Mem => Ok((Arc::new(MemBackend::new(b.size, false)?), create)),
+        Handler::File => {
+            let path = Path::new(&b.key);
+            let existed = path.exists();
+            if !existed && !create {
+                return Err(BackendError::Config(format!(
+                    "{}: the file is gone",
+                    path.display()
+                )));
+            }
+            let backend = FileBackend::open_or_create(path, Some(b.size), false)?;
+            if existed && create && backend.size() != b.size {
+                return Err(BackendError::Config(format!(
+                    "{} exists with size {}, not {}; give its size to adopt it",
+                    path.display(),
+                    backend.size(),
+                    b.size
+                )));
+            }
+            if create && !existed && b.prealloc {
+                preallocate(path, b.size)?;
+            }
+            Ok((Arc::new(backend), create && !existed))
+        }
+        Handler::Gluster | Handler::Ceph => unreachable!("checked by available()"),
+    }
+}
+
+fn preallocate(path: &Path, size: u64) -> Result<(), BackendError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| BackendError::io("open for preallocation", e))?;
+    // SAFETY: fallocate on an fd we own.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(BackendError::io("preallocate", e));
+    }
+    Ok(())
+}
+
+/// Removes the storage of a deleted backstore we created; adopted storage stays.
+pub fn remove(b: &SavedBackstore) -> Result<(), BackendError> {
+    match b.handler {
+        Handler::File if b.owned => match std::fs::remove_file(&b.key) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io("remove", e)),
+        },
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,254 @@
+//! The vocabulary shared by the runner, the CLI and the state file:
+//! handlers, backstore states, and what `list`/`info`/`stats` show.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Handler {
+    Gluster,
+    Ceph,
+    File,
+    Mem,
+}
+
+impl Handler {
+    pub const ALL: [Handler; 4] = [Handler::Gluster, Handler::Ceph, Handler::File, Handler::Mem];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Handler::Gluster => "gluster",
+            Handler::Ceph => "ceph",
+            Handler::File => "file",
+            Handler::Mem => "mem",
+        }
+    }
+
+    /// What a key looks like, for error messages and help.
+    pub fn key_form(self) -> &'static str {
+        match self {
+            Handler::Gluster => "VOLUME/FILEPATH",
+            Handler::Ceph => "POOL/IMAGE",
+            Handler::File => "an absolute path",
+            Handler::Mem => "a name without '/'",
+        }
+    }
+
+    /// Checks a key's shape; the reason is one line.
+    pub fn check_key(self, key: &str) -> Result<(), String> {
+        let bad = |why: &str| Err(format!("bad {} key {key:?}: {why}", self.name()));
+        if key.is_empty() || key.len() > 4096 || key.contains('\0') {
+            return bad("empty, too long, or contains NUL");
+        }
+        match self {
+            Handler::File if !key.starts_with('/') => bad("expected an absolute path"),
+            Handler::File if key.split('/').any(|c| c == "..") => bad("'..' is not allowed"),
+            Handler::Mem if key.contains('/') => bad("mem names cannot contain '/'"),
+            Handler::Gluster | Handler::Ceph => {
+                let parts: Vec<&str> = key.split('/').collect();
+                if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+                    bad(&format!("expected {}", self.key_form()))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Handler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Handler {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Handler::ALL
+            .into_iter()
+            .find(|h| h.name() == s)
+            .ok_or_else(|| format!("unknown handler {s:?} (gluster, ceph, file, mem)"))
+    }
+}
+
+/// A backstore's life: created → mapping → mapped (live) → unmapping →
+/// created, and dead when the runner restarted or the IO connections
+/// dropped while the kernel still holds the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Created,
+    Mapping,
+    Mapped,
+    Unmapping,
+    Dead,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Created => "created",
+            State::Mapping => "mapping",
+            State::Mapped => "live",
+            State::Unmapping => "unmapping",
+            State::Dead => "dead",
+        }
+    }
+
+    /// The kernel holds (or may hold) a device for this backstore.
+    pub fn has_device(self) -> bool {
+        matches!(self, State::Mapped | State::Unmapping | State::Dead)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `list [map|unmap|create|dead|live|all]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ListFilter {
+    /// Mapped to a device, live or dead.
+    Map,
+    /// Not mapped.
+    Unmap,
+    /// In the created state.
+    Create,
+    Dead,
+    Live,
+    #[default]
+    All,
+}
+
+impl ListFilter {
+    pub fn matches(self, s: State) -> bool {
+        match self {
+            ListFilter::Map => s.has_device(),
+            ListFilter::Unmap => !s.has_device(),
+            ListFilter::Create => s == State::Created,
+            ListFilter::Dead => s == State::Dead,
+            ListFilter::Live => s == State::Mapped,
+            ListFilter::All => true,
+        }
+    }
+}
+
+impl FromStr for ListFilter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "map" => ListFilter::Map,
+            "unmap" => ListFilter::Unmap,
+            "create" => ListFilter::Create,
+            "dead" => ListFilter::Dead,
+            "live" => ListFilter::Live,
+            "all" => ListFilter::All,
+            _ => {
+                return Err(format!(
+                    "unknown list filter {s:?} (map, unmap, create, dead, live, all)"
+                ))
+            }
+        })
+    }
+}
+
+/// Live connections of a backstore on one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardConnections {
+    pub shard: u32,
+    pub connections: u64,
+}
+
+/// What `list` and `info` show about one backstore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackstoreInfo {
+    pub key: String,
+    pub handler: Handler,
+    pub size: u64,
+    pub state: State,
+    pub device: Option<String>,
+    pub read_only: bool,
+    /// NBD transmission flags, as clients see them.
+    pub flags: u16,
+    /// How IO is done ("buffered io_uring, FLUSH/FUA = fdatasync", ...).
+    pub mode: String,
+    /// Set when the runner could not open the backstore.
+    pub error: Option<String>,
+    pub connections: Vec<ShardConnections>,
+    pub options: BTreeMap<String, String>,
+}
+
+/// One operation's numbers in `stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpReport {
+    pub op: String,
+    pub count: u64,
+    pub errors: u64,
+    pub bytes: u64,
+    /// Average since the export was opened.
+    pub iops: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub key: String,
+    pub uptime_secs: f64,
+    pub ops: Vec<OpReport>,
+    pub connections: Vec<ShardConnections>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_names_round_trip() {
+        for h in Handler::ALL {
+            assert_eq!(h.name().parse::<Handler>().unwrap(), h);
+        }
+        assert!("nfs".parse::<Handler>().is_err());
+    }
+
+    #[test]
+    fn keys_are_checked_per_handler() {
+        assert!(Handler::File.check_key("/var/lib/a.raw").is_ok());
+        assert!(Handler::File.check_key("a.raw").is_err());
+        assert!(Handler::File.check_key("/var/../etc/shadow").is_err());
+        assert!(Handler::Mem.check_key("disk0").is_ok());
+        assert!(Handler::Mem.check_key("a/b").is_err());
+        assert!(Handler::Gluster.check_key("vol/dir/file.img").is_ok());
+        assert!(Handler::Gluster.check_key("vol").is_err());
+        assert!(Handler::Ceph.check_key("rbd/img").is_ok());
+        assert!(Handler::Ceph.check_key("rbd//img").is_err());
+        assert!(Handler::Mem.check_key("").is_err());
+    }
+
+    #[test]
+    fn list_filters_follow_the_seed() {
+        use State::*;
+        let all = [Created, Mapping, Mapped, Unmapping, Dead];
+        let pick = |f: &str| -> Vec<State> {
+            let f: ListFilter = f.parse().unwrap();
+            all.into_iter().filter(|s| f.matches(*s)).collect()
+        };
+        assert_eq!(pick("map"), vec![Mapped, Unmapping, Dead]);
+        assert_eq!(pick("unmap"), vec![Created, Mapping]);
+        assert_eq!(pick("create"), vec![Created]);
+        assert_eq!(pick("dead"), vec![Dead]);
+        assert_eq!(pick("live"), vec![Mapped]);
+        assert_eq!(pick("all").len(), 5);
+        assert!("mapped".parse::<ListFilter>().is_err());
+    }
+}

@@ -1,0 +1,665 @@
+//! The backstores a runner knows, their state machine, and the link to the
+//! IO route's export table. Every change is saved before it is answered.
+
+use crate::handlers;
+use crate::model::{
+    BackstoreInfo, Handler, ListFilter, OpReport, ShardConnections, State, StatsReport,
+};
+use crate::saveconfig::{SaveConfig, SavedBackstore, StateStore};
+use crate::wire::{CreateRequest, ErrorCode, MapTarget, UnmapTarget};
+use nbd_engine::export::{Export, ExportTable};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// A map that never finished (the CLI died) may be retried after this.
+const STALE_MAPPING: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{message}")]
+pub struct CtlError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn fail<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, CtlError> {
+    Err(CtlError {
+        code,
+        message: message.into(),
+    })
+}
+
+/// Where clients reach the IO route.
+#[derive(Clone, Debug)]
+pub struct IoRoute {
+    /// Empty when the runner listens on every address.
+    pub host: String,
+    pub port: u16,
+    pub shards: u32,
+}
+
+struct Entry {
+    saved: SavedBackstore,
+    export: Option<Arc<Export>>,
+    /// Why the storage could not be opened.
+    error: Option<String>,
+    mapping_since: Option<Instant>,
+}
+
+pub struct Registry {
+    store: StateStore,
+    entries: BTreeMap<String, Entry>,
+    table: Arc<ExportTable>,
+    io: IoRoute,
+}
+
+impl Registry {
+    /// Takes over a loaded state file: every backstore is opened and served
+    /// again; ones the kernel held are dead until reattached.
+    pub fn load(
+        store: StateStore,
+        cfg: SaveConfig,
+        table: Arc<ExportTable>,
+        io: IoRoute,
+    ) -> Result<Registry, CtlError> {
+        let mut reg = Registry {
+            store,
+            entries: BTreeMap::new(),
+            table,
+            io,
+        };
+        for saved in cfg.after_restart().backstores {
+            let key = saved.key.clone();
+            let mut entry = Entry {
+                saved,
+                export: None,
+                error: None,
+                mapping_since: None,
+            };
+            reg.open(&mut entry, false);
+            if let Some(e) = &entry.error {
+                tracing::error!(backstore = %key, error = %e, "cannot open backstore; it stays listed");
+            }
+            reg.entries.insert(key, entry);
+        }
+        reg.save()?;
+        Ok(reg)
+    }
+
+    fn open(&self, entry: &mut Entry, create: bool) -> bool {
+        match handlers::open(&entry.saved, create) {
+            Ok((backend, _)) => match self.table.add(&entry.saved.key, backend) {
+                Ok(export) => {
+                    entry.export = Some(export);
+                    entry.error = None;
+                    true
+                }
+                Err(e) => {
+                    entry.error = Some(e.to_string());
+                    false
+                }
+            },
+            Err(e) => {
+                entry.error = Some(e.to_string());
+                false
+            }
+        }
+    }
+
+    fn snapshot(&self) -> SaveConfig {
+        SaveConfig {
+            backstores: self.entries.values().map(|e| e.saved.clone()).collect(),
+            ..SaveConfig::default()
+        }
+    }
+
+    fn save(&self) -> Result<(), CtlError> {
+        self.store.save(&self.snapshot()).map_err(|e| CtlError {
+            code: ErrorCode::Persistence,
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies a state change to `key`, saves, and undoes it if saving fails.
+    fn transition(
+        &mut self,
+        key: &str,
+        change: impl FnOnce(&mut SavedBackstore),
+    ) -> Result<(), CtlError> {
+        let entry = self.entries.get_mut(key).expect("caller checked");
+        let before = entry.saved.clone();
+        change(&mut entry.saved);
+        if let Err(e) = self.save() {
+            self.entries.get_mut(key).expect("still there").saved = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn entry(&self, handler: Option<Handler>, key: &str) -> Result<&Entry, CtlError> {
+        let Some(e) = self.entries.get(key) else {
+            return fail(ErrorCode::NotFound, format!("no backstore {key:?}"));
+        };
+        match handler {
+            Some(h) if h != e.saved.handler => fail(
+                ErrorCode::InvalidArgument,
+                format!("{key:?} is a {} backstore, not {h}", e.saved.handler),
+            ),
+            _ => Ok(e),
+        }
+    }
+
+    pub fn create(&mut self, req: CreateRequest) -> Result<BackstoreInfo, CtlError> {
+        let invalid = |m: String| fail(ErrorCode::InvalidArgument, m);
+        if let Err(m) = req.handler.check_key(&req.key) {
+            return invalid(m);
+        }
+        if let Err(m) = handlers::available(req.handler) {
+            return fail(ErrorCode::Unsupported, m);
+        }
+        if req.size == 0 {
+            return invalid("size must be more than 0".into());
+        }
+        if let Some(e) = self.entries.get(&req.key) {
+            return fail(
+                ErrorCode::Exists,
+                format!(
+                    "backstore {:?} already exists ({})",
+                    req.key, e.saved.handler
+                ),
+            );
+        }
+        if self.table.get(&req.key).is_some() {
+            return fail(
+                ErrorCode::Exists,
+                format!(
+                    "{:?} is already served (an --export of this runner)",
+                    req.key
+                ),
+            );
+        }
+        let mut saved = SavedBackstore {
+            key: req.key.clone(),
+            handler: req.handler,
+            size: req.size,
+            state: State::Created,
+            device: None,
+            id: random_id(),
+            owned: false,
+            prealloc: req.prealloc,
+            options: req.options,
+        };
+        let (backend, created) = match handlers::open(&saved, true) {
+            Ok(v) => v,
+            Err(e) => return fail(ErrorCode::Backend, e.to_string()),
+        };
+        saved.owned = created;
+        let export = match self.table.add(&saved.key, backend) {
+            Ok(e) => e,
+            Err(e) => return fail(ErrorCode::Exists, e.to_string()),
+        };
+        let key = saved.key.clone();
+        self.entries.insert(
+            key.clone(),
+            Entry {
+                saved,
+                export: Some(export),
+                error: None,
+                mapping_since: None,
+            },
+        );
+        if let Err(e) = self.save() {
+            let entry = self.entries.remove(&key).expect("just inserted");
+            self.table.remove(&key);
+            let _ = handlers::remove(&entry.saved);
+            return Err(e);
+        }
+        tracing::info!(backstore = %key, handler = %req.handler, size = req.size, "created");
+        self.info(&key)
+    }
+
+    pub fn delete(&mut self, handler: Handler, key: &str) -> Result<(), CtlError> {
+        let entry = self.entry(Some(handler), key)?;
+        if entry.saved.state != State::Created {
+            let dev = entry.saved.device.as_deref().unwrap_or("a device");
+            return fail(
+                ErrorCode::WrongState,
+                format!("{key:?} is {} ({dev}); unmap it first", entry.saved.state),
+            );
+        }
+        let clients = entry.export.as_ref().map_or(0, |e| total(&connections(e)));
+        if clients > 0 {
+            return fail(
+                ErrorCode::WrongState,
+                format!("{key:?} has {clients} open NBD connection(s)"),
+            );
+        }
+        let entry = self.entries.remove(key).expect("checked");
+        if let Err(e) = self.save() {
+            self.entries.insert(key.to_owned(), entry);
+            return Err(e);
+        }
+        self.table.remove(key);
+        if let Err(e) = handlers::remove(&entry.saved) {
+            tracing::warn!(backstore = %key, error = %e, "deleted, but its storage was not removed");
+        }
+        tracing::info!(backstore = %key, "deleted");
+        Ok(())
+    }
+
+    pub fn map_begin(&mut self, handler: Handler, key: &str) -> Result<MapTarget, CtlError> {
+        let entry = self.entry(Some(handler), key)?;
+        let (state, device) = (entry.saved.state, entry.saved.device.clone());
+        let stale = entry
+            .mapping_since
+            .is_some_and(|t| t.elapsed() > STALE_MAPPING);
+        match state {
+            State::Created | State::Dead => {}
+            State::Mapping if stale => {}
+            State::Mapped => {
+                return fail(
+                    ErrorCode::WrongState,
+                    format!(
+                        "{key:?} is already mapped to {}",
+                        device.as_deref().unwrap_or("?")
+                    ),
+                )
+            }
+            _ => {
+                return fail(
+                    ErrorCode::WrongState,
+                    format!("{key:?} is {state}; try again shortly"),
+                )
+            }
+        }
+        if entry.export.is_none() {
+            let mut e = self.entries.remove(key).expect("checked");
+            let ok = self.open(&mut e, false);
+            let err = e.error.clone();
+            self.entries.insert(key.to_owned(), e);
+            if !ok {
+                return fail(
+                    ErrorCode::Backend,
+                    format!("cannot open {key:?}: {}", err.unwrap_or_default()),
+                );
+            }
+        }
+        self.transition(key, |s| s.state = State::Mapping)?;
+        let entry = self.entries.get_mut(key).expect("checked");
+        entry.mapping_since = Some(Instant::now());
+        Ok(MapTarget {
+            key: key.to_owned(),
+            io_host: self.io.host.clone(),
+            io_port: self.io.port,
+            shards: self.io.shards,
+            cookie: cookie(&entry.saved),
+            reattach: if state == State::Dead { device } else { None },
+        })
+    }
+
+    pub fn map_done(&mut self, key: &str, device: &str) -> Result<(), CtlError> {
+        let entry = self.entry(None, key)?;
+        if entry.saved.state != State::Mapping {
+            return fail(
+                ErrorCode::WrongState,
+                format!("{key:?} is {}, not mapping", entry.saved.state),
+            );
+        }
+        if let Some(other) = self
+            .entries
+            .values()
+            .find(|e| e.saved.key != key && e.saved.device.as_deref() == Some(device))
+        {
+            return fail(
+                ErrorCode::Exists,
+                format!("{device} already belongs to {:?}", other.saved.key),
+            );
+        }
+        let device = device.to_owned();
+        self.transition(key, |s| {
+            s.state = State::Mapped;
+            s.device = Some(device);
+        })?;
+        self.entries.get_mut(key).expect("checked").mapping_since = None;
+        tracing::info!(backstore = %key, "mapped");
+        Ok(())
+    }
+
+    pub fn map_abort(&mut self, key: &str, reason: &str) -> Result<(), CtlError> {
+        let entry = self.entry(None, key)?;
+        if entry.saved.state != State::Mapping {
+            return Ok(());
+        }
+        tracing::warn!(backstore = %key, %reason, "map failed");
+        self.transition(key, |s| {
+            s.state = if s.device.is_some() {
+                State::Dead
+            } else {
+                State::Created
+            }
+        })?;
+        self.entries.get_mut(key).expect("checked").mapping_since = None;
+        Ok(())
+    }
+
+    pub fn unmap_begin(&mut self, handler: Handler, target: &str) -> Result<UnmapTarget, CtlError> {
+        let key = if target.starts_with("/dev/") {
+            match self
+                .entries
+                .values()
+                .find(|e| e.saved.device.as_deref() == Some(target))
+            {
+                Some(e) => e.saved.key.clone(),
+                None => {
+                    return fail(
+                        ErrorCode::NotFound,
+                        format!("no backstore is mapped to {target}"),
+                    )
+                }
+            }
+        } else {
+            target.to_owned()
+        };
+        let entry = self.entry(Some(handler), &key)?;
+        if !entry.saved.state.has_device() {
+            return fail(
+                ErrorCode::WrongState,
+                format!("{key:?} is {}, not mapped", entry.saved.state),
+            );
+        }
+        self.transition(&key, |s| s.state = State::Unmapping)?;
+        let device = self.entries[&key].saved.device.clone();
+        Ok(UnmapTarget { key, device })
+    }
+
+    pub fn unmap_done(&mut self, key: &str) -> Result<(), CtlError> {
+        let entry = self.entry(None, key)?;
+        if entry.saved.state != State::Unmapping {
+            return fail(
+                ErrorCode::WrongState,
+                format!("{key:?} is {}, not unmapping", entry.saved.state),
+            );
+        }
+        self.transition(key, |s| {
+            s.state = State::Created;
+            s.device = None;
+        })?;
+        tracing::info!(backstore = %key, "unmapped");
+        Ok(())
+    }
+
+    /// Mapped backstores whose IO connections have all gone are dead: the
+    /// kernel still holds the device but nothing serves it.
+    pub fn reap_dead(&mut self) {
+        let dead: Vec<String> = self
+            .entries
+            .values()
+            .filter(|e| e.saved.state == State::Mapped)
+            .filter(|e| {
+                e.export
+                    .as_ref()
+                    .is_some_and(|x| total(&connections(x)) == 0)
+            })
+            .map(|e| e.saved.key.clone())
+            .collect();
+        for key in dead {
+            tracing::warn!(backstore = %key, "all IO connections dropped while mapped; now dead");
+            if let Err(e) = self.transition(&key, |s| s.state = State::Dead) {
+                tracing::error!(error = %e, "cannot record dead backstore");
+            }
+        }
+    }
+
+    pub fn list(&self, handler: Option<Handler>, filter: ListFilter) -> Vec<BackstoreInfo> {
+        self.entries
+            .values()
+            .filter(|e| handler.is_none_or(|h| h == e.saved.handler))
+            .filter(|e| filter.matches(e.saved.state))
+            .map(describe)
+            .collect()
+    }
+
+    pub fn info(&self, key: &str) -> Result<BackstoreInfo, CtlError> {
+        Ok(describe(self.entry(None, key)?))
+    }
+
+    pub fn stats(&self, key: &str) -> Result<StatsReport, CtlError> {
+        let entry = self.entry(None, key)?;
+        let Some(export) = &entry.export else {
+            return fail(ErrorCode::Backend, format!("{key:?} is not open"));
+        };
+        let uptime = export.opened.elapsed().as_secs_f64().max(1e-9);
+        let snap = export.stats.snapshot();
+        let ops = snap
+            .ops
+            .iter()
+            .filter(|(_, s)| s.count() > 0)
+            .map(|(op, s)| {
+                let us = |q: f64| s.latency_ns.value_at_quantile(q) as f64 / 1000.0;
+                OpReport {
+                    op: op.name().to_owned(),
+                    count: s.count(),
+                    errors: s.errors,
+                    bytes: s.bytes,
+                    iops: s.count() as f64 / uptime,
+                    p50_us: us(0.5),
+                    p90_us: us(0.9),
+                    p99_us: us(0.99),
+                    p999_us: us(0.999),
+                    max_us: s.latency_ns.max() as f64 / 1000.0,
+                }
+            })
+            .collect();
+        Ok(StatsReport {
+            key: key.to_owned(),
+            uptime_secs: uptime,
+            ops,
+            connections: connections(export),
+        })
+    }
+}
+
+fn connections(export: &Export) -> Vec<ShardConnections> {
+    export
+        .stats
+        .snapshot_connections()
+        .into_iter()
+        .enumerate()
+        .map(|(shard, connections)| ShardConnections {
+            shard: shard as u32,
+            connections,
+        })
+        .collect()
+}
+
+fn total(c: &[ShardConnections]) -> u64 {
+    c.iter().map(|s| s.connections).sum()
+}
+
+fn describe(e: &Entry) -> BackstoreInfo {
+    let (flags, mode, read_only) = match &e.export {
+        Some(x) => {
+            let caps = x.backend.capabilities();
+            (caps.transmission_flags(), x.backend.mode(), caps.read_only)
+        }
+        None => (0, String::new(), false),
+    };
+    BackstoreInfo {
+        key: e.saved.key.clone(),
+        handler: e.saved.handler,
+        size: e.saved.size,
+        state: e.saved.state,
+        device: e.saved.device.clone(),
+        read_only,
+        flags,
+        mode,
+        error: e.error.clone(),
+        connections: e.export.as_deref().map(connections).unwrap_or_default(),
+        options: e.saved.options.clone(),
+    }
+}
+
+/// The kernel's BACKEND_IDENTIFIER for a backstore.
+fn cookie(s: &SavedBackstore) -> String {
+    format!("nbd-runner:{}", s.id)
+}
+
+/// 128 random bits, hex.
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    assert_eq!(n, b.len() as isize, "getrandom failed");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::CreateRequest;
+
+    fn registry(dir: &std::path::Path) -> Registry {
+        let (store, cfg) = StateStore::open(dir).unwrap();
+        let io = IoRoute {
+            host: String::new(),
+            port: 24111,
+            shards: 2,
+        };
+        Registry::load(store, cfg, Arc::new(ExportTable::new(2)), io).unwrap()
+    }
+
+    fn create(
+        reg: &mut Registry,
+        handler: Handler,
+        key: &str,
+        size: u64,
+    ) -> Result<BackstoreInfo, CtlError> {
+        reg.create(CreateRequest {
+            handler,
+            key: key.into(),
+            size,
+            prealloc: false,
+            options: BTreeMap::new(),
+        })
+    }
+
+    fn state(reg: &Registry, key: &str) -> State {
+        reg.info(key).unwrap().state
+    }
+
+    #[test]
+    fn full_life_cycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reg = registry(dir.path());
+        let info = create(&mut reg, Handler::Mem, "disk0", 1 << 20).unwrap();
+        assert_eq!((info.state, info.size), (State::Created, 1 << 20));
+        assert_eq!(
+            create(&mut reg, Handler::File, "disk0", 1)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            create(&mut reg, Handler::Mem, "disk0", 1).unwrap_err().code,
+            ErrorCode::Exists
+        );
+
+        let wrong = reg.map_begin(Handler::File, "disk0").unwrap_err();
+        assert!(wrong.message.contains("mem backstore"), "{wrong}");
+        let target = reg.map_begin(Handler::Mem, "disk0").unwrap();
+        assert!(target.cookie.starts_with("nbd-runner:"));
+        assert_eq!(
+            (target.io_port, target.shards, target.reattach),
+            (24111, 2, None)
+        );
+        assert_eq!(state(&reg, "disk0"), State::Mapping);
+        assert_eq!(
+            reg.map_begin(Handler::Mem, "disk0").unwrap_err().code,
+            ErrorCode::WrongState
+        );
+        reg.map_done("disk0", "/dev/nbd3").unwrap();
+        assert_eq!(state(&reg, "disk0"), State::Mapped);
+        assert_eq!(reg.list(None, ListFilter::Live).len(), 1);
+        assert_eq!(reg.list(None, ListFilter::Create).len(), 0);
+
+        let refused = reg.delete(Handler::Mem, "disk0").unwrap_err();
+        assert!(refused.message.contains("/dev/nbd3"), "{refused}");
+        let u = reg.unmap_begin(Handler::Mem, "/dev/nbd3").unwrap();
+        assert_eq!(
+            (u.key.as_str(), u.device.as_deref()),
+            ("disk0", Some("/dev/nbd3"))
+        );
+        reg.unmap_done("disk0").unwrap();
+        assert_eq!(reg.info("disk0").unwrap().device, None);
+        assert_eq!(
+            reg.unmap_begin(Handler::Mem, "disk0").unwrap_err().code,
+            ErrorCode::WrongState
+        );
+        reg.delete(Handler::Mem, "disk0").unwrap();
+        assert_eq!(reg.info("disk0").unwrap_err().code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn restart_brings_everything_back_and_mapped_ones_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img.raw");
+        let img = img.to_str().unwrap();
+        let state_dir = dir.path().join("state");
+        let cookie = {
+            let mut reg = registry(&state_dir);
+            create(&mut reg, Handler::File, img, 4 << 20).unwrap();
+            create(&mut reg, Handler::Mem, "scratch", 1 << 20).unwrap();
+            let t = reg.map_begin(Handler::File, img).unwrap();
+            reg.map_done(img, "/dev/nbd0").unwrap();
+            t.cookie
+        };
+        let mut reg = registry(&state_dir);
+        assert_eq!(state(&reg, img), State::Dead);
+        assert_eq!(state(&reg, "scratch"), State::Created);
+        assert_eq!(reg.list(None, ListFilter::Dead).len(), 1);
+        assert!(reg.info(img).unwrap().error.is_none());
+        let again = reg.map_begin(Handler::File, img).unwrap();
+        assert_eq!(again.cookie, cookie, "the cookie must survive restarts");
+        assert_eq!(again.reattach.as_deref(), Some("/dev/nbd0"));
+        // An aborted reattach leaves it dead, not forgotten.
+        reg.map_abort(img, "test").unwrap();
+        assert_eq!(state(&reg, img), State::Dead);
+    }
+
+    #[test]
+    fn delete_removes_only_storage_it_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours.raw");
+        let adopted = dir.path().join("adopted.raw");
+        std::fs::write(&adopted, vec![7u8; 8192]).unwrap();
+        let mut reg = registry(&dir.path().join("state"));
+        let (o, a) = (ours.to_str().unwrap(), adopted.to_str().unwrap());
+        create(&mut reg, Handler::File, o, 8192).unwrap();
+        let mismatch = create(&mut reg, Handler::File, a, 4096).unwrap_err();
+        assert!(mismatch.message.contains("8192"), "{mismatch}");
+        create(&mut reg, Handler::File, a, 8192).unwrap();
+        reg.delete(Handler::File, o).unwrap();
+        reg.delete(Handler::File, a).unwrap();
+        assert!(!ours.exists());
+        assert_eq!(std::fs::read(&adopted).unwrap(), vec![7u8; 8192]);
+    }
+
+    #[test]
+    fn unavailable_handlers_and_bad_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reg = registry(dir.path());
+        let e = create(&mut reg, Handler::Gluster, "vol/img", 1 << 20).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        assert!(e.message.contains("gluster"));
+        assert_eq!(
+            create(&mut reg, Handler::Mem, "a/b", 1).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            create(&mut reg, Handler::Mem, "z", 0).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+        assert!(reg.list(None, ListFilter::All).is_empty());
+    }
+}

@@ -1,0 +1,312 @@
+//! `saveconfig.json`: every backstore the runner knows, kept across restarts.
+//!
+//! One JSON document with a schema version, replaced atomically (temp file,
+//! fsync, rename, fsync of the directory) so a crash leaves either the old or
+//! the new document, never a torn one. The file is 0600 and the state
+//! directory is locked (flock) so two runners cannot share it. A file that
+//! cannot be read is reported, naming it, and never overwritten.
+
+use crate::model::{Handler, State};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+pub const FILE_NAME: &str = "saveconfig.json";
+const LOCK_NAME: &str = "saveconfig.lock";
+const TMP_PREFIX: &str = "saveconfig.json.tmp";
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum PersistError {
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is unreadable: {reason}; fix or move it aside (nbd-runner will not overwrite it)"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path} has schema {found}, this nbd-runner reads schema {SCHEMA_VERSION}; refusing to touch it")]
+    Schema { path: PathBuf, found: u32 },
+    #[error("state directory {0} is in use by another nbd-runner")]
+    Locked(PathBuf),
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> PersistError {
+    let path = path.to_owned();
+    move |source| PersistError::Io { path, op, source }
+}
+
+/// One backstore as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBackstore {
+    pub key: String,
+    pub handler: Handler,
+    pub size: u64,
+    pub state: State,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Random, fixed at create: the kernel's BACKEND_IDENTIFIER cookie.
+    pub id: String,
+    /// Created by us (so `delete` may remove its storage), not adopted.
+    pub owned: bool,
+    #[serde(default)]
+    pub prealloc: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveConfig {
+    pub schema: u32,
+    pub backstores: Vec<SavedBackstore>,
+}
+
+impl Default for SaveConfig {
+    fn default() -> Self {
+        SaveConfig {
+            schema: SCHEMA_VERSION,
+            backstores: Vec::new(),
+        }
+    }
+}
+
+impl SaveConfig {
+    /// What a restart means: a device the kernel may still hold has lost its
+    /// server, so it is dead until reattached; an unfinished map never happened.
+    pub fn after_restart(mut self) -> Self {
+        for b in &mut self.backstores {
+            b.state = match (b.state, &b.device) {
+                (State::Created, _) => State::Created,
+                (_, Some(_)) => State::Dead,
+                (_, None) => State::Created,
+            };
+        }
+        self
+    }
+}
+
+/// The locked state directory.
+pub struct StateStore {
+    dir: PathBuf,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl StateStore {
+    /// Locks `dir` (creating it 0700 if missing) and loads its document.
+    pub fn open(dir: &Path) -> Result<(StateStore, SaveConfig), PersistError> {
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir, "create state directory"))?;
+        }
+        let lock_path = dir.join(LOCK_NAME);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path, "open lock"))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(PersistError::Locked(dir.to_owned()));
+        }
+        let store = StateStore {
+            dir: dir.to_owned(),
+            path: dir.join(FILE_NAME),
+            _lock: lock,
+        };
+        store.remove_stale_temps();
+        let cfg = store.load()?;
+        Ok((store, cfg))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn load(&self) -> Result<SaveConfig, PersistError> {
+        let text = match fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SaveConfig::default()),
+            Err(e) => return Err(io_err(&self.path, "read")(e)),
+        };
+        let corrupt = |reason: String| PersistError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        };
+        // Read the schema first so a newer file is named as such, not as corrupt.
+        #[derive(Deserialize)]
+        struct Schema {
+            schema: u32,
+        }
+        let schema: Schema = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+        if schema.schema != SCHEMA_VERSION {
+            return Err(PersistError::Schema {
+                path: self.path.clone(),
+                found: schema.schema,
+            });
+        }
+        let cfg: SaveConfig = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+        let mut seen = std::collections::HashSet::new();
+        for b in &cfg.backstores {
+            b.handler.check_key(&b.key).map_err(corrupt)?;
+            if !seen.insert(&b.key) {
+                return Err(corrupt(format!("backstore {:?} appears twice", b.key)));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Replaces the document atomically.
+    pub fn save(&self, cfg: &SaveConfig) -> Result<(), PersistError> {
+        let tmp = self
+            .dir
+            .join(format!("{TMP_PREFIX}.{}", std::process::id()));
+        let mut body = serde_json::to_vec_pretty(cfg).expect("state serialises");
+        body.push(b'\n');
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err(&tmp, "create"))?;
+            // An existing temp file keeps its mode; secrets may be in here.
+            f.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(io_err(&tmp, "chmod"))?;
+            f.write_all(&body).map_err(io_err(&tmp, "write"))?;
+            f.sync_all().map_err(io_err(&tmp, "fsync"))?;
+            fs::rename(&tmp, &self.path).map_err(io_err(&self.path, "rename"))?;
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&self.dir, "fsync directory"))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Temp files left by a crash mid-save; the lock says they are ours.
+    fn remove_stale_temps(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(key: &str, state: State, device: Option<&str>) -> SavedBackstore {
+        SavedBackstore {
+            key: key.into(),
+            handler: Handler::Mem,
+            size: 1 << 20,
+            state,
+            device: device.map(Into::into),
+            id: "0123abcd".into(),
+            owned: true,
+            prealloc: false,
+            options: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn save_then_load_round_trips_with_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SaveConfig {
+            schema: SCHEMA_VERSION,
+            backstores: vec![sample("a", State::Created, None)],
+        };
+        {
+            let (store, loaded) = StateStore::open(dir.path()).unwrap();
+            assert_eq!(loaded, SaveConfig::default());
+            store.save(&cfg).unwrap();
+            let mode = fs::metadata(store.path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let (_, loaded) = StateStore::open(dir.path()).unwrap();
+        assert_eq!(loaded, cfg);
+    }
+
+    #[test]
+    fn a_second_runner_cannot_take_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = StateStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            StateStore::open(dir.path()),
+            Err(PersistError::Locked(_))
+        ));
+    }
+
+    #[test]
+    fn corrupt_truncated_and_future_files_are_named_and_kept() {
+        let cases: [(&str, &str); 4] = [
+            ("{\"schema\":1,\"backstores\":[{\"key\":", "unreadable"),
+            ("not json at all", "unreadable"),
+            ("{\"schema\":9,\"backstores\":[]}", "schema 9"),
+            (
+                "{\"schema\":1,\"backstores\":[{\"key\":\"rel\",\"handler\":\"file\",\"size\":1,\"state\":\"created\",\"id\":\"x\",\"owned\":true}]}",
+                "absolute path",
+            ),
+        ];
+        for (text, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(FILE_NAME);
+            fs::write(&path, text).unwrap();
+            let err = StateStore::open(dir.path()).err().expect(text).to_string();
+            assert!(err.contains(path.to_str().unwrap()), "{err}");
+            assert!(err.contains(want), "{err}");
+            assert_eq!(fs::read_to_string(&path).unwrap(), text, "file was touched");
+        }
+    }
+
+    #[test]
+    fn stale_temp_files_from_a_crash_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(format!("{TMP_PREFIX}.12345"));
+        fs::write(&stale, "{half").unwrap();
+        let _store = StateStore::open(dir.path()).unwrap();
+        assert!(!stale.exists());
+    }
+
+    #[test]
+    fn restart_marks_mapped_devices_dead() {
+        let cfg = SaveConfig {
+            schema: SCHEMA_VERSION,
+            backstores: vec![
+                sample("a", State::Created, None),
+                sample("b", State::Mapped, Some("/dev/nbd0")),
+                sample("c", State::Mapping, None),
+                sample("d", State::Unmapping, Some("/dev/nbd1")),
+            ],
+        }
+        .after_restart();
+        let states: Vec<State> = cfg.backstores.iter().map(|b| b.state).collect();
+        assert_eq!(
+            states,
+            [State::Created, State::Dead, State::Created, State::Dead]
+        );
+    }
+}

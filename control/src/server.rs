@@ -1,0 +1,272 @@
+//! The control route: TCP on `--rpchost:--rpcport` and a unix socket (0600)
+//! in the state directory. Control traffic is rare and small, so it runs on
+//! plain threads, away from the IO shards.
+//!
+//! Access: peers on loopback and on the unix socket are trusted; any other
+//! peer must present the shared token, or it is refused and logged.
+
+use crate::registry::{CtlError, Registry};
+use crate::wire::{
+    read_frame, write_frame, ErrorCode, Hello, HelloReply, HelloStatus, Request, Response,
+    WireError, PROTOCOL_VERSION,
+};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Concurrent control connections; more are refused with `Busy`.
+const MAX_CLIENTS: usize = 64;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct ControlConfig {
+    pub tcp: SocketAddr,
+    pub unix: Option<PathBuf>,
+    /// Required from non-loopback peers.
+    pub token: Option<String>,
+}
+
+pub struct ControlServer {
+    pub tcp_addr: SocketAddr,
+    pub unix_path: Option<PathBuf>,
+}
+
+struct Shared {
+    registry: Arc<Mutex<Registry>>,
+    token: Option<String>,
+    clients: AtomicUsize,
+}
+
+/// Binds both listeners and serves them on background threads until
+/// `stop` is set.
+pub fn start(
+    cfg: ControlConfig,
+    registry: Arc<Mutex<Registry>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<ControlServer> {
+    let tcp = TcpListener::bind(cfg.tcp)?;
+    let tcp_addr = tcp.local_addr()?;
+    let shared = Arc::new(Shared {
+        registry: registry.clone(),
+        token: cfg.token,
+        clients: AtomicUsize::new(0),
+    });
+    let unix = match &cfg.unix {
+        Some(path) => Some(bind_unix(path)?),
+        None => None,
+    };
+    spawn_named("nbd-ctl-tcp", {
+        let shared = shared.clone();
+        move || {
+            for stream in tcp.incoming().flatten() {
+                let peer = stream.peer_addr().ok();
+                let trusted = peer.is_some_and(|p| p.ip().is_loopback());
+                let label = peer.map_or("tcp:?".into(), |p| p.to_string());
+                serve_in_thread(shared.clone(), stream, label, trusted);
+            }
+        }
+    })?;
+    if let Some(listener) = unix {
+        let shared = shared.clone();
+        spawn_named("nbd-ctl-unix", move || {
+            for stream in listener.incoming().flatten() {
+                serve_in_thread(shared.clone(), stream, "unix".into(), true);
+            }
+        })?;
+    }
+    spawn_named("nbd-ctl-reaper", move || {
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(500));
+            lock(&registry).reap_dead();
+        }
+    })?;
+    Ok(ControlServer {
+        tcp_addr,
+        unix_path: cfg.unix,
+    })
+}
+
+fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+}
+
+fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    // A socket file left by a killed runner; the state-dir lock says it is ours.
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn lock(r: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+trait Conn: Read + Write + Send + 'static {
+    fn set_timeout(&self, t: Duration);
+}
+
+impl Conn for TcpStream {
+    fn set_timeout(&self, t: Duration) {
+        let _ = self.set_read_timeout(Some(t));
+        let _ = self.set_write_timeout(Some(t));
+    }
+}
+
+impl Conn for UnixStream {
+    fn set_timeout(&self, t: Duration) {
+        let _ = self.set_read_timeout(Some(t));
+        let _ = self.set_write_timeout(Some(t));
+    }
+}
+
+fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, trusted: bool) {
+    if shared.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+        shared.clients.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(%peer, "control route busy; refusing");
+        let _ =
+            stream.write_all(&reply(HelloStatus::Busy, "too many control connections").encode());
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("nbd-ctl-conn".into())
+        .spawn({
+            let shared = shared.clone();
+            move || {
+                if let Err(e) = serve(&shared, &mut stream, &peer, trusted) {
+                    tracing::debug!(%peer, error = %e, "control connection ended");
+                }
+                shared.clients.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
+    if spawned.is_err() {
+        shared.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn reply(status: HelloStatus, message: &str) -> HelloReply {
+    HelloReply {
+        version: PROTOCOL_VERSION,
+        status,
+        message: message.to_owned(),
+    }
+}
+
+fn serve<C: Conn>(
+    shared: &Shared,
+    stream: &mut C,
+    peer: &str,
+    trusted: bool,
+) -> Result<(), WireError> {
+    stream.set_timeout(HELLO_TIMEOUT);
+    let hello = match Hello::read_from(stream) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "refused control connection: bad hello");
+            return Err(e);
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        let msg = format!(
+            "control protocol mismatch: nbd-cli speaks version {}, this nbd-runner speaks {PROTOCOL_VERSION}; use matching releases",
+            hello.version
+        );
+        tracing::warn!(%peer, "{msg}");
+        stream.write_all(&reply(HelloStatus::VersionMismatch, &msg).encode())?;
+        return Ok(());
+    }
+    if !trusted && !token_ok(shared.token.as_deref(), hello.token.as_deref()) {
+        tracing::warn!(%peer, "refused control connection: missing or wrong token");
+        stream.write_all(
+            &reply(
+                HelloStatus::Unauthorized,
+                "access denied: this runner requires its token (nbd-cli --token-file)",
+            )
+            .encode(),
+        )?;
+        return Ok(());
+    }
+    stream.write_all(&reply(HelloStatus::Welcome, env!("CARGO_PKG_VERSION")).encode())?;
+    stream.set_timeout(IDLE_TIMEOUT);
+    loop {
+        let request: Request = match read_frame(stream) {
+            Ok(r) => r,
+            Err(WireError::Closed) => return Ok(()),
+            Err(WireError::Decode(e)) => {
+                // The frame was consumed whole, so the stream is still in sync.
+                tracing::warn!(%peer, error = %e, "undecodable control request");
+                let msg = format!("undecodable request: {e}");
+                write_frame(stream, &error(ErrorCode::InvalidArgument, msg))?;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "bad control frame; closing");
+                let _ = write_frame(stream, &error(ErrorCode::InvalidArgument, e.to_string()));
+                return Err(e);
+            }
+        };
+        tracing::debug!(%peer, ?request, "control request");
+        let response = dispatch(&shared.registry, request);
+        write_frame(stream, &response)?;
+    }
+}
+
+fn error(code: ErrorCode, message: String) -> Response {
+    Response::Error { code, message }
+}
+
+/// Compares without an early exit, so timing does not leak the token.
+fn token_ok(want: Option<&str>, got: Option<&str>) -> bool {
+    let (Some(want), Some(got)) = (want, got) else {
+        return false;
+    };
+    let (a, b) = (want.as_bytes(), got.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0)) as usize;
+    }
+    diff == 0
+}
+
+fn dispatch(registry: &Mutex<Registry>, request: Request) -> Response {
+    let mut reg = lock(registry);
+    let result: Result<Response, CtlError> = match request {
+        Request::Create(req) => reg.create(req).map(Response::Backstore),
+        Request::Delete { handler, key } => reg.delete(handler, &key).map(|()| Response::Done),
+        Request::MapBegin { handler, key } => reg.map_begin(handler, &key).map(Response::Map),
+        Request::MapDone { key, device } => reg.map_done(&key, &device).map(|()| Response::Done),
+        Request::MapAbort { key, reason } => reg.map_abort(&key, &reason).map(|()| Response::Done),
+        Request::UnmapBegin { handler, target } => {
+            reg.unmap_begin(handler, &target).map(Response::Unmap)
+        }
+        Request::UnmapDone { key } => reg.unmap_done(&key).map(|()| Response::Done),
+        Request::List { handler, filter } => Ok(Response::List(reg.list(handler, filter))),
+        Request::Info { key } => reg.info(&key).map(Response::Backstore),
+        Request::Stats { key } => reg.stats(&key).map(Response::Stats),
+    };
+    result.unwrap_or_else(|e| error(e.code, e.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_ok(Some("abc"), Some("abc")));
+        assert!(!token_ok(Some("abc"), Some("abd")));
+        assert!(!token_ok(Some("abc"), Some("abcd")));
+        assert!(!token_ok(Some("abc"), None));
+        assert!(!token_ok(None, Some("abc")));
+    }
+}
