@@ -65,6 +65,8 @@ pub enum HandshakeError {
     UnknownExport(String),
     #[error("client aborted the handshake")]
     Aborted,
+    #[error("server is shutting down")]
+    ShuttingDown,
     #[error("handshake is over")]
     Finished,
     #[error("wrong input size: wanted {want}, got {got}")]
@@ -214,7 +216,10 @@ impl Handshake {
         let len = get_u32(input, 12);
         if len > MAX_OPTION_LEN {
             // Answer, then close: skipping gigabytes would only feed the attacker.
-            self.reply_error(option, REP_ERR_TOO_BIG, "option too long");
+            // EXPORT_NAME has no error reply: the only refusal is hanging up.
+            if option != OPT_EXPORT_NAME {
+                self.reply_error(option, REP_ERR_TOO_BIG, "option too long");
+            }
             return Err(HandshakeError::OptionTooBig(len));
         }
         self.state = State::OptionData { option, len };
@@ -227,6 +232,10 @@ impl Handshake {
         data: &[u8],
         catalog: &dyn ExportCatalog,
     ) -> Result<(), HandshakeError> {
+        if self.shutting_down && option == OPT_EXPORT_NAME {
+            // No option reply can answer EXPORT_NAME; hang up instead.
+            return Err(HandshakeError::ShuttingDown);
+        }
         if self.shutting_down && option != OPT_ABORT {
             self.reply_error(option, REP_ERR_SHUTDOWN, "server is shutting down");
             return Ok(());
@@ -350,6 +359,10 @@ impl Handshake {
     }
 
     fn on_meta_context(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) {
+        if option == OPT_SET_META_CONTEXT {
+            // SET replaces the earlier selection, even when it fails.
+            self.meta_export = None;
+        }
         if option == OPT_SET_META_CONTEXT && !self.structured {
             self.reply_error(
                 option,
@@ -366,20 +379,23 @@ impl Handshake {
             self.reply_error(option, REP_ERR_UNKNOWN, "no such export");
             return;
         };
+        let list = option == OPT_LIST_META_CONTEXT;
         let matches = if queries.is_empty() {
             // LIST with no queries lists all; SET with none selects none.
-            option == OPT_LIST_META_CONTEXT
+            list
         } else {
+            // "base:" is a wildcard for LIST only; SET must ignore it.
             queries
                 .iter()
-                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
+                .any(|q| q == META_BASE_ALLOCATION || list && q == "base:")
         };
         if option == OPT_SET_META_CONTEXT {
             self.meta_export = matches.then_some(export.name);
         }
         if matches {
             let mut body = Vec::with_capacity(4 + META_BASE_ALLOCATION.len());
-            put_u32(&mut body, META_ID_BASE_ALLOCATION);
+            // The id in LIST replies is reserved and should be zero.
+            put_u32(&mut body, if list { 0 } else { META_ID_BASE_ALLOCATION });
             body.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
             self.reply(option, REP_META_CONTEXT, &body);
         }

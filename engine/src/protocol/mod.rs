@@ -4,6 +4,8 @@
 
 pub mod consts;
 pub mod errno;
+#[cfg(test)]
+mod fuzz_smoke_tests;
 pub mod handshake;
 pub mod reply;
 pub mod request;

@@ -111,15 +111,17 @@ impl Session {
 /// Checks a header against the session (DESIGN §7). On error, the caller
 /// still has to consume `payload_len()` bytes to stay in sync.
 pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Errno> {
-    let allowed = match h.kind {
-        CMD_READ => CMD_FLAG_DF,
-        CMD_WRITE => CMD_FLAG_FUA,
-        CMD_TRIM => CMD_FLAG_FUA,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-        CMD_FLUSH | CMD_CACHE | CMD_DISC => 0,
-        _ => return Err(Errno::Inval),
-    };
+    // FUA is valid on every command once SEND_FUA is advertised (the spec:
+    // "the server MUST accept all commands with this bit set"); commands
+    // that write nothing ignore it.
+    let allowed = CMD_FLAG_FUA
+        | match h.kind {
+            CMD_READ => CMD_FLAG_DF,
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            CMD_WRITE | CMD_TRIM | CMD_FLUSH | CMD_CACHE | CMD_DISC => 0,
+            _ => return Err(Errno::Inval),
+        };
     if h.flags & !allowed != 0 {
         return Err(Errno::Inval);
     }
