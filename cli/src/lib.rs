@@ -1,3 +1,9 @@
 //! Shared pieces of the nbd-runner and nbd-cli binaries.
 
+pub mod cli_args;
+pub mod cli_output;
+pub mod kernel;
+pub mod map;
 pub mod runner_args;
+pub mod runner_control;
+pub mod token;

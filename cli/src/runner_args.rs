@@ -32,9 +32,13 @@ pub struct RunnerArgs {
     /// IO shards, one pinned core each [default: number of CPUs].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
-    /// Directory holding saveconfig.json.
+    /// Directory holding saveconfig.json, the control socket and the token.
     #[arg(long, default_value = "/etc/nbd-runner")]
     pub state_dir: PathBuf,
+    /// Shared secret nbd-cli must present over TCP [default: STATE_DIR/token,
+    /// created and required when rpchost is not loopback].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// Serve a backstore from startup: HANDLER:KEY[,size=SIZE][,readonly],
     /// e.g. mem:disk0,size=1G or file:/var/lib/img/a.raw,size=10G. Repeatable.
     #[arg(long = "export", value_name = "SPEC")]
@@ -66,6 +70,7 @@ const KEYWORDS: &[(&str, bool)] = &[
     ("ioport", true),
     ("state-dir", true),
     ("export", true),
+    ("token-file", true),
 ];
 
 /// Rewrites keyword forms into flags, leaving values untouched.

@@ -32,8 +32,8 @@ impl Handler {
         match self {
             Handler::Gluster => "VOLUME/FILEPATH",
             Handler::Ceph => "POOL/IMAGE",
-            Handler::File => "an absolute path",
-            Handler::Mem => "a name without '/'",
+            Handler::File => "/ABSOLUTE/PATH",
+            Handler::Mem => "NAME",
         }
     }
 

@@ -2,8 +2,9 @@
 //! in the state directory. Control traffic is rare and small, so it runs on
 //! plain threads, away from the IO shards.
 //!
-//! Access: peers on loopback and on the unix socket are trusted; any other
-//! peer must present the shared token, or it is refused and logged.
+//! Access: with a token configured (the runner listens beyond loopback),
+//! every TCP peer must present it, loopback included, or it is refused and
+//! logged; the unix socket (0600) is for local administrators only.
 
 use crate::registry::{CtlError, Registry};
 use crate::wire::{
@@ -27,7 +28,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct ControlConfig {
     pub tcp: SocketAddr,
     pub unix: Option<PathBuf>,
-    /// Required from non-loopback peers.
+    /// Required from every TCP peer when set.
     pub token: Option<String>,
 }
 
@@ -63,10 +64,9 @@ pub fn start(
     spawn_named("nbd-ctl-tcp", {
         let shared = shared.clone();
         move || {
+            let trusted = shared.token.is_none();
             for stream in tcp.incoming().flatten() {
-                let peer = stream.peer_addr().ok();
-                let trusted = peer.is_some_and(|p| p.ip().is_loopback());
-                let label = peer.map_or("tcp:?".into(), |p| p.to_string());
+                let label = stream.peer_addr().map_or("tcp:?".into(), |p| p.to_string());
                 serve_in_thread(shared.clone(), stream, label, trusted);
             }
         }

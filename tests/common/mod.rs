@@ -14,6 +14,10 @@ pub struct Runner {
     pub child: Child,
     /// IO route as HOST:PORT.
     pub addr: String,
+    /// Control route as HOST:PORT.
+    pub rpc: String,
+    /// The state directory, unless the test gave its own.
+    pub state: Option<tempfile::TempDir>,
 }
 
 impl Runner {
@@ -27,7 +31,13 @@ impl Runner {
     }
 
     pub fn start_with(extra: &[&str]) -> Runner {
+        // Each runner gets its own state directory unless the test names one.
+        let state = (!extra.contains(&"--state-dir")).then(scratch);
+        let state_arg = state.as_ref().map(|d| path_str(d.path()).to_owned());
         let mut args: Vec<&str> = Vec::new();
+        if let Some(dir) = &state_arg {
+            args.extend(["--state-dir", dir]);
+        }
         for (flag, default) in [
             ("--iohost", "127.0.0.1"),
             ("--ioport", "0"),
@@ -52,14 +62,21 @@ impl Runner {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let addr = match line.trim().strip_prefix("nbd-runner ready io=") {
-            Some(a) => a.to_owned(),
-            None => {
-                let status = child.wait().unwrap();
-                panic!("nbd-runner did not start ({status}); first line {line:?}");
-            }
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_owned)
         };
-        Runner { child, addr }
+        let (Some(addr), Some(rpc)) = (field("io="), field("rpc=")) else {
+            let status = child.wait().unwrap();
+            panic!("nbd-runner did not start ({status}); first line {line:?}");
+        };
+        Runner {
+            child,
+            addr,
+            rpc,
+            state,
+        }
     }
 
     /// nbd URI of an export. The name is everything after the first '/', so

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use nbd_cli::runner_args::{normalize, RunnerArgs};
+use nbd_cli::runner_control;
 use nbd_engine::export::ExportTable;
 use nbd_engine::server::{self, EngineConfig, Limits, Shutdown};
 use std::io::{IsTerminal, Write};
@@ -51,7 +52,9 @@ fn run() -> Result<()> {
 
     let listener = server::bind(args.io_addr())?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    tracing::info!(io = %addr, rpc = %format!("{}:{}", args.rpchost, args.rpcport), threads, state_dir = %args.state_dir.display(), "nbd-runner started");
+    let control = runner_control::start(&args, table.clone(), addr, threads, shutdown.flag())?;
+    let rpc = control.tcp_addr;
+    tracing::info!(io = %addr, %rpc, threads, state_dir = %args.state_dir.display(), "nbd-runner started");
     server::run(
         listener,
         EngineConfig {
@@ -63,7 +66,7 @@ fn run() -> Result<()> {
         || {
             // One machine-readable line for scripts and tests.
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "nbd-runner ready io={addr}");
+            let _ = writeln!(out, "nbd-runner ready io={addr} rpc={rpc}");
             let _ = out.flush();
         },
     )?;
@@ -73,6 +76,9 @@ fn run() -> Result<()> {
         if !report.is_empty() {
             tracing::info!(export = %export.name, "latency\n{report}");
         }
+    }
+    if let Some(sock) = &control.unix_path {
+        let _ = std::fs::remove_file(sock);
     }
     tracing::info!("nbd-runner stopped");
     Ok(())

@@ -117,7 +117,9 @@ mod tests {
             let mut third = Box::pin(Permit::acquire(&conn, &shard, 10));
             assert!(poll_once(&mut third).await.is_none(), "third fits");
             drop(a);
-            let _third = poll_once(&mut third).await.expect("released slot not reused");
+            let _third = poll_once(&mut third)
+                .await
+                .expect("released slot not reused");
             assert_eq!(conn.in_flight(), 2);
             assert_eq!(shard.in_flight(), 2);
         });

@@ -1,0 +1,391 @@
+//! nbd-cli's grammar: the seed's keyword forms exactly, with flag forms
+//! (`--size`, `--host`, `--json`, ...) accepted anywhere beside them.
+//!
+//! ```text
+//! nbd-cli <gluster|ceph|file|mem> create <KEY> [prealloc] size <SIZE> [host H]
+//! nbd-cli <handler> delete <KEY> [host H]
+//! nbd-cli <handler> map <KEY> [/dev/nbdX] [timeout T] [readonly] [connections N] [host H]
+//! nbd-cli <handler> unmap </dev/nbdX|KEY> [host H]
+//! nbd-cli <handler> list [map|unmap|create|dead|live|all] [host H]
+//! nbd-cli [<handler>] info|stats <KEY> [host H]
+//! nbd-cli help | version | <handler> help
+//! ```
+
+use nbd_control::model::{Handler, ListFilter};
+use nbd_engine::size::parse_size;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Global {
+    /// HOST, HOST:PORT, [V6]:PORT or a unix socket path.
+    pub host: Option<String>,
+    pub json: bool,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Help(Option<Handler>),
+    Version,
+    Create {
+        handler: Handler,
+        key: String,
+        size: u64,
+        prealloc: bool,
+    },
+    Delete {
+        handler: Handler,
+        key: String,
+    },
+    Map {
+        handler: Handler,
+        key: String,
+        device: Option<String>,
+        timeout: Option<u64>,
+        readonly: bool,
+        connections: Option<u32>,
+    },
+    Unmap {
+        handler: Handler,
+        target: String,
+    },
+    List {
+        handler: Option<Handler>,
+        filter: ListFilter,
+    },
+    Info {
+        key: String,
+    },
+    Stats {
+        key: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invocation {
+    pub global: Global,
+    pub command: Command,
+}
+
+/// Words after the command, with options pulled out as they are found.
+struct Words {
+    rest: Vec<String>,
+    global: Global,
+}
+
+impl Words {
+    /// Removes `keyword VALUE` or `--keyword VALUE` / `--keyword=VALUE`.
+    fn value(&mut self, name: &str) -> Result<Option<String>, String> {
+        let flag = format!("--{name}");
+        let prefix = format!("--{name}=");
+        let mut found = None;
+        let mut i = 0;
+        while i < self.rest.len() {
+            let w = &self.rest[i];
+            if let Some(v) = w.strip_prefix(&prefix) {
+                found = Some(v.to_owned());
+                self.rest.remove(i);
+            } else if *w == name || *w == flag {
+                if i + 1 >= self.rest.len() {
+                    return Err(format!("{name} needs a value"));
+                }
+                found = Some(self.rest.remove(i + 1));
+                self.rest.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes a bare `keyword` or `--keyword`.
+    fn switch(&mut self, name: &str) -> bool {
+        let flag = format!("--{name}");
+        let before = self.rest.len();
+        self.rest.retain(|w| *w != name && *w != flag);
+        self.rest.len() != before
+    }
+
+    fn positional(&mut self, what: &str) -> Result<String, String> {
+        if self.rest.is_empty() {
+            return Err(format!("missing {what}"));
+        }
+        let w = self.rest.remove(0);
+        if w.starts_with("--") {
+            return Err(format!("missing {what} (found option {w})"));
+        }
+        Ok(w)
+    }
+
+    fn done(self) -> Result<Global, String> {
+        match self.rest.first() {
+            Some(w) => Err(format!("unexpected argument {w:?}")),
+            None => Ok(self.global),
+        }
+    }
+}
+
+fn number<T: std::str::FromStr>(what: &str, v: Option<String>) -> Result<Option<T>, String> {
+    v.map(|s| {
+        s.parse()
+            .map_err(|_| format!("{what} must be a positive number, not {s:?}"))
+    })
+    .transpose()
+}
+
+/// Parses everything after the program name.
+pub fn parse(args: &[String]) -> Result<Invocation, String> {
+    let mut words = Words {
+        rest: args.to_vec(),
+        global: Global::default(),
+    };
+    words.global.host = words.value("host")?;
+    words.global.token_file = words.value("token-file")?.map(PathBuf::from);
+    words.global.json = words.switch("json");
+    if words.switch("--help") || words.switch("-h") {
+        let handler = words.rest.first().and_then(|w| w.parse().ok());
+        return Ok(Invocation {
+            global: words.global,
+            command: Command::Help(handler),
+        });
+    }
+    if words.switch("--version") || words.switch("-V") {
+        words.rest.insert(0, "version".into());
+    }
+    let first = words.positional("a command (try: nbd-cli help)")?;
+    let command = match first.as_str() {
+        "help" => Command::Help(None),
+        "version" => Command::Version,
+        "info" => Command::Info {
+            key: words.positional("KEY")?,
+        },
+        "stats" => Command::Stats {
+            key: words.positional("KEY")?,
+        },
+        "list" => list(&mut words, None)?,
+        h => {
+            let handler: Handler = h.parse()?;
+            handler_command(&mut words, handler)?
+        }
+    };
+    Ok(Invocation {
+        global: words.done()?,
+        command,
+    })
+}
+
+fn list(words: &mut Words, handler: Option<Handler>) -> Result<Command, String> {
+    let filter = match words.rest.first() {
+        Some(w) if !w.starts_with("--") => words.rest.remove(0).parse()?,
+        _ => ListFilter::All,
+    };
+    Ok(Command::List { handler, filter })
+}
+
+fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, String> {
+    let verb = words.positional(&format!(
+        "a {handler} command (create, delete, map, unmap, list, info, stats, help)"
+    ))?;
+    Ok(match verb.as_str() {
+        "help" => Command::Help(Some(handler)),
+        "create" => {
+            let size = words.value("size")?;
+            let prealloc = words.switch("prealloc");
+            let key = words.positional("KEY")?;
+            let size = size.ok_or("create needs size SIZE (e.g. size 10G)")?;
+            Command::Create {
+                handler,
+                key,
+                size: parse_size(&size).map_err(|e| e.to_string())?,
+                prealloc,
+            }
+        }
+        "delete" => Command::Delete {
+            handler,
+            key: words.positional("KEY")?,
+        },
+        "map" => {
+            let timeout = number("timeout", words.value("timeout")?)?;
+            let connections = number("connections", words.value("connections")?)?;
+            if connections == Some(0) {
+                return Err("connections must be at least 1".into());
+            }
+            let readonly = words.switch("readonly");
+            let mut device = words.value("device")?;
+            let key = words.positional("KEY")?;
+            if device.is_none() && words.rest.first().is_some_and(|w| w.starts_with("/dev/")) {
+                device = Some(words.rest.remove(0));
+            }
+            if let Some(d) = &device {
+                if crate::kernel::netlink::parse_device(d).is_none() {
+                    return Err(format!("bad device {d:?} (expected /dev/nbdN)"));
+                }
+            }
+            Command::Map {
+                handler,
+                key,
+                device,
+                timeout,
+                readonly,
+                connections,
+            }
+        }
+        "unmap" => Command::Unmap {
+            handler,
+            target: words.positional("/dev/nbdX or KEY")?,
+        },
+        "list" => list(words, Some(handler))?,
+        "info" => Command::Info {
+            key: words.positional("KEY")?,
+        },
+        "stats" => Command::Stats {
+            key: words.positional("KEY")?,
+        },
+        other => {
+            return Err(format!(
+                "unknown {handler} command {other:?} (try: nbd-cli {handler} help)"
+            ))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<Invocation, String> {
+        let args: Vec<String> = s.split_whitespace().map(String::from).collect();
+        parse(&args)
+    }
+
+    fn cmd(s: &str) -> Command {
+        p(s).unwrap_or_else(|e| panic!("{s}: {e}")).command
+    }
+
+    #[test]
+    fn seed_grammar() {
+        assert_eq!(
+            cmd("gluster create vol/a.img prealloc size 1.5G host 10.0.0.1"),
+            Command::Create {
+                handler: Handler::Gluster,
+                key: "vol/a.img".into(),
+                size: 3 << 29,
+                prealloc: true
+            }
+        );
+        assert_eq!(
+            p("file create /img/a size 10M host node1:9000")
+                .unwrap()
+                .global
+                .host
+                .as_deref(),
+            Some("node1:9000")
+        );
+        assert_eq!(
+            cmd("mem map disk0 /dev/nbd3 timeout 30 readonly connections 4"),
+            Command::Map {
+                handler: Handler::Mem,
+                key: "disk0".into(),
+                device: Some("/dev/nbd3".into()),
+                timeout: Some(30),
+                readonly: true,
+                connections: Some(4)
+            }
+        );
+        assert_eq!(
+            cmd("ceph unmap /dev/nbd0"),
+            Command::Unmap {
+                handler: Handler::Ceph,
+                target: "/dev/nbd0".into()
+            }
+        );
+        assert_eq!(
+            cmd("file delete /img/a"),
+            Command::Delete {
+                handler: Handler::File,
+                key: "/img/a".into()
+            }
+        );
+        assert_eq!(
+            cmd("gluster list dead"),
+            Command::List {
+                handler: Some(Handler::Gluster),
+                filter: ListFilter::Dead
+            }
+        );
+        assert_eq!(
+            cmd("mem list"),
+            Command::List {
+                handler: Some(Handler::Mem),
+                filter: ListFilter::All
+            }
+        );
+        assert_eq!(cmd("help"), Command::Help(None));
+        assert_eq!(cmd("ceph help"), Command::Help(Some(Handler::Ceph)));
+        assert_eq!(cmd("version"), Command::Version);
+    }
+
+    #[test]
+    fn flag_forms() {
+        let inv = p("--json --host [::1]:24110 mem create disk0 --size=1G --prealloc").unwrap();
+        assert!(inv.global.json);
+        assert_eq!(inv.global.host.as_deref(), Some("[::1]:24110"));
+        assert!(
+            matches!(inv.command, Command::Create { size, prealloc: true, .. } if size == 1 << 30)
+        );
+        assert_eq!(
+            cmd("mem map disk0 --device /dev/nbd1 --readonly"),
+            Command::Map {
+                handler: Handler::Mem,
+                key: "disk0".into(),
+                device: Some("/dev/nbd1".into()),
+                timeout: None,
+                readonly: true,
+                connections: None
+            }
+        );
+        assert_eq!(
+            cmd("info disk0"),
+            Command::Info {
+                key: "disk0".into()
+            }
+        );
+        assert_eq!(
+            cmd("mem stats disk0 --json"),
+            Command::Stats {
+                key: "disk0".into()
+            }
+        );
+        assert_eq!(cmd("--version"), Command::Version);
+        assert_eq!(
+            cmd("list live"),
+            Command::List {
+                handler: None,
+                filter: ListFilter::Live
+            }
+        );
+    }
+
+    #[test]
+    fn mistakes_get_one_line_reasons() {
+        for (input, want) in [
+            ("", "missing a command"),
+            ("nfs create x size 1G", "unknown handler"),
+            ("mem create disk0", "needs size"),
+            ("mem create disk0 size 12Q", "invalid size"),
+            ("mem create size 1G", "missing KEY"),
+            ("mem map disk0 connections 0", "at least 1"),
+            ("mem map disk0 timeout soon", "positive number"),
+            ("mem map disk0 /dev/sda", "bad device"),
+            ("mem map disk0 --device /dev/sda", "bad device"),
+            ("mem list sideways", "unknown list filter"),
+            ("mem frobnicate", "unknown mem command"),
+            ("mem delete a b", "unexpected argument"),
+            ("mem create a size", "size needs a value"),
+        ] {
+            let err = p(input).unwrap_err();
+            assert!(err.contains(want), "{input:?}: {err}");
+            assert!(!err.contains('\n'), "{input:?}: multi-line error");
+        }
+    }
+}

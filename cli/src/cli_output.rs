@@ -1,0 +1,184 @@
+//! What nbd-cli prints: aligned tables for people, JSON with `--json`.
+
+use nbd_control::model::{BackstoreInfo, ShardConnections, StatsReport};
+use nbd_engine::protocol::consts::*;
+
+/// 1073741824 → "1 GiB", 1610612736 → "1.5 GiB".
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut unit = 0;
+    let mut v = bytes as f64;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    let s = format!("{v:.2}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s} {}", UNITS[unit])
+}
+
+/// Names of the transmission flags that are set.
+pub fn flag_names(flags: u16) -> Vec<&'static str> {
+    [
+        (TF_READ_ONLY, "read-only"),
+        (TF_SEND_FLUSH, "flush"),
+        (TF_SEND_FUA, "fua"),
+        (TF_ROTATIONAL, "rotational"),
+        (TF_SEND_TRIM, "trim"),
+        (TF_SEND_WRITE_ZEROES, "write-zeroes"),
+        (TF_SEND_DF, "df"),
+        (TF_CAN_MULTI_CONN, "multi-conn"),
+        (TF_SEND_CACHE, "cache"),
+        (TF_SEND_FAST_ZERO, "fast-zero"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+pub fn list(items: &[BackstoreInfo]) -> String {
+    if items.is_empty() {
+        return "no backstores\n".into();
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|b| {
+            vec![
+                b.handler.to_string(),
+                b.key.clone(),
+                human_size(b.size),
+                b.state.to_string(),
+                b.device.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(&["HANDLER", "KEY", "SIZE", "STATE", "DEVICE"], &rows)
+}
+
+fn placement(c: &[ShardConnections]) -> String {
+    let total: u64 = c.iter().map(|s| s.connections).sum();
+    let per: Vec<String> = c
+        .iter()
+        .map(|s| format!("shard {}: {}", s.shard, s.connections))
+        .collect();
+    format!("{total} ({})", per.join(", "))
+}
+
+pub fn info(b: &BackstoreInfo) -> String {
+    let mut out = String::new();
+    let mut field = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
+    field("key", b.key.clone());
+    field("handler", b.handler.to_string());
+    field("size", format!("{} ({} bytes)", human_size(b.size), b.size));
+    field("state", b.state.to_string());
+    field("device", b.device.clone().unwrap_or_else(|| "-".into()));
+    field("flags", flag_names(b.flags).join(" "));
+    field("mode", b.mode.clone());
+    field("connections", placement(&b.connections));
+    if let Some(e) = &b.error {
+        field("error", e.clone());
+    }
+    for (k, v) in &b.options {
+        field(k, v.clone());
+    }
+    out
+}
+
+pub fn stats(s: &StatsReport) -> String {
+    let mut out = format!(
+        "{}: up {:.0} s, connections {}\n",
+        s.key,
+        s.uptime_secs,
+        placement(&s.connections)
+    );
+    if s.ops.is_empty() {
+        out.push_str("no IO yet\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = s
+        .ops
+        .iter()
+        .map(|o| {
+            vec![
+                o.op.clone(),
+                o.count.to_string(),
+                o.errors.to_string(),
+                format!("{:.1}", o.iops),
+                human_size(o.bytes),
+                format!("{:.1}", o.p50_us),
+                format!("{:.1}", o.p90_us),
+                format!("{:.1}", o.p99_us),
+                format!("{:.1}", o.p999_us),
+                format!("{:.1}", o.max_us),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "OP", "COUNT", "ERRORS", "IOPS", "BYTES", "P50us", "P90us", "P99us", "P99.9us", "MAXus",
+        ],
+        &rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_naturally() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(u64::MAX), "16 EiB");
+    }
+
+    #[test]
+    fn flags_are_named() {
+        assert_eq!(
+            flag_names(TF_HAS_FLAGS | TF_SEND_FLUSH | TF_CAN_MULTI_CONN),
+            ["flush", "multi-conn"]
+        );
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["xxxx".into(), "1".into()],
+                vec!["y".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A     LONGER\nxxxx  1\ny     22\n");
+    }
+}

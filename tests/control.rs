@@ -1,0 +1,313 @@
+//! nbd-cli against a running nbd-runner: create/list/info/stats/delete for
+//! file and mem, persistence across kill -9, corrupt state files, bad
+//! control frames, version mismatch and token refusal. (Kernel map/unmap
+//! runs in the VM: tests/kernel.rs.)
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Output;
+use std::time::Duration;
+
+fn cli(runner: &Runner, args: &[&str]) -> Output {
+    let mut full = vec!["--host", runner.rpc.as_str()];
+    full.extend_from_slice(args);
+    run(env!("CARGO_BIN_EXE_nbd-cli"), &full)
+}
+
+fn cli_ok(runner: &Runner, args: &[&str]) -> String {
+    let out = cli(runner, args);
+    assert!(
+        out.status.success(),
+        "nbd-cli {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Asserts a failure with a one-line reason containing `want`.
+fn cli_fails(runner: &Runner, args: &[&str], want: &str) {
+    let out = cli(runner, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nbd-cli {args:?} succeeded");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains(want),
+        "nbd-cli {args:?}: {err:?} lacks {want:?}"
+    );
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad json {e}: {s}"))
+}
+
+fn start_with_state(state: &str) -> Runner {
+    Runner::start_with(&["--threads", "2", "--state-dir", state])
+}
+
+#[test]
+fn create_list_info_stats_delete_for_file_and_mem() {
+    let dir = scratch();
+    let img = tmp_path(&dir, "a.raw");
+    let img = path_str(&img);
+    let r = Runner::start_with(&["--threads", "2"]);
+
+    assert!(cli_ok(&r, &["list"]).contains("no backstores"));
+    let out = cli_ok(&r, &["file", "create", img, "size", "1.5M"]);
+    assert!(out.contains("created file"), "{out}");
+    assert_eq!(std::fs::metadata(img).unwrap().len(), 1536 << 10);
+    cli_ok(&r, &["mem", "create", "disk0", "--size", "64M"]);
+    cli_fails(
+        &r,
+        &["mem", "create", "disk0", "size", "1M"],
+        "already exists",
+    );
+    cli_fails(
+        &r,
+        &["file", "create", "rel.raw", "size", "1M"],
+        "absolute path",
+    );
+    cli_fails(&r, &["mem", "create", "x", "size", "12Q"], "invalid size");
+    cli_fails(
+        &r,
+        &["gluster", "create", "vol/x", "size", "1M"],
+        "without the gluster handler",
+    );
+
+    let list = cli_ok(&r, &["list"]);
+    assert!(
+        list.contains("disk0") && list.contains(img) && list.contains("64 MiB"),
+        "{list}"
+    );
+    let mem_only = json(&cli_ok(&r, &["mem", "list", "--json"]));
+    assert_eq!(mem_only.as_array().unwrap().len(), 1);
+    assert_eq!(mem_only[0]["key"], "disk0");
+    assert_eq!(mem_only[0]["state"], "created");
+    assert_eq!(
+        json(&cli_ok(&r, &["list", "live", "--json"])),
+        serde_json::json!([])
+    );
+
+    // A created backstore is served on the IO route at once.
+    let mut c = negotiate(&r.addr, "disk0");
+    assert_eq!(write_at(&mut c, 4096, &pattern(4096, 3)), 0);
+    let info = json(&cli_ok(&r, &["info", "disk0", "--json"]));
+    assert_eq!(info["size"], 64u64 << 20);
+    let conns: u64 = info["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(conns, 1, "{info}");
+    let human = cli_ok(&r, &["mem", "info", "disk0"]);
+    assert!(
+        human.contains("multi-conn") && human.contains("shard 0"),
+        "{human}"
+    );
+    let stats = json(&cli_ok(&r, &["stats", "disk0", "--json"]));
+    let write = stats["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["op"] == "write")
+        .expect("write stats");
+    assert_eq!(write["count"], 1);
+    assert!(write["p99_us"].as_f64().unwrap() > 0.0);
+    assert!(cli_ok(&r, &["stats", "disk0"]).contains("P99us"));
+
+    cli_fails(&r, &["mem", "delete", "disk0"], "open NBD connection");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    cli_fails(&r, &["file", "delete", "disk0"], "mem backstore");
+    cli_ok(&r, &["mem", "delete", "disk0"]);
+    cli_ok(&r, &["file", "delete", img]);
+    assert!(
+        !std::path::Path::new(img).exists(),
+        "file we created was kept"
+    );
+    cli_fails(&r, &["info", "disk0"], "no backstore");
+    cli_fails(&r, &["mem", "unmap", "/dev/nbd9"], "no backstore is mapped");
+    assert!(cli_ok(&r, &["list"]).contains("no backstores"));
+}
+
+#[test]
+fn kill_9_and_restart_brings_every_backstore_back() {
+    let dir = scratch();
+    let state = tmp_path(&dir, "state");
+    let state = path_str(&state);
+    let img = tmp_path(&dir, "p.raw");
+    let img = path_str(&img);
+    let data = pattern(65536, 11);
+    {
+        let r = start_with_state(state);
+        cli_ok(&r, &["file", "create", img, "size", "8M"]);
+        for i in 0..5 {
+            cli_ok(&r, &["mem", "create", &format!("m{i}"), "size", "1M"]);
+        }
+        let mut c = negotiate(&r.addr, img);
+        assert_eq!(write_at(&mut c, 0, &data), 0);
+        c.write_all(&request(CMD_FLUSH, 0, 9, 0, 0)).unwrap();
+        assert_eq!(read_simple_reply(&mut c), Some((9, 0)));
+        r.signal(libc::SIGKILL);
+    }
+    let doc = json(&std::fs::read_to_string(format!("{state}/saveconfig.json")).unwrap());
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["backstores"].as_array().unwrap().len(), 6);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(format!("{state}/saveconfig.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let r = start_with_state(state);
+    let list = json(&cli_ok(&r, &["list", "all", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 6, "{list}");
+    let mut c = negotiate(&r.addr, img);
+    assert_eq!(
+        read_at(&mut c, 0, 65536).unwrap(),
+        data,
+        "flushed data lost"
+    );
+    assert_healthy(&r.addr, "m3");
+}
+
+#[test]
+fn corrupt_or_locked_state_stops_the_runner_with_a_clear_error() {
+    let dir = scratch();
+    let state = tmp_path(&dir, "state");
+    std::fs::create_dir(&state).unwrap();
+    let file = state.join("saveconfig.json");
+    let torn = "{\"schema\":1,\"backstores\":[{\"key\":\"m0\",\"hand";
+    std::fs::write(&file, torn).unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_nbd-runner"),
+        &[
+            "--state-dir",
+            path_str(&state),
+            "--ioport",
+            "0",
+            "--rpcport",
+            "0",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(path_str(&file)) && err.contains("unreadable"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        torn,
+        "state file was touched"
+    );
+
+    // Two runners on one state directory: the second refuses.
+    std::fs::remove_file(&file).unwrap();
+    let _first = start_with_state(path_str(&state));
+    let out = run(
+        env!("CARGO_BIN_EXE_nbd-runner"),
+        &[
+            "--state-dir",
+            path_str(&state),
+            "--ioport",
+            "0",
+            "--rpcport",
+            "0",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another nbd-runner"));
+}
+
+fn hello(version: u16, token: &str) -> Vec<u8> {
+    let mut h = b"NBDR".to_vec();
+    h.extend_from_slice(&version.to_be_bytes());
+    h.extend_from_slice(&(token.len() as u16).to_be_bytes());
+    h.extend_from_slice(token.as_bytes());
+    h
+}
+
+/// Status byte and message of the runner's hello reply.
+fn hello_reply(s: &mut TcpStream) -> (u8, String) {
+    let mut h = [0u8; 9];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], b"NBDR");
+    let len = u16::from_be_bytes([h[7], h[8]]) as usize;
+    let mut msg = vec![0u8; len];
+    s.read_exact(&mut msg).unwrap();
+    (h[6], String::from_utf8(msg).unwrap())
+}
+
+#[test]
+fn bad_frames_and_versions_are_answered_and_never_crash_the_runner() {
+    let mut r = Runner::start_with(&["--threads", "1"]);
+    let connect = || {
+        let s = TcpStream::connect(&r.rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    // Not our protocol at all.
+    let mut s = connect();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(closed_by_peer(&mut s));
+    // A future nbd-cli: refused with both versions named.
+    let mut s = connect();
+    s.write_all(&hello(99, "")).unwrap();
+    let (status, msg) = hello_reply(&mut s);
+    assert_eq!(status, 1);
+    assert!(msg.contains("99") && msg.contains("speaks 1"), "{msg}");
+    // A frame claiming 4 GiB: refused before any allocation.
+    let mut s = connect();
+    s.write_all(&hello(1, "")).unwrap();
+    assert_eq!(hello_reply(&mut s).0, 0);
+    s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    assert!(closed_by_peer(&mut s));
+    // An undecodable frame gets an error and the connection stays usable.
+    let mut s = connect();
+    s.write_all(&hello(1, "")).unwrap();
+    assert_eq!(hello_reply(&mut s).0, 0);
+    s.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("undecodable"));
+    // A client that connects and says nothing does not block others.
+    let _silent = connect();
+    r.assert_alive();
+    cli_ok(&r, &["mem", "create", "ok", "size", "1M"]);
+    assert!(cli_ok(&r, &["list"]).contains("ok"));
+}
+
+#[test]
+fn beyond_loopback_the_control_route_requires_the_token() {
+    let dir = scratch();
+    let state = tmp_path(&dir, "state");
+    let state = path_str(&state);
+    let r = Runner::start_with(&["--rpchost", "0.0.0.0", "--state-dir", state]);
+    let token_file = format!("{state}/token");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "token file must be private");
+    let port = r.rpc.rsplit(':').next().unwrap();
+    let host = format!("127.0.0.1:{port}");
+
+    let out = run(env!("CARGO_BIN_EXE_nbd-cli"), &["--host", &host, "list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("access denied"));
+    let ok = run_ok(
+        env!("CARGO_BIN_EXE_nbd-cli"),
+        &["--host", &host, "--token-file", &token_file, "list"],
+    );
+    assert!(ok.contains("no backstores"));
+    // The unix socket (0600) serves local administrators without a token.
+    let sock = format!("{state}/nbd-runner.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    run_ok(env!("CARGO_BIN_EXE_nbd-cli"), &["--host", &sock, "list"]);
+}

@@ -1,0 +1,164 @@
+//! Kernel attach for real: boots Debian's 6.1 kernel (which has nbd.ko)
+//! under QEMU with tests/vm/, and inside it runs tests/vm/guest-attach.sh:
+//! nbd-runner plus the nbd-attach example (nbd_cli::kernel) map, use,
+//! unmap, reattach after kill -9 (RECONFIGURE) and map read-only.
+//!
+//! The guest sees the host's / read-only, so it runs the binaries of this
+//! build at their host paths. The test skips (prints `SKIP: ...`) only when
+//! the VM cannot be set up or does not boot; any failure inside the guest
+//! fails it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+/// Exit code of tests/vm/setup.sh when this machine cannot run the VM.
+const SETUP_CANNOT: i32 = 77;
+/// Exit code of tests/vm/run-in-vm.sh when the VM did not boot.
+const VM_DID_NOT_BOOT: i32 = 125;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Straight to the real stderr: the harness captures `eprintln!`, and a
+/// skip must be seen.
+fn skip(reason: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIP: kernel attach test: {reason}");
+}
+
+fn tail(bytes: &[u8], lines: usize) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+fn show(what: &str, out: &Output) {
+    eprintln!(
+        "--- {what}: {}\n--- stdout:\n{}\n--- stderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds the nbd-attach example into the same target directory and
+/// profile as this test's binaries, and returns its path. A no-op when
+/// `cargo test --all-targets` (tests/run.sh) already built it.
+fn build_attach_example(profile_dir: &Path) -> PathBuf {
+    let target_dir = profile_dir.parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "nbd-cli",
+        "--example",
+        "nbd-attach",
+        "--target-dir",
+    ]);
+    cmd.arg(target_dir);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let out = cmd.output().expect("run cargo build --example nbd-attach");
+    if !out.status.success() {
+        show("cargo build --example nbd-attach", &out);
+        panic!("building the nbd-attach example failed");
+    }
+    let exe = profile_dir.join("examples").join("nbd-attach");
+    assert!(exe.exists(), "{} missing after build", exe.display());
+    exe
+}
+
+#[test]
+fn kernel_attach_in_vm() {
+    let t0 = Instant::now();
+    let runner = PathBuf::from(env!("CARGO_BIN_EXE_nbd-runner"));
+    let profile_dir = runner.parent().unwrap().to_path_buf();
+    let vm_dir = std::env::var_os("VM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| profile_dir.parent().unwrap().join("nbd-vm"));
+    let vm = repo().join("tests/vm");
+
+    // 1. The VM: idempotent, fast once done.
+    let out = Command::new("bash")
+        .arg(vm.join("setup.sh"))
+        .env("VM_DIR", &vm_dir)
+        .output()
+        .expect("run tests/vm/setup.sh");
+    match out.status.code() {
+        Some(0) => {}
+        Some(SETUP_CANNOT) => return skip(&tail(&out.stderr, 3)),
+        _ => {
+            show("tests/vm/setup.sh", &out);
+            panic!("tests/vm/setup.sh failed unexpectedly ({})", out.status);
+        }
+    }
+    let t_setup = t0.elapsed();
+
+    // 2. The example that drives nbd_cli::kernel in the guest.
+    let attach = build_attach_example(&profile_dir);
+
+    // 3. Boot, run the guest script, power off.
+    let guest = format!(
+        "NBD_RUNNER='{}' NBD_ATTACH='{}' bash '{}'",
+        runner.display(),
+        attach.display(),
+        vm.join("guest-attach.sh").display()
+    );
+    let t1 = Instant::now();
+    let out = Command::new("bash")
+        .arg(vm.join("run-in-vm.sh"))
+        .arg(&guest)
+        .env("VM_DIR", &vm_dir)
+        .env("VM_TIMEOUT", "240")
+        .output()
+        .expect("run tests/vm/run-in-vm.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(VM_DID_NOT_BOOT) && stderr.contains("VM did not boot") {
+        return skip(&format!("the VM did not boot:\n{}", tail(&out.stderr, 12)));
+    }
+    show("guest-attach.sh in the VM", &out);
+    assert!(
+        out.status.success(),
+        "guest-attach.sh failed in the VM ({}); see the output above",
+        out.status
+    );
+    assert!(
+        stdout.contains("GUEST-ATTACH-OK"),
+        "the guest script did not finish"
+    );
+    for line in [
+        "20 MiB file identical after disconnect/connect",
+        "20 MiB file identical after kill -9 + restart + reconfigure",
+        "dd refused",
+    ] {
+        assert!(
+            stdout.contains(line),
+            "missing from the guest output: {line}"
+        );
+    }
+    eprintln!(
+        "kernel attach test: setup {:.1}s, VM run {:.1}s, total {:.1}s; {}",
+        t_setup.as_secs_f64(),
+        t1.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
+        stderr
+            .lines()
+            .find(|l| l.starts_with("[run-in-vm] accel"))
+            .unwrap_or("")
+    );
+}
