@@ -311,3 +311,61 @@ fn beyond_loopback_the_control_route_requires_the_token() {
     assert_eq!(mode & 0o777, 0o600);
     run_ok(env!("CARGO_BIN_EXE_nbd-cli"), &["--host", &sock, "list"]);
 }
+
+#[test]
+fn io_connections_dropping_under_a_mapped_backstore_make_it_dead() {
+    use nbd_control::client::{Client, Endpoint};
+    use nbd_control::model::{Handler, State};
+    use nbd_control::wire::{Request, Response};
+    let r = Runner::start_with(&["--threads", "2"]);
+    cli_ok(&r, &["mem", "create", "d0", "size", "1M"]);
+    let mut c = Client::connect(
+        &Endpoint::parse(&r.rpc).unwrap(),
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    // What nbd-cli map does, with raw sockets standing in for the kernel.
+    let Response::Map(target) = c
+        .call(&Request::MapBegin {
+            handler: Handler::Mem,
+            key: "d0".into(),
+        })
+        .unwrap()
+    else {
+        panic!("no map target")
+    };
+    assert_eq!(target.reattach, None);
+    let conns: Vec<_> = (0..2).map(|_| negotiate(&r.addr, "d0")).collect();
+    c.call(&Request::MapDone {
+        key: "d0".into(),
+        device: "/dev/nbd7".into(),
+    })
+    .unwrap();
+    let state = |c: &mut Client| match c.call(&Request::Info { key: "d0".into() }).unwrap() {
+        Response::Backstore(b) => b.state,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(state(&mut c), State::Mapped);
+    cli_fails(&r, &["mem", "map", "d0"], "already mapped to /dev/nbd7");
+    cli_fails(&r, &["mem", "delete", "d0"], "unmap it first");
+    drop(conns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while state(&mut c) != State::Dead {
+        assert!(std::time::Instant::now() < deadline, "never marked dead");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cli_ok(&r, &["list", "dead"]).contains("/dev/nbd7"));
+    // A reattach targets the same device with the same cookie.
+    let Response::Map(again) = c
+        .call(&Request::MapBegin {
+            handler: Handler::Mem,
+            key: "d0".into(),
+        })
+        .unwrap()
+    else {
+        panic!("no map target")
+    };
+    assert_eq!(again.reattach.as_deref(), Some("/dev/nbd7"));
+    assert_eq!(again.cookie, target.cookie);
+}
