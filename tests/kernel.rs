@@ -100,7 +100,15 @@ fn kernel_attach_in_vm() {
         .expect("run tests/vm/setup.sh");
     match out.status.code() {
         Some(0) => {}
-        Some(SETUP_CANNOT) => return skip(&tail(&out.stderr, 3)),
+        Some(SETUP_CANNOT) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let reason = err
+                .lines()
+                .rfind(|l| l.contains("cannot set up the VM"))
+                .map(str::to_owned)
+                .unwrap_or_else(|| tail(&out.stderr, 3));
+            return skip(&reason);
+        }
         _ => {
             show("tests/vm/setup.sh", &out);
             panic!("tests/vm/setup.sh failed unexpectedly ({})", out.status);

@@ -53,6 +53,9 @@ fn negotiates_and_serves_simple_replies() {
 fn file_export_by_path_and_read_only_flag() {
     let dir = scratch();
     let img = tmp_path(&dir, "a.raw");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(8 << 20))
+        .unwrap();
     let spec = format!("file:{},size=8M,readonly", path_str(&img));
     let runner = Runner::start(&[&spec]);
     let (_s, info) = connect_export(&runner.addr, path_str(&img), T).unwrap();

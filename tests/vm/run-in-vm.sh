@@ -26,6 +26,8 @@ if [ -z "$KVER" ] || [ ! -x "$R/usr/bin/qemu-system-x86_64" ]; then
 fi
 [ -f "$VM/initramfs.cpio.gz" ] || "$HERE/build-initramfs.sh" >&2 || { echo "[run-in-vm] VM did not boot: no initramfs" >&2; exit 125; }
 mkdir -p "$VM/run"
+# Keep the consoles of the last 10 runs.
+ls -t "$VM/run"/*.log.txt 2>/dev/null | tail -n +10 | xargs -r rm -f
 CMDF=$(mktemp "$VM/run/cmd.XXXXXX")
 printf '%s\n' "$1" >"$CMDF"
 LOG=$CMDF.log

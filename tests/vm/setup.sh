@@ -63,18 +63,19 @@ if [ -z "$(missing_pkgs)" ] && qemu_ok && kernel_ok; then
   exit 0
 fi
 
-[ "$(id -u)" = 0 ] || die "needs root to apt-get install: $(missing_pkgs | tr '\n' ' ')(run tests/vm/setup.sh as root once)"
 export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -o DPkg::Lock::Timeout=900 -q)
 updated=0
 apt_update() {
   [ $updated = 1 ] && return 0
+  [ "$(id -u)" = 0 ] || return 1
   "${APT[@]}" update >&2 || die "apt-get update failed"
   updated=1
 }
 
 mapfile -t need < <(missing_pkgs)
 if [ ${#need[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || die "needs root to apt-get install ${need[*]} (run tests/vm/setup.sh as root once)"
   echo "tests/vm/setup.sh: installing ${need[*]}" >&2
   if ! "${APT[@]}" install -y --no-install-recommends "${need[@]}" >&2; then
     apt_update
@@ -89,7 +90,7 @@ if ! qemu_ok || ! kernel_ok; then
     QV=$(apt-cache madison qemu-system-x86 2>/dev/null | awk '$3 ~ /^1:7/ {print $3; exit}')
   }
   pick
-  if [ -z "$KPKG" ] || [ -z "$QV" ]; then apt_update; pick; fi
+  if [ -z "$KPKG" ] || [ -z "$QV" ]; then apt_update || true; pick; fi
   [ -n "$KPKG" ] || die "no linux-image-*-amd64 package in the apt lists"
   [ -n "$QV" ] || die "no qemu-system-x86 7.x in the apt lists (this needs Debian bookworm's)"
   rm -rf "$VM/debs"/*.deb
