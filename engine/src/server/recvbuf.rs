@@ -83,9 +83,15 @@ impl RecvBuf {
 
 /// A recv that never blocks; None means "would block".
 pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    // SAFETY: buf is valid writable memory of buf.len() bytes.
+    unsafe { recv_raw(fd, buf.as_mut_ptr(), buf.len()) }
+}
+
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes (initialised or not).
+unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> Option<io::Result<usize>> {
     loop {
-        // SAFETY: buf is valid writable memory of buf.len() bytes.
-        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let r = libc::recv(fd, ptr.cast(), len, libc::MSG_DONTWAIT);
         if r >= 0 {
             return Some(Ok(r as usize));
         }
@@ -97,6 +103,10 @@ pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
         }
     }
 }
+
+/// Bytes zeroed for each wait on an empty socket (glommio reads into
+/// initialised memory only); the rest of a payload is never pre-filled.
+const WAIT_WINDOW: usize = 64 * 1024;
 
 /// Appends exactly `len` payload bytes to `dst`: first what is already
 /// buffered, then the rest straight from the socket into `dst` itself.
@@ -110,17 +120,26 @@ pub async fn read_payload<R: futures_lite::AsyncRead + Unpin>(
     let have = buf.len().min(len);
     dst.extend_from_slice(&buf.data()[..have]);
     buf.consume(have);
-    let mut at = dst.len();
-    dst.resize(len, 0);
-    while at < len {
-        let n = match recv_now(fd, &mut dst[at..]) {
+    dst.reserve(len - dst.len());
+    while dst.len() < len {
+        let at = dst.len();
+        let want = len - at;
+        // SAFETY: the spare capacity holds at least `want` bytes.
+        let n = match unsafe { recv_raw(fd, dst.as_mut_ptr().add(at), want) } {
             Some(r) => r?,
-            None => reader.read(&mut dst[at..]).await?,
+            None => {
+                let window = want.min(WAIT_WINDOW);
+                dst.resize(at + window, 0);
+                let n = reader.read(&mut dst[at..]).await;
+                dst.truncate(at);
+                n?
+            }
         };
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        at += n;
+        // SAFETY: recv (or the read into the zeroed window) initialised these n bytes.
+        unsafe { dst.set_len(at + n) };
     }
     Ok(())
 }
