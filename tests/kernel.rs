@@ -1,7 +1,8 @@
 //! Kernel attach for real: boots Debian's 6.1 kernel (which has nbd.ko)
 //! under QEMU with tests/vm/, and inside it runs tests/vm/guest-attach.sh:
 //! nbd-runner plus the nbd-attach example (nbd_cli::kernel) map, use,
-//! unmap, reattach after kill -9 (RECONFIGURE) and map read-only.
+//! unmap, reattach after kill -9 (RECONFIGURE) and map read-only; then
+//! tests/vm/guest-cli.sh does the operator's flow with nbd-cli.
 //!
 //! The guest sees the host's / read-only, so it runs the binaries of this
 //! build at their host paths. The test skips (prints `SKIP: ...`) only when
@@ -119,54 +120,79 @@ fn kernel_attach_in_vm() {
     // 2. The example that drives nbd_cli::kernel in the guest.
     let attach = build_attach_example(&profile_dir);
 
-    // 3. Boot, run the guest script, power off.
-    let guest = format!(
-        "NBD_RUNNER='{}' NBD_ATTACH='{}' bash '{}'",
-        runner.display(),
-        attach.display(),
-        vm.join("guest-attach.sh").display()
-    );
+    // 3. Boot, run each guest script, power off: the kernel layer itself,
+    // then the operator's flow through nbd-cli and the control route.
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_nbd-cli"));
     let t1 = Instant::now();
-    let out = Command::new("bash")
-        .arg(vm.join("run-in-vm.sh"))
-        .arg(&guest)
-        .env("VM_DIR", &vm_dir)
-        .env("VM_TIMEOUT", "240")
-        .output()
-        .expect("run tests/vm/run-in-vm.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(VM_DID_NOT_BOOT) && stderr.contains("VM did not boot") {
-        return skip(&format!("the VM did not boot:\n{}", tail(&out.stderr, 12)));
-    }
-    show("guest-attach.sh in the VM", &out);
-    assert!(
-        out.status.success(),
-        "guest-attach.sh failed in the VM ({}); see the output above",
-        out.status
-    );
-    assert!(
-        stdout.contains("GUEST-ATTACH-OK"),
-        "the guest script did not finish"
-    );
-    for line in [
-        "20 MiB file identical after disconnect/connect",
-        "20 MiB file identical after kill -9 + restart + reconfigure",
-        "dd refused",
-    ] {
+    let runs: [(&str, String, &[&str]); 2] = [
+        (
+            "guest-attach.sh",
+            format!(
+                "NBD_RUNNER='{}' NBD_ATTACH='{}'",
+                runner.display(),
+                attach.display()
+            ),
+            &[
+                "GUEST-ATTACH-OK",
+                "20 MiB file identical after disconnect/connect",
+                "20 MiB file identical after kill -9 + restart + reconfigure",
+                "dd refused",
+            ],
+        ),
+        (
+            "guest-cli.sh",
+            format!(
+                "NBD_RUNNER='{}' NBD_CLI='{}'",
+                runner.display(),
+                cli.display()
+            ),
+            &[
+                "GUEST-CLI-OK",
+                "CLI: 20 MiB file identical after unmap and map",
+                "CLI: restarted runner lists",
+                "CLI: reattached",
+                "CLI: readonly map refused writes",
+            ],
+        ),
+    ];
+    let mut accel = String::new();
+    for (script, env, want) in runs {
+        let guest = format!("{env} bash '{}'", vm.join(script).display());
+        let out = Command::new("bash")
+            .arg(vm.join("run-in-vm.sh"))
+            .arg(&guest)
+            .env("VM_DIR", &vm_dir)
+            .env("VM_TIMEOUT", "240")
+            .output()
+            .expect("run tests/vm/run-in-vm.sh");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.code() == Some(VM_DID_NOT_BOOT) && stderr.contains("VM did not boot") {
+            return skip(&format!("the VM did not boot:\n{}", tail(&out.stderr, 12)));
+        }
+        show(&format!("{script} in the VM"), &out);
         assert!(
-            stdout.contains(line),
-            "missing from the guest output: {line}"
+            out.status.success(),
+            "{script} failed in the VM ({}); see the output above",
+            out.status
         );
+        for line in want {
+            assert!(
+                stdout.contains(line),
+                "{script}: missing from the guest output: {line}"
+            );
+        }
+        accel = stderr
+            .lines()
+            .find(|l| l.starts_with("[run-in-vm] accel"))
+            .unwrap_or("")
+            .to_owned();
     }
     eprintln!(
         "kernel attach test: setup {:.1}s, VM run {:.1}s, total {:.1}s; {}",
         t_setup.as_secs_f64(),
         t1.elapsed().as_secs_f64(),
         t0.elapsed().as_secs_f64(),
-        stderr
-            .lines()
-            .find(|l| l.starts_with("[run-in-vm] accel"))
-            .unwrap_or("")
+        accel
     );
 }

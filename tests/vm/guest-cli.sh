@@ -1,0 +1,120 @@
+#!/bin/bash
+# Runs INSIDE the VM (tests/vm/run-in-vm.sh), driven by tests/kernel.rs: the operator's
+# flow with nbd-cli against nbd-runner's control route and a real kernel.
+#   create -> map (2 connections) -> ext4 round trip -> unmap -> map again, identical ->
+#   kill -9 + restart while mapped -> `list dead` shows it -> map reattaches the same
+#   device, data intact -> readonly map refuses writes -> delete refused while mapped.
+# Env: NBD_RUNNER, NBD_CLI (paths of the binaries). Prints GUEST-CLI-OK at the end.
+set -euo pipefail
+RUNNER=${NBD_RUNNER:?path to nbd-runner}
+CLI=${NBD_CLI:?path to nbd-cli}
+KEY=/tmp/cli.raw
+MNT=/tmp/mnt
+export RUST_LOG=${RUST_LOG:-warn} NO_COLOR=1
+fail() {
+  echo "FAIL: $*"
+  echo "--- runner log:"; tail -30 /tmp/runner.log 2>/dev/null || true
+  echo "--- dmesg (nbd):"; dmesg | grep -i nbd | tail -20 || true
+  exit 1
+}
+trap 'fail "line $LINENO: $BASH_COMMAND (exit $?)"' ERR
+step() { echo "--- $*"; }
+expect_eq() { [ "$1" = "$2" ] || fail "$3: got '$1', expected '$2'"; }
+state_of() { "$CLI" info "$KEY" --json | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p'; }
+
+RP=
+start_runner() {
+  : >/tmp/runner.out
+  "$RUNNER" --iohost 127.0.0.1 --threads 2 --state-dir /tmp/st >/tmp/runner.out 2>>/tmp/runner.log &
+  RP=$!
+  for _ in $(seq 300); do
+    grep -q '^nbd-runner ready' /tmp/runner.out && return 0
+    kill -0 $RP 2>/dev/null || fail "nbd-runner exited at start"
+    sleep 0.1
+  done
+  fail "nbd-runner not ready after 30 s"
+}
+
+rm -rf /tmp/st $KEY $MNT /tmp/runner.log
+mkdir -p $MNT
+head -c 20M /dev/urandom >/tmp/rand.bin
+start_runner
+
+step "create and map with 2 connections"
+"$CLI" file create $KEY size 256M
+DEV=$("$CLI" file map $KEY connections 2)
+N=${DEV#/dev/nbd}
+echo "mapped $DEV"
+expect_eq "$(state_of)" mapped "state after map"
+"$CLI" file list live | grep -q "$DEV" || fail "list live does not show $DEV"
+expect_eq "$(cat /sys/block/nbd"$N"/size)" $((256 * 2048)) "size in sectors"
+grep -q '^nbd-runner:' /sys/block/nbd"$N"/backend || fail "no backend cookie"
+expect_eq "$("$CLI" info $KEY | awk '/^connections/ {print $2}')" 2 "IO connections"
+"$CLI" info $KEY | grep -E 'state|device|connections'
+
+step "ext4: mkfs, mount, write 20 MiB, sync, umount, unmap"
+mkfs.ext4 -q -F "$DEV"
+mount "$DEV" $MNT
+cp /tmp/rand.bin $MNT/f
+sync
+umount $MNT
+"$CLI" file unmap "$DEV"
+expect_eq "$(state_of)" created "state after unmap"
+[ ! -e /sys/block/nbd"$N"/backend ] || fail "device still attached after unmap"
+
+step "map again and read back"
+DEV=$("$CLI" file map $KEY connections 2)
+N=${DEV#/dev/nbd}
+mount "$DEV" $MNT
+cmp /tmp/rand.bin $MNT/f || fail "data differs after map/unmap/map"
+echo "CLI: 20 MiB file identical after unmap and map"
+
+step "kill -9 the runner while mapped and mounted, restart it"
+kill -9 $RP
+wait $RP 2>/dev/null || true
+for _ in $(seq 50); do
+  [ "$(dmesg | grep -c "nbd$N: Receive control failed")" -ge 2 ] && break
+  sleep 0.1
+done
+start_runner
+"$CLI" list dead | grep -q "$DEV" || fail "list dead does not show $DEV"
+expect_eq "$(state_of)" dead "state after restart"
+echo "CLI: restarted runner lists $KEY dead on $DEV"
+
+step "map reattaches the same device"
+AGAIN=$("$CLI" file map $KEY)
+expect_eq "$AGAIN" "$DEV" "reattached device"
+expect_eq "$(state_of)" mapped "state after reattach"
+echo 3 >/proc/sys/vm/drop_caches
+cmp /tmp/rand.bin $MNT/f || fail "data differs after reattach"
+echo after-reattach >$MNT/g
+sync
+umount $MNT
+echo "CLI: reattached $DEV, data intact"
+
+step "delete is refused while mapped; unmap by key"
+if "$CLI" file delete $KEY 2>/tmp/del.err; then fail "delete of a mapped backstore succeeded"; fi
+grep -q "unmap it first" /tmp/del.err || fail "unclear delete refusal: $(cat /tmp/del.err)"
+"$CLI" file unmap $KEY
+
+step "readonly map refuses writes"
+DEV=$("$CLI" file map $KEY readonly)
+N=${DEV#/dev/nbd}
+expect_eq "$(cat /sys/block/nbd"$N"/ro)" 1 "ro"
+if dd if=/dev/zero of="$DEV" bs=4096 count=1 oflag=direct 2>/tmp/dd.err; then
+  fail "dd to a read-only mapping succeeded"
+fi
+mount -o ro "$DEV" $MNT
+cmp /tmp/rand.bin $MNT/f || fail "data differs on the read-only mapping"
+expect_eq "$(cat $MNT/g)" after-reattach "file written after reattach"
+umount $MNT
+"$CLI" file unmap "$DEV"
+echo "CLI: readonly map refused writes"
+
+step "stats, delete"
+"$CLI" stats $KEY | grep -q '^write' || fail "no write stats"
+"$CLI" file delete $KEY
+[ ! -e $KEY ] || fail "delete left the file"
+kill -TERM $RP
+wait $RP || fail "nbd-runner exited non-zero on SIGTERM"
+echo GUEST-CLI-OK
