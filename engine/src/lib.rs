@@ -2,6 +2,7 @@
 //! its backends, and the thread-per-core glommio engine that joins them.
 
 pub mod backend;
+pub mod completion;
 pub mod export;
 pub mod protocol;
 pub mod server;
