@@ -2,7 +2,7 @@
 //! (`--size`, `--host`, `--json`, ...) accepted anywhere beside them.
 //!
 //! ```text
-//! nbd-cli <gluster|ceph|file|mem> create <KEY> [prealloc] size <SIZE> [host H]
+//! nbd-cli <gluster|ceph|file|mem> create <KEY> [prealloc] size <SIZE> [option K=V]... [host H]
 //! nbd-cli <handler> delete <KEY> [host H]
 //! nbd-cli <handler> map <KEY> [/dev/nbdX] [timeout T] [readonly] [connections N] [host H]
 //! nbd-cli <handler> unmap </dev/nbdX|KEY> [host H]
@@ -13,6 +13,7 @@
 
 use nbd_control::model::{Handler, ListFilter};
 use nbd_engine::size::parse_size;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,6 +33,8 @@ pub enum Command {
         key: String,
         size: u64,
         prealloc: bool,
+        /// Handler settings for this backstore (`option KEY=VALUE`).
+        options: BTreeMap<String, String>,
     },
     Delete {
         handler: Handler,
@@ -74,22 +77,27 @@ struct Words {
 }
 
 impl Words {
-    /// Removes `keyword VALUE` or `--keyword VALUE` / `--keyword=VALUE`.
+    /// Removes `keyword VALUE` or `--keyword VALUE` / `--keyword=VALUE`; the last wins.
     fn value(&mut self, name: &str) -> Result<Option<String>, String> {
+        Ok(self.values(name)?.pop())
+    }
+
+    /// Removes every `keyword VALUE` or `--keyword VALUE` / `--keyword=VALUE`.
+    fn values(&mut self, name: &str) -> Result<Vec<String>, String> {
         let flag = format!("--{name}");
         let prefix = format!("--{name}=");
-        let mut found = None;
+        let mut found = Vec::new();
         let mut i = 0;
         while i < self.rest.len() {
             let w = &self.rest[i];
             if let Some(v) = w.strip_prefix(&prefix) {
-                found = Some(v.to_owned());
+                found.push(v.to_owned());
                 self.rest.remove(i);
             } else if *w == name || *w == flag {
                 if i + 1 >= self.rest.len() {
                     return Err(format!("{name} needs a value"));
                 }
-                found = Some(self.rest.remove(i + 1));
+                found.push(self.rest.remove(i + 1));
                 self.rest.remove(i);
             } else {
                 i += 1;
@@ -191,6 +199,14 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
         "create" => {
             let size = words.value("size")?;
             let prealloc = words.switch("prealloc");
+            let mut options = BTreeMap::new();
+            for kv in words.values("option")? {
+                let (k, v) = kv
+                    .split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
+                    .ok_or_else(|| format!("option needs KEY=VALUE, not {kv:?}"))?;
+                options.insert(k.to_owned(), v.to_owned());
+            }
             let key = words.positional("KEY")?;
             let size = size.ok_or("create needs size SIZE (e.g. size 10G)")?;
             Command::Create {
@@ -198,6 +214,7 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
                 key,
                 size: parse_size(&size).map_err(|e| e.to_string())?,
                 prealloc,
+                options,
             }
         }
         "delete" => Command::Delete {
@@ -270,7 +287,8 @@ mod tests {
                 handler: Handler::Gluster,
                 key: "vol/a.img".into(),
                 size: 3 << 29,
-                prealloc: true
+                prealloc: true,
+                options: BTreeMap::new()
             }
         );
         assert_eq!(
@@ -382,6 +400,7 @@ mod tests {
             ("mem frobnicate", "unknown mem command"),
             ("mem delete a b", "unexpected argument"),
             ("mem create a size", "size needs a value"),
+            ("mem create a size 1M option nokey", "KEY=VALUE"),
         ] {
             let err = p(input).unwrap_err();
             assert!(err.contains(want), "{input:?}: {err}");

@@ -46,6 +46,11 @@ pub struct RunnerArgs {
 }
 
 impl RunnerArgs {
+    /// Runner-wide handler settings (`HANDLER.NAME` = value) from the flags.
+    pub fn handler_defaults(&self) -> nbd_control::handlers::HandlerDefaults {
+        Default::default()
+    }
+
     pub fn io_addr(&self) -> SocketAddr {
         SocketAddr::new(self.iohost, self.ioport)
     }

@@ -34,7 +34,7 @@ pub fn start(
         port: io.port(),
         shards: shards as u32,
     };
-    let registry = Registry::load(store, cfg, table, route)
+    let registry = Registry::load(store, cfg, table, route, args.handler_defaults())
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("restoring backstores from {}", path.display()))?;
     tracing::info!(state = %path.display(), backstores = count, "state loaded");

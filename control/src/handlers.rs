@@ -3,9 +3,27 @@
 use crate::model::Handler;
 use crate::saveconfig::SavedBackstore;
 use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend};
+use std::collections::BTreeMap;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
+
+/// Runner-wide handler settings, keyed `HANDLER.NAME` (e.g. `gluster.server`,
+/// `ceph.conf`), from the runner's flags.
+pub type HandlerDefaults = BTreeMap<String, String>;
+
+/// A backstore's setting `name`: its own option if set, else the runner's
+/// `HANDLER.name` default.
+pub fn setting<'a>(
+    b: &'a SavedBackstore,
+    defaults: &'a HandlerDefaults,
+    name: &str,
+) -> Option<&'a str> {
+    b.options
+        .get(name)
+        .or_else(|| defaults.get(&format!("{}.{name}", b.handler)))
+        .map(String::as_str)
+}
 
 /// Whether this build carries a handler.
 pub fn available(h: Handler) -> Result<(), String> {
@@ -19,7 +37,11 @@ pub fn available(h: Handler) -> Result<(), String> {
 
 /// Opens a backstore's storage; `create` makes it if missing (and says
 /// whether it did).
-pub fn open(b: &SavedBackstore, create: bool) -> Result<(Arc<dyn Backend>, bool), BackendError> {
+pub fn open(
+    b: &SavedBackstore,
+    create: bool,
+    _defaults: &HandlerDefaults,
+) -> Result<(Arc<dyn Backend>, bool), BackendError> {
     available(b.handler).map_err(BackendError::Config)?;
     match b.handler {
         Handler::Mem => Ok((Arc::new(MemBackend::new(b.size, false)?), create)),
@@ -66,7 +88,7 @@ fn preallocate(path: &Path, size: u64) -> Result<(), BackendError> {
 }
 
 /// Removes the storage of a deleted backstore we created; adopted storage stays.
-pub fn remove(b: &SavedBackstore) -> Result<(), BackendError> {
+pub fn remove(b: &SavedBackstore, _defaults: &HandlerDefaults) -> Result<(), BackendError> {
     match b.handler {
         Handler::File if b.owned => match std::fs::remove_file(&b.key) {
             Ok(()) => Ok(()),

@@ -1,7 +1,7 @@
 //! The backstores a runner knows, their state machine, and the link to the
 //! IO route's export table. Every change is saved before it is answered.
 
-use crate::handlers;
+use crate::handlers::{self, HandlerDefaults};
 use crate::model::{
     BackstoreInfo, Handler, ListFilter, OpReport, ShardConnections, State, StatsReport,
 };
@@ -49,6 +49,7 @@ struct Entry {
 
 pub struct Registry {
     store: StateStore,
+    defaults: HandlerDefaults,
     entries: BTreeMap<String, Entry>,
     table: Arc<ExportTable>,
     io: IoRoute,
@@ -62,9 +63,11 @@ impl Registry {
         cfg: SaveConfig,
         table: Arc<ExportTable>,
         io: IoRoute,
+        defaults: HandlerDefaults,
     ) -> Result<Registry, CtlError> {
         let mut reg = Registry {
             store,
+            defaults,
             entries: BTreeMap::new(),
             table,
             io,
@@ -88,7 +91,7 @@ impl Registry {
     }
 
     fn open(&self, entry: &mut Entry, create: bool) -> bool {
-        match handlers::open(&entry.saved, create) {
+        match handlers::open(&entry.saved, create, &self.defaults) {
             Ok((backend, _)) => match self.table.add(&entry.saved.key, backend) {
                 Ok(export) => {
                     entry.export = Some(export);
@@ -190,7 +193,7 @@ impl Registry {
             prealloc: req.prealloc,
             options: req.options,
         };
-        let (backend, created) = match handlers::open(&saved, true) {
+        let (backend, created) = match handlers::open(&saved, true, &self.defaults) {
             Ok(v) => v,
             Err(e) => return fail(ErrorCode::Backend, e.to_string()),
         };
@@ -212,7 +215,7 @@ impl Registry {
         if let Err(e) = self.save() {
             let entry = self.entries.remove(&key).expect("just inserted");
             self.table.remove(&key);
-            let _ = handlers::remove(&entry.saved);
+            let _ = handlers::remove(&entry.saved, &self.defaults);
             return Err(e);
         }
         tracing::info!(backstore = %key, handler = %req.handler, size = req.size, "created");
@@ -241,7 +244,7 @@ impl Registry {
             return Err(e);
         }
         self.table.remove(key);
-        if let Err(e) = handlers::remove(&entry.saved) {
+        if let Err(e) = handlers::remove(&entry.saved, &self.defaults) {
             tracing::warn!(backstore = %key, error = %e, "deleted, but its storage was not removed");
         }
         tracing::info!(backstore = %key, "deleted");
@@ -526,7 +529,14 @@ mod tests {
             port: 24111,
             shards: 2,
         };
-        Registry::load(store, cfg, Arc::new(ExportTable::new(2)), io).unwrap()
+        Registry::load(
+            store,
+            cfg,
+            Arc::new(ExportTable::new(2)),
+            io,
+            Default::default(),
+        )
+        .unwrap()
     }
 
     fn create(

@@ -52,13 +52,14 @@ fn run(inv: Invocation) -> Result<()> {
             key,
             size,
             prealloc,
+            options,
         } => {
             let req = Request::Create(CreateRequest {
                 handler,
                 key,
                 size,
                 prealloc,
-                options: Default::default(),
+                options,
             });
             let Response::Backstore(b) = client.call(&req)? else {
                 bail!("unexpected answer to create");
@@ -162,7 +163,7 @@ fn help(handler: Option<Handler>) -> String {
     let key = handler.map_or("KEY".to_owned(), |h| format!("<{}>", h.key_form()));
     let mut s = format!(
         "Usage:\n\
-         \tnbd-cli {h} create {key} [prealloc] size <SIZE> [host <RUNNER_HOST>]\n\
+         \tnbd-cli {h} create {key} [prealloc] size <SIZE> [option K=V]... [host <RUNNER_HOST>]\n\
          \t\tCreate a backstore. SIZE takes B, K/KiB, M/MiB, G/GiB, T, P, E and decimals (1.5G).\n\
          \tnbd-cli {h} delete {key} [host <RUNNER_HOST>]\n\
          \t\tDelete a backstore (refused while it is mapped).\n\
