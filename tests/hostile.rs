@@ -373,3 +373,39 @@ fn a_client_that_never_reads_replies_is_bounded() {
     s.read_exact(&mut first).unwrap();
     r.assert_alive();
 }
+
+#[test]
+fn stalled_and_dripping_handshakes_are_dropped_at_the_deadline() {
+    let mut r = Runner::start_with(&["--handshake-timeout", "1", "--export", "mem:disk0,size=1M"]);
+    let started = Instant::now();
+    let mut silent = connect(&r.addr);
+    // Drips one byte of client flags every 300 ms: never finishes in time.
+    let mut drip = connect(&r.addr);
+    let dripper = std::thread::spawn(move || {
+        // Valid bytes only: client flags, then an option header, one at a time.
+        let mut bytes = 3u32.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&option(99, &[0u8; 64]));
+        for b in bytes {
+            if drip.write_all(&[b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        closed_by_peer(&mut drip);
+        started.elapsed()
+    });
+    assert!(closed_by_peer(&mut silent), "silent client kept");
+    let silent_after = started.elapsed();
+    let drip_after = dripper.join().unwrap();
+    for (who, t) in [("silent", silent_after), ("dripping", drip_after)] {
+        assert!(
+            t < Duration::from_secs(3),
+            "{who} client dropped only after {t:?}"
+        );
+    }
+    r.assert_alive();
+    // A prompt client is unaffected, and the deadline ends with the handshake.
+    let mut s = negotiate(&r.addr, "disk0");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(read_at(&mut s, 0, 512).unwrap(), vec![0u8; 512]);
+}

@@ -43,6 +43,10 @@ pub struct RunnerArgs {
     /// e.g. mem:disk0,size=1G or file:/var/lib/img/a.raw,size=10G. Repeatable.
     #[arg(long = "export", value_name = "SPEC")]
     pub exports: Vec<ExportSpec>,
+    /// Seconds a client may take to finish the NBD handshake before it is
+    /// dropped (guards against clients that connect and stall).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout: u64,
 }
 
 impl RunnerArgs {

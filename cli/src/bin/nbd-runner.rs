@@ -59,7 +59,10 @@ fn run() -> Result<()> {
         listener,
         EngineConfig {
             threads,
-            limits: Limits::default(),
+            limits: Limits {
+                handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
+                ..Limits::default()
+            },
         },
         table.clone(),
         shutdown,

@@ -6,7 +6,7 @@
 
 use super::budget::{Budget, Permit};
 use super::outbox::{Body, Outbox, Reply};
-use super::recvbuf::{self, RecvBuf};
+use super::recvbuf::Reader;
 use super::shard::ShardCtx;
 use crate::backend::{BackendError, BackendIo, ReadBuf, ZeroFlags};
 use crate::export::Export;
@@ -17,15 +17,12 @@ use crate::protocol::{
 };
 use crate::stats::Op;
 use futures_lite::future::poll_once;
-use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
-use std::cell::RefCell;
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
-use std::pin::Pin;
+use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 /// Receive buffer: room for a batch of pipelined 4 KiB writes.
@@ -33,20 +30,24 @@ const RECV_BUF: usize = 256 * 1024;
 
 /// Serves one accepted connection to completion.
 pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
-    let fd = stream.as_raw_fd();
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(shard.limits.handshake_timeout));
-    let stream = Rc::new(RefCell::new(stream));
-    // Declared after the stream so it is dropped first: the fd must not be
-    // shut down after it has been closed and reused.
-    let _registration = shard.register(fd);
-    let mut rd = Half(stream.clone());
-    let mut inbuf = RecvBuf::new(RECV_BUF);
-    let negotiated = match negotiate(&shard, fd, &mut rd, &mut inbuf).await {
+    let mut reader = match Reader::new(stream.as_raw_fd(), RECV_BUF) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot set up connection");
+            return;
+        }
+    };
+    reader.set_timeout(Some(shard.limits.handshake_timeout));
+    // The reader's descriptor lives until the end of this function, so a
+    // shutdown through the registration never hits a closed, reused fd.
+    let _registration = shard.register(reader.fd());
+    let mut stream = stream;
+    let negotiated = match negotiate(&shard, &mut stream, &mut reader).await {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
@@ -54,7 +55,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
             return;
         }
     };
-    let _ = stream.borrow().set_read_timeout(None);
+    reader.set_timeout(None);
     let Some(export) = shard.table.get(&negotiated.export.name) else {
         return; // removed while we negotiated
     };
@@ -70,8 +71,8 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
     let outbox = Rc::new(Outbox::default());
     let writer = glommio::spawn_local({
         let outbox = outbox.clone();
-        let wr = Half(stream.clone());
-        async move { outbox.run(fd, wr).await }
+        let fd = stream.as_raw_fd();
+        async move { outbox.run(fd, stream).await }
     });
     let conn = Rc::new(Conn {
         session: Session {
@@ -87,7 +88,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
         io,
         outbox: outbox.clone(),
     });
-    if let Err(e) = conn.transmit(fd, &mut rd, &mut inbuf).await {
+    if let Err(e) = conn.transmit(&mut reader).await {
         tracing::debug!(%peer, error = %e, "connection ended");
     }
     // In-flight requests finish and their replies go out before we close.
@@ -101,15 +102,14 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
 /// Runs the handshake; None when the client left or was refused.
 async fn negotiate(
     shard: &ShardCtx,
-    fd: RawFd,
-    rd: &mut Half,
-    inbuf: &mut RecvBuf,
+    stream: &mut TcpStream,
+    reader: &mut Reader,
 ) -> io::Result<Option<Negotiated>> {
     let mut hs = Handshake::new();
     loop {
         if hs.has_output() {
             let out = hs.take_output();
-            rd.write_all(&out).await?;
+            stream.write_all(&out).await?;
         }
         if hs.is_closed() {
             return Ok(None);
@@ -118,17 +118,17 @@ async fn negotiate(
             return Ok(Some(n.clone()));
         }
         let want = hs.want();
-        if !inbuf.ensure(want, fd, rd).await? {
+        if !reader.ensure(want).await? {
             return Ok(None);
         }
         if shard.is_closing() {
             hs.begin_shutdown();
         }
-        let result = hs.receive(&inbuf.data()[..want], &*shard.table);
-        inbuf.consume(want);
+        let result = hs.receive(&reader.data()[..want], &*shard.table);
+        reader.consume(want);
         if let Err(e) = result {
             let out = hs.take_output();
-            let _ = rd.write_all(&out).await;
+            let _ = stream.write_all(&out).await;
             tracing::debug!(error = %e, "handshake refused");
             return Ok(None);
         }
@@ -153,14 +153,9 @@ enum Done {
 }
 
 impl Conn {
-    async fn transmit(
-        self: &Rc<Self>,
-        fd: RawFd,
-        rd: &mut Half,
-        inbuf: &mut RecvBuf,
-    ) -> io::Result<()> {
+    async fn transmit(self: &Rc<Self>, inbuf: &mut Reader) -> io::Result<()> {
         loop {
-            if self.outbox.failed() || !inbuf.ensure(REQUEST_LEN, fd, rd).await? {
+            if self.outbox.failed() || !inbuf.ensure(REQUEST_LEN).await? {
                 return Ok(());
             }
             let raw: [u8; REQUEST_LEN] = inbuf.data()[..REQUEST_LEN].try_into().unwrap();
@@ -179,7 +174,13 @@ impl Conn {
                 _ => 0,
             };
             let permit = Permit::acquire(&self.budget, &self.shard.budget, reserve).await;
-            let cmd = match validate(&hdr, &self.session) {
+            // The backend's size now, not the handshake's: after a resize the
+            // connected clients (the kernel after RECONFIGURE) reach the new range.
+            let session = Session {
+                size: self.export.backend.size(),
+                ..self.session
+            };
+            let cmd = match validate(&hdr, &session) {
                 Ok(Command::Disconnect) => return Ok(()),
                 Ok(_) if self.shard.is_closing() => Err(Errno::Shutdown),
                 other => other,
@@ -194,13 +195,13 @@ impl Conn {
                         tracing::info!(len = payload, "oversized write; closing connection");
                         return Ok(());
                     }
-                    recvbuf::skip(inbuf, fd, rd, payload).await?;
+                    inbuf.skip(payload).await?;
                     continue;
                 }
             };
             let data = if let Command::Write { len, .. } = cmd {
                 let mut v = self.outbox.pool.get(len as usize);
-                recvbuf::read_payload(inbuf, fd, rd, &mut v, len as usize).await?;
+                inbuf.read_payload(&mut v, len as usize).await?;
                 Some(v)
             } else {
                 None
@@ -364,36 +365,4 @@ async fn execute(
         }
         Command::Disconnect => Done::Empty,
     })
-}
-
-/// One direction of a shared stream. glommio keeps separate read and write
-/// readiness state, and no borrow is held across an await.
-struct Half(Rc<RefCell<TcpStream>>);
-
-impl AsyncRead for Half {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Half {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
-    }
 }

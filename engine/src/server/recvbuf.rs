@@ -1,24 +1,55 @@
-//! The connection's receive buffer. Reads try a non-blocking recv first and
-//! only fall back to glommio (which waits for readiness) on EAGAIN, which
-//! saves a readiness poll per batch of pipelined requests.
+//! The connection's read side: a receive buffer filled by non-blocking
+//! `recv` calls, waiting through io_uring only when the socket is empty.
+//!
+//! The wait is a one-byte `MSG_PEEK` on a duplicate of the socket, so an
+//! idle connection costs one failed `recv` and one io_uring operation per
+//! wakeup, and payloads are received straight into their final buffer
+//! without being zero-filled first. glommio's own `read` would try a `recv`
+//! of its own before waiting and again after, and only reads into
+//! initialised memory.
 
-use futures_lite::AsyncReadExt;
+use glommio::net::TcpStream;
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::time::{Duration, Instant};
 
-pub struct RecvBuf {
+pub struct Reader {
+    /// Our duplicate of the socket; shutting it down wakes a pending wait.
+    waiter: TcpStream,
+    fd: RawFd,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// A wait past this instant fails with TimedOut (handshake slowloris guard).
+    deadline: Option<Instant>,
 }
 
-impl RecvBuf {
-    pub fn new(capacity: usize) -> Self {
-        RecvBuf {
+impl Reader {
+    /// Reads from `socket` through a duplicate descriptor owned by the reader.
+    pub fn new(socket: RawFd, capacity: usize) -> io::Result<Self> {
+        // SAFETY: dup of a descriptor that is open for the duration of the call.
+        let fd = unsafe { libc::fcntl(socket, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own; the stream closes it.
+        let waiter = unsafe { TcpStream::from_raw_fd(fd) };
+        Ok(Reader {
+            waiter,
+            fd,
             buf: vec![0u8; capacity].into_boxed_slice(),
             start: 0,
             end: 0,
-        }
+            deadline: None,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.waiter.as_raw_fd()
+    }
+
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.deadline = timeout.map(|t| Instant::now() + t);
     }
 
     pub fn data(&self) -> &[u8] {
@@ -38,34 +69,41 @@ impl RecvBuf {
         }
     }
 
+    /// Waits until the socket has data or is closed.
+    async fn readable(&self) -> io::Result<()> {
+        let mut probe = [0u8; 1];
+        let peek = self.waiter.peek(&mut probe);
+        let result = match self.deadline {
+            None => peek.await,
+            Some(at) => {
+                glommio::timer::timeout(at.saturating_duration_since(Instant::now()), peek).await
+            }
+        };
+        result.map(drop).map_err(Into::into)
+    }
+
     /// Reads more bytes; Ok(0) is end of stream.
-    pub async fn fill<R: futures_lite::AsyncRead + Unpin>(
-        &mut self,
-        fd: RawFd,
-        reader: &mut R,
-    ) -> io::Result<usize> {
+    async fn fill(&mut self) -> io::Result<usize> {
         if self.end == self.buf.len() {
             // Move the partial tail to the front; it is at most one request.
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        let space = &mut self.buf[self.end..];
-        let n = match recv_now(fd, space) {
-            Some(r) => r?,
-            None => reader.read(space).await?,
-        };
-        self.end += n;
-        Ok(n)
+        loop {
+            let space = &mut self.buf[self.end..];
+            // SAFETY: space is valid writable memory of space.len() bytes.
+            if let Some(r) = unsafe { recv_raw(self.fd, space.as_mut_ptr(), space.len()) } {
+                let n = r?;
+                self.end += n;
+                return Ok(n);
+            }
+            self.readable().await?;
+        }
     }
 
     /// Ensures at least `n` bytes are buffered; false on end of stream.
-    pub async fn ensure<R: futures_lite::AsyncRead + Unpin>(
-        &mut self,
-        n: usize,
-        fd: RawFd,
-        reader: &mut R,
-    ) -> io::Result<bool> {
+    pub async fn ensure(&mut self, n: usize) -> io::Result<bool> {
         debug_assert!(n <= self.buf.len());
         while self.len() < n {
             if self.start + n > self.buf.len() {
@@ -73,20 +111,55 @@ impl RecvBuf {
                 self.end -= self.start;
                 self.start = 0;
             }
-            if self.fill(fd, reader).await? == 0 {
+            if self.fill().await? == 0 {
                 return Ok(false);
             }
         }
         Ok(true)
     }
+
+    /// Appends exactly `len` payload bytes to `dst`: first what is already
+    /// buffered, then the rest straight from the socket into `dst` itself.
+    pub async fn read_payload(&mut self, dst: &mut Vec<u8>, len: usize) -> io::Result<()> {
+        let have = self.len().min(len);
+        dst.extend_from_slice(&self.data()[..have]);
+        self.consume(have);
+        dst.reserve(len - dst.len());
+        while dst.len() < len {
+            let at = dst.len();
+            // SAFETY: the spare capacity holds at least len - at bytes.
+            let Some(r) = (unsafe { recv_raw(self.fd, dst.as_mut_ptr().add(at), len - at) }) else {
+                self.readable().await?;
+                continue;
+            };
+            let n = r?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            // SAFETY: recv initialised these n bytes.
+            unsafe { dst.set_len(at + n) };
+        }
+        Ok(())
+    }
+
+    /// Discards `n` bytes without holding more than the buffer's worth.
+    pub async fn skip(&mut self, mut n: usize) -> io::Result<()> {
+        loop {
+            let take = self.len().min(n);
+            self.consume(take);
+            n -= take;
+            if n == 0 {
+                return Ok(());
+            }
+            if self.fill().await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
 }
 
 /// A recv that never blocks; None means "would block".
-pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
-    // SAFETY: buf is valid writable memory of buf.len() bytes.
-    unsafe { recv_raw(fd, buf.as_mut_ptr(), buf.len()) }
-}
-
+///
 /// # Safety
 /// `ptr` must be valid for writes of `len` bytes (initialised or not).
 unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> Option<io::Result<usize>> {
@@ -100,66 +173,6 @@ unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> Option<io::Result<usi
             Some(libc::EINTR) => continue,
             Some(libc::EAGAIN) => return None,
             _ => return Some(Err(err)),
-        }
-    }
-}
-
-/// Bytes zeroed for each wait on an empty socket (glommio reads into
-/// initialised memory only); the rest of a payload is never pre-filled.
-const WAIT_WINDOW: usize = 64 * 1024;
-
-/// Appends exactly `len` payload bytes to `dst`: first what is already
-/// buffered, then the rest straight from the socket into `dst` itself.
-pub async fn read_payload<R: futures_lite::AsyncRead + Unpin>(
-    buf: &mut RecvBuf,
-    fd: RawFd,
-    reader: &mut R,
-    dst: &mut Vec<u8>,
-    len: usize,
-) -> io::Result<()> {
-    let have = buf.len().min(len);
-    dst.extend_from_slice(&buf.data()[..have]);
-    buf.consume(have);
-    dst.reserve(len - dst.len());
-    while dst.len() < len {
-        let at = dst.len();
-        let want = len - at;
-        // SAFETY: the spare capacity holds at least `want` bytes.
-        let n = match unsafe { recv_raw(fd, dst.as_mut_ptr().add(at), want) } {
-            Some(r) => r?,
-            None => {
-                let window = want.min(WAIT_WINDOW);
-                dst.resize(at + window, 0);
-                let n = reader.read(&mut dst[at..]).await;
-                dst.truncate(at);
-                n?
-            }
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        // SAFETY: recv (or the read into the zeroed window) initialised these n bytes.
-        unsafe { dst.set_len(at + n) };
-    }
-    Ok(())
-}
-
-/// Discards `n` bytes without holding more than the buffer's worth.
-pub async fn skip<R: futures_lite::AsyncRead + Unpin>(
-    buf: &mut RecvBuf,
-    fd: RawFd,
-    reader: &mut R,
-    mut n: usize,
-) -> io::Result<()> {
-    loop {
-        let take = buf.len().min(n);
-        buf.consume(take);
-        n -= take;
-        if n == 0 {
-            return Ok(());
-        }
-        if buf.fill(fd, reader).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
 }
