@@ -207,6 +207,12 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
                     .ok_or_else(|| format!("option needs KEY=VALUE, not {kv:?}"))?;
                 options.insert(k.to_owned(), v.to_owned());
             }
+            // `server H[:PORT]`: sugar for `option server=H[:PORT]`.
+            if handler == Handler::Gluster {
+                if let Some(server) = words.value("server")? {
+                    options.insert("server".into(), server);
+                }
+            }
             let key = words.positional("KEY")?;
             let size = size.ok_or("create needs size SIZE (e.g. size 10G)")?;
             Command::Create {
@@ -277,6 +283,19 @@ mod tests {
 
     fn cmd(s: &str) -> Command {
         p(s).unwrap_or_else(|e| panic!("{s}: {e}")).command
+    }
+
+    #[test]
+    fn gluster_server_keyword_is_an_option() {
+        let Command::Create { options, .. } =
+            cmd("gluster create vol/a.img size 1G server gl1:24008 option x=y")
+        else {
+            panic!("not a create");
+        };
+        assert_eq!(options.get("server").map(String::as_str), Some("gl1:24008"));
+        assert_eq!(options.get("x").map(String::as_str), Some("y"));
+        // Other handlers have no such keyword.
+        assert!(p("mem create a size 1M server gl1").is_err());
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct RunnerArgs {
     /// e.g. mem:disk0,size=1G or file:/var/lib/img/a.raw,size=10G. Repeatable.
     #[arg(long = "export", value_name = "SPEC")]
     pub exports: Vec<ExportSpec>,
+    /// glusterd that serves gluster volfiles, HOST[:PORT] [default:
+    /// localhost:24007]; a backstore's `option server=...` overrides it.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub gluster_server: Option<String>,
     /// Seconds a client may take to finish the NBD handshake before it is
     /// dropped (guards against clients that connect and stall).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -52,7 +56,11 @@ pub struct RunnerArgs {
 impl RunnerArgs {
     /// Runner-wide handler settings (`HANDLER.NAME` = value) from the flags.
     pub fn handler_defaults(&self) -> nbd_control::handlers::HandlerDefaults {
-        Default::default()
+        let mut d = nbd_control::handlers::HandlerDefaults::default();
+        if let Some(s) = &self.gluster_server {
+            d.insert("gluster.server".into(), s.clone());
+        }
+        d
     }
 
     pub fn io_addr(&self) -> SocketAddr {
@@ -80,6 +88,7 @@ const KEYWORDS: &[(&str, bool)] = &[
     ("state-dir", true),
     ("export", true),
     ("token-file", true),
+    ("gluster-server", true),
 ];
 
 /// Rewrites keyword forms into flags, leaving values untouched.
@@ -167,6 +176,36 @@ mod tests {
         assert_eq!(v, ["nbd-runner", "--export", "threads"]);
         let v = normalize(["nbd-runner", "export", "mem:help,size=1M"].map(String::from));
         assert_eq!(v, ["nbd-runner", "--export", "mem:help,size=1M"]);
+    }
+
+    #[test]
+    fn gluster_server_default_for_handlers() {
+        let a = parse(&["nbd-runner", "gluster-server", "gl1:24008"]).unwrap();
+        let d = a.handler_defaults();
+        assert_eq!(
+            d.get("gluster.server").map(String::as_str),
+            Some("gl1:24008")
+        );
+        assert!(parse(&["nbd-runner"])
+            .unwrap()
+            .handler_defaults()
+            .is_empty());
+    }
+
+    #[test]
+    fn ceph_defaults_for_handlers() {
+        let a = parse(&[
+            "nbd-runner",
+            "--ceph-conf",
+            "/c/ceph.conf",
+            "ceph-id",
+            "nbd",
+        ])
+        .unwrap();
+        let d = a.handler_defaults();
+        assert_eq!(d.get("ceph.conf").map(String::as_str), Some("/c/ceph.conf"));
+        assert_eq!(d.get("ceph.id").map(String::as_str), Some("nbd"));
+        assert!(!d.contains_key("ceph.keyring"));
     }
 
     #[test]

@@ -8,6 +8,9 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
+#[cfg(feature = "gluster")]
+use nbd_engine::backend::gluster::{GlusterBackend, VolfileServer};
+
 /// Runner-wide handler settings, keyed `HANDLER.NAME` (e.g. `gluster.server`,
 /// `ceph.conf`), from the runner's flags.
 pub type HandlerDefaults = BTreeMap<String, String>;
@@ -29,6 +32,9 @@ pub fn setting<'a>(
 pub fn available(h: Handler) -> Result<(), String> {
     match h {
         Handler::File | Handler::Mem => Ok(()),
+        #[cfg(feature = "gluster")]
+        Handler::Gluster => Ok(()),
+        #[allow(unreachable_patterns)]
         Handler::Gluster | Handler::Ceph => Err(format!(
             "this nbd-runner was built without the {h} handler (cargo feature \"{h}\")"
         )),
@@ -68,8 +74,28 @@ pub fn open(
             }
             Ok((Arc::new(backend), create && !existed))
         }
-        Handler::Gluster | Handler::Ceph => unreachable!("checked by available()"),
+        #[cfg(feature = "gluster")]
+        Handler::Gluster => {
+            let server = gluster_server(b, _defaults)?;
+            let create = create.then_some((b.size, b.prealloc));
+            let (backend, created) = GlusterBackend::open(&server, &b.key, create, false)?;
+            Ok((Arc::new(backend), created))
+        }
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("checked by available()"),
     }
+}
+
+/// A gluster backstore's volfile server: its own `server` option, else the
+/// runner's `--gluster-server`, else localhost:24007.
+#[cfg(feature = "gluster")]
+fn gluster_server(
+    b: &SavedBackstore,
+    defaults: &HandlerDefaults,
+) -> Result<VolfileServer, BackendError> {
+    setting(b, defaults, "server").map_or(Ok(VolfileServer::default()), |s| {
+        s.parse().map_err(BackendError::Config)
+    })
 }
 
 fn preallocate(path: &Path, size: u64) -> Result<(), BackendError> {
@@ -90,6 +116,10 @@ fn preallocate(path: &Path, size: u64) -> Result<(), BackendError> {
 /// Removes the storage of a deleted backstore we created; adopted storage stays.
 pub fn remove(b: &SavedBackstore, _defaults: &HandlerDefaults) -> Result<(), BackendError> {
     match b.handler {
+        #[cfg(feature = "gluster")]
+        Handler::Gluster if b.owned => {
+            GlusterBackend::remove(&gluster_server(b, _defaults)?, &b.key)
+        }
         Handler::File if b.owned => match std::fs::remove_file(&b.key) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

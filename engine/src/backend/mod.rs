@@ -7,6 +7,8 @@
 //! executor, so io_uring rings and file descriptors stay shard-local.
 
 pub mod file;
+#[cfg(feature = "gluster")]
+pub mod gluster;
 pub mod mem;
 
 use crate::protocol::consts::*;
