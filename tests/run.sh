@@ -26,4 +26,21 @@ fi
 # Debian's python3-libnbd lives beside /usr/bin/python3, which nbdsh must find
 # first even when another python3 (pyenv, venv) leads the PATH.
 export PATH="/usr/bin:$PATH"
-exec cargo test --workspace --all-targets "$@"
+
+# ---- gluster -------------------------------------------------------------------
+# A real single-brick GlusterFS volume on loopback for tests/gluster.rs (the
+# script installs glusterfs-server libglusterfs-dev attr when missing). Once it
+# is up the gluster tests are expected: a broken volume fails them. Not root:
+# skipped with a note (the tests then skip themselves too). The volume stays up.
+gluster_features=()
+if [ "$(id -u)" = 0 ] && [ "${NBD_TEST_GLUSTER:-1}" != 0 ]; then
+  export NBD_TEST_GLUSTER_VOLUME=${NBD_TEST_GLUSTER_VOLUME:-nbdtest}
+  export NBD_TEST_GLUSTER_BRICK=${NBD_TEST_GLUSTER_BRICK:-/var/tmp/nbd-runner-gluster/brick}
+  export NBD_TEST_GLUSTER_SERVER=${NBD_TEST_GLUSTER_SERVER:-127.0.0.1}
+  tests/gluster/start-gluster.sh "$NBD_TEST_GLUSTER_VOLUME" "$NBD_TEST_GLUSTER_BRICK"
+  gluster_features=(--features nbd-cli/gluster)
+else
+  echo "tests/run.sh: not root (or NBD_TEST_GLUSTER=0): gluster tests skipped" >&2
+fi
+
+exec cargo test --workspace --all-targets "${gluster_features[@]}" "$@"
