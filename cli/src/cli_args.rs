@@ -8,6 +8,7 @@
 //! nbd-cli <handler> unmap </dev/nbdX|KEY> [host H]
 //! nbd-cli <handler> list [map|unmap|create|dead|live|all] [host H]
 //! nbd-cli [<handler>] info|stats <KEY> [host H]
+//! nbd-cli <handler> resize <KEY> size <SIZE> [allow-shrink] [host H]
 //! nbd-cli help | version | <handler> help
 //! ```
 
@@ -61,6 +62,13 @@ pub enum Command {
     },
     Stats {
         key: String,
+    },
+    Resize {
+        handler: Handler,
+        key: String,
+        size: u64,
+        /// Shrinking discards data past the new end: only when asked.
+        shrink: bool,
     },
 }
 
@@ -223,6 +231,18 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
                 options,
             }
         }
+        "resize" => {
+            let size = words.value("size")?;
+            let shrink = words.switch("allow-shrink");
+            let key = words.positional("KEY")?;
+            let size = size.ok_or("resize needs size SIZE (e.g. size 20G)")?;
+            Command::Resize {
+                handler,
+                key,
+                size: parse_size(&size).map_err(|e| e.to_string())?,
+                shrink,
+            }
+        }
         "delete" => Command::Delete {
             handler,
             key: words.positional("KEY")?,
@@ -283,6 +303,28 @@ mod tests {
 
     fn cmd(s: &str) -> Command {
         p(s).unwrap_or_else(|e| panic!("{s}: {e}")).command
+    }
+
+    #[test]
+    fn resize_grammar() {
+        assert_eq!(
+            cmd("ceph resize rbd/disk0 size 2G"),
+            Command::Resize {
+                handler: Handler::Ceph,
+                key: "rbd/disk0".into(),
+                size: 2 << 30,
+                shrink: false
+            }
+        );
+        assert!(matches!(
+            cmd("ceph resize --size=1M rbd/disk0 --allow-shrink"),
+            Command::Resize {
+                shrink: true,
+                size: 1048576,
+                ..
+            }
+        ));
+        assert!(p("ceph resize rbd/disk0").is_err());
     }
 
     #[test]

@@ -91,7 +91,8 @@ fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Stri
             timeout_secs: opts.timeout,
             dead_conn_timeout_secs: Some(DEAD_CONN_TIMEOUT_SECS),
             backend_id: target.cookie.clone(),
-            size_bytes: None,
+            // The export may have been resized while the device was dead.
+            size_bytes: Some(info.size),
         })
         .with_context(|| format!("reattaching {dead}"))?;
         return Ok(dead.clone());
@@ -107,6 +108,21 @@ fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Stri
     // The kernel holds its own references to the sockets now.
     drop(sockets);
     Ok(netlink::device_path(index).display().to_string())
+}
+
+/// Tells the kernel a mapped device's export has a new size
+/// (NBD_CMD_RECONFIGURE with the size and no sockets).
+pub fn resize_device(device: &str, cookie: &str, size: u64) -> Result<()> {
+    let index = netlink::parse_device(device).ok_or_else(|| anyhow!("bad device {device}"))?;
+    netlink::reconfigure(&ReconfigureParams {
+        index,
+        sockets: Vec::new(),
+        timeout_secs: None,
+        dead_conn_timeout_secs: None,
+        backend_id: cookie.to_owned(),
+        size_bytes: Some(size),
+    })
+    .with_context(|| format!("telling the kernel {device} has {size} bytes"))
 }
 
 /// Unmaps by key or device; returns the device that was released.

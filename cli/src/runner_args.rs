@@ -43,6 +43,17 @@ pub struct RunnerArgs {
     /// e.g. mem:disk0,size=1G or file:/var/lib/img/a.raw,size=10G. Repeatable.
     #[arg(long = "export", value_name = "SPEC")]
     pub exports: Vec<ExportSpec>,
+    /// ceph.conf for ceph backstores [default: librados' search path];
+    /// a backstore's `option conf=...` overrides it.
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+    /// Ceph client id (`admin` for client.admin) for ceph backstores.
+    #[arg(long, value_name = "NAME")]
+    pub ceph_id: Option<String>,
+    /// Keyring file holding the ceph client's key (referred to by path,
+    /// never copied into saveconfig.json).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_keyring: Option<PathBuf>,
     /// glusterd that serves gluster volfiles, HOST[:PORT] [default:
     /// localhost:24007]; a backstore's `option server=...` overrides it.
     #[arg(long, value_name = "HOST[:PORT]")]
@@ -57,6 +68,16 @@ impl RunnerArgs {
     /// Runner-wide handler settings (`HANDLER.NAME` = value) from the flags.
     pub fn handler_defaults(&self) -> nbd_control::handlers::HandlerDefaults {
         let mut d = nbd_control::handlers::HandlerDefaults::default();
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        for (k, v) in [
+            ("ceph.conf", path(&self.ceph_conf)),
+            ("ceph.id", self.ceph_id.clone()),
+            ("ceph.keyring", path(&self.ceph_keyring)),
+        ] {
+            if let Some(v) = v {
+                d.insert(k.into(), v);
+            }
+        }
         if let Some(s) = &self.gluster_server {
             d.insert("gluster.server".into(), s.clone());
         }
@@ -88,6 +109,9 @@ const KEYWORDS: &[(&str, bool)] = &[
     ("state-dir", true),
     ("export", true),
     ("token-file", true),
+    ("ceph-conf", true),
+    ("ceph-id", true),
+    ("ceph-keyring", true),
     ("gluster-server", true),
 ];
 

@@ -32,6 +32,8 @@ pub fn setting<'a>(
 pub fn available(h: Handler) -> Result<(), String> {
     match h {
         Handler::File | Handler::Mem => Ok(()),
+        #[cfg(feature = "ceph")]
+        Handler::Ceph => Ok(()),
         #[cfg(feature = "gluster")]
         Handler::Gluster => Ok(()),
         #[allow(unreachable_patterns)]
@@ -74,6 +76,13 @@ pub fn open(
             }
             Ok((Arc::new(backend), create && !existed))
         }
+        #[cfg(feature = "ceph")]
+        Handler::Ceph => {
+            let spec = ceph_spec(b, _defaults)?;
+            let (backend, created) =
+                nbd_engine::backend::ceph::CephBackend::open(&spec, b.size, create, false)?;
+            Ok((Arc::new(backend), created))
+        }
         #[cfg(feature = "gluster")]
         Handler::Gluster => {
             let server = gluster_server(b, _defaults)?;
@@ -84,6 +93,17 @@ pub fn open(
         #[allow(unreachable_patterns)]
         _ => unreachable!("checked by available()"),
     }
+}
+
+/// A ceph backstore's key and settings (its own options over `ceph.*` defaults).
+#[cfg(feature = "ceph")]
+fn ceph_spec(
+    b: &SavedBackstore,
+    defaults: &HandlerDefaults,
+) -> Result<nbd_engine::backend::ceph::CephSpec, BackendError> {
+    nbd_engine::backend::ceph::CephSpec::parse(&b.key, |name| {
+        setting(b, defaults, name).map(str::to_owned)
+    })
 }
 
 /// A gluster backstore's volfile server: its own `server` option, else the
@@ -116,6 +136,8 @@ fn preallocate(path: &Path, size: u64) -> Result<(), BackendError> {
 /// Removes the storage of a deleted backstore we created; adopted storage stays.
 pub fn remove(b: &SavedBackstore, _defaults: &HandlerDefaults) -> Result<(), BackendError> {
     match b.handler {
+        #[cfg(feature = "ceph")]
+        Handler::Ceph if b.owned => ceph_spec(b, _defaults)?.remove(),
         #[cfg(feature = "gluster")]
         Handler::Gluster if b.owned => {
             GlusterBackend::remove(&gluster_server(b, _defaults)?, &b.key)

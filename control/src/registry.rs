@@ -244,11 +244,67 @@ impl Registry {
             return Err(e);
         }
         self.table.remove(key);
-        if let Err(e) = handlers::remove(&entry.saved, &self.defaults) {
+        // Close the storage before removing it (an open rbd image has a watcher).
+        let Entry { saved, export, .. } = entry;
+        drop(export);
+        if let Err(e) = handlers::remove(&saved, &self.defaults) {
             tracing::warn!(backstore = %key, error = %e, "deleted, but its storage was not removed");
         }
         tracing::info!(backstore = %key, "deleted");
         Ok(())
+    }
+
+    /// Resizes a backstore's storage. Shrinking throws away what lies past
+    /// the new end, so it needs `shrink` (nbd-cli's `allow-shrink`).
+    /// Returns the backstore and its kernel cookie, for a mapped device.
+    pub fn resize(
+        &mut self,
+        handler: Handler,
+        key: &str,
+        size: u64,
+        shrink: bool,
+    ) -> Result<(BackstoreInfo, String), CtlError> {
+        let entry = self.entry(Some(handler), key)?;
+        if size == 0 {
+            return fail(ErrorCode::InvalidArgument, "size must be more than 0");
+        }
+        if matches!(entry.saved.state, State::Mapping | State::Unmapping) {
+            return fail(
+                ErrorCode::WrongState,
+                format!("{key:?} is {}; try again shortly", entry.saved.state),
+            );
+        }
+        let Some(export) = entry.export.clone() else {
+            let why = entry.error.clone().unwrap_or_default();
+            return fail(ErrorCode::Backend, format!("{key:?} is not open: {why}"));
+        };
+        let current = export.backend.size();
+        if size < current && !shrink {
+            return fail(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{key:?} has {current} bytes; shrinking to {size} discards everything \
+                     past the new end (give allow-shrink to do it anyway)"
+                ),
+            );
+        }
+        if size != current {
+            export.backend.resize(size).map_err(|e| match e {
+                nbd_engine::backend::BackendError::Unsupported => CtlError {
+                    code: ErrorCode::Unsupported,
+                    message: format!("{handler} backstores cannot be resized"),
+                },
+                e => CtlError {
+                    code: ErrorCode::Backend,
+                    message: e.to_string(),
+                },
+            })?;
+        }
+        let now = export.backend.size();
+        self.transition(key, |s| s.size = now)?;
+        tracing::info!(backstore = %key, from = current, to = now, "resized");
+        let cookie = cookie(&self.entries[key].saved);
+        Ok((self.info(key)?, cookie))
     }
 
     pub fn map_begin(&mut self, handler: Handler, key: &str) -> Result<MapTarget, CtlError> {

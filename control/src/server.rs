@@ -253,6 +253,14 @@ fn dispatch(registry: &Mutex<Registry>, request: Request) -> Response {
         Request::List { handler, filter } => Ok(Response::List(reg.list(handler, filter))),
         Request::Info { key } => reg.info(&key).map(Response::Backstore),
         Request::Stats { key } => reg.stats(&key).map(Response::Stats),
+        Request::Resize {
+            handler,
+            key,
+            size,
+            shrink,
+        } => reg
+            .resize(handler, &key, size, shrink)
+            .map(|(info, cookie)| Response::Resized { info, cookie }),
     };
     result.unwrap_or_else(|e| error(e.code, e.message))
 }

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"NBDR";
 /// Bumped on any change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame either side accepts; real messages are a few KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 const MAX_TOKEN: usize = 4096;
@@ -227,6 +227,13 @@ pub enum Request {
     Stats {
         key: String,
     },
+    /// Grows (or, with `shrink`, shrinks) a backstore's storage.
+    Resize {
+        handler: Handler,
+        key: String,
+        size: u64,
+        shrink: bool,
+    },
 }
 
 /// Where `map` connects and what it must check.
@@ -270,7 +277,16 @@ pub enum Response {
     Unmap(UnmapTarget),
     List(Vec<BackstoreInfo>),
     Stats(StatsReport),
-    Error { code: ErrorCode, message: String },
+    /// After a resize: the backstore, and the cookie nbd-cli needs to tell
+    /// the kernel about the new size when it is mapped.
+    Resized {
+        info: BackstoreInfo,
+        cookie: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use nbd_cli::cli_args::{self, Command, Global, Invocation};
 use nbd_cli::{cli_output, map, token};
 use nbd_control::client::{Client, Endpoint};
-use nbd_control::model::Handler;
+use nbd_control::model::{Handler, State};
 use nbd_control::wire::{CreateRequest, Request, Response};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -130,6 +130,36 @@ fn run(inv: Invocation) -> Result<()> {
             };
             emit(json, &s, || cli_output::stats(&s))
         }
+        Command::Resize {
+            handler,
+            key,
+            size,
+            shrink,
+        } => {
+            let req = Request::Resize {
+                handler,
+                key,
+                size,
+                shrink,
+            };
+            let Response::Resized { info, cookie } = client.call(&req)? else {
+                bail!("unexpected answer to resize");
+            };
+            // A live device learns the new size now; a dead one when it is reattached.
+            if let (State::Mapped, Some(dev)) = (info.state, &info.device) {
+                map::resize_device(dev, &cookie, info.size)?;
+            }
+            emit(json, &info, || {
+                format!(
+                    "resized {} to {}{}\n",
+                    info.key,
+                    cli_output::human_size(info.size),
+                    info.device
+                        .as_deref()
+                        .map_or(String::new(), |d| format!(" ({d})"))
+                )
+            })
+        }
         Command::Help(_) | Command::Version => unreachable!("handled above"),
     }
 }
@@ -173,6 +203,9 @@ fn help(handler: Option<Handler>) -> String {
          \tnbd-cli {h} list [map|unmap|create|dead|live|all] [host <RUNNER_HOST>]\n\
          \tnbd-cli [{h}] info {key}     size, flags, state, device, connections per shard\n\
          \tnbd-cli [{h}] stats {key}    IOPS and latency percentiles per operation\n\
+         \tnbd-cli {h} resize {key} size <SIZE> [allow-shrink]\n\
+         \t\tGrow the backstore (ceph); a mapped device sees the new size. Shrinking\n\
+         \t\tdiscards data past the new end and needs allow-shrink.\n\
          \tnbd-cli help | version | {h} help\n\n\
          Options anywhere: --host HOST[:PORT] (default 127.0.0.1:24110, or a unix socket path),\n\
          --json, --token-file PATH (a runner listening beyond loopback needs its token),\n\

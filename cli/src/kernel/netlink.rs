@@ -286,7 +286,9 @@ pub fn disconnect(index: u32) -> Result<()> {
 /// never lands on the wrong backstore.
 pub fn reconfigure(p: &ReconfigureParams) -> Result<()> {
     let op = Op::Reconfigure;
-    if p.sockets.is_empty() {
+    // A size change alone needs no sockets (the kernel only requires a
+    // configured device), as rbd-nbd's resize does.
+    if p.sockets.is_empty() && p.size_bytes.is_none() {
         return Err(NetlinkError::InvalidParams {
             op,
             message: "no sockets to attach".into(),
@@ -468,7 +470,9 @@ fn reconfigure_attrs(
     if !p.backend_id.is_empty() {
         a.push(attr_of(attr::BACKEND_IDENTIFIER, p.backend_id.as_str())?);
     }
-    a.push(sockets_attr(&p.sockets)?);
+    if !p.sockets.is_empty() {
+        a.push(sockets_attr(&p.sockets)?);
+    }
     Ok(a.into_iter().collect())
 }
 

@@ -112,6 +112,24 @@ fn optional_attributes_are_left_out() {
 }
 
 #[test]
+fn resize_message_has_no_sockets() {
+    let p = ReconfigureParams {
+        index: 3,
+        sockets: vec![],
+        timeout_secs: None,
+        dead_conn_timeout_secs: None,
+        backend_id: "k".into(),
+        size_bytes: Some(2 << 30),
+    };
+    let attrs = split(&serialize(&reconfigure_attrs(&p).unwrap()));
+    let kinds: Vec<u16> = attrs.iter().map(|a| a.0).collect();
+    assert_eq!(
+        kinds,
+        vec![attr::INDEX, attr::SIZE_BYTES, attr::BACKEND_IDENTIFIER]
+    );
+}
+
+#[test]
 fn reconfigure_message_layout() {
     let p = ReconfigureParams {
         index: 5,

@@ -6,6 +6,8 @@
 //! [`Backend::attach`] opens a per-shard [`BackendIo`] inside that shard's
 //! executor, so io_uring rings and file descriptors stay shard-local.
 
+#[cfg(feature = "ceph")]
+pub mod ceph;
 pub mod file;
 #[cfg(feature = "gluster")]
 pub mod gluster;
@@ -161,6 +163,11 @@ pub trait Backend: Send + Sync + 'static {
     fn mode(&self) -> String;
     /// Opens this backstore on the calling shard.
     fn attach(&self) -> IoFuture<'static, Rc<dyn BackendIo>>;
+    /// Grows or shrinks the backstore to `size` bytes; later requests are
+    /// checked against the new size. Blocking: control plane only.
+    fn resize(&self, _size: u64) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported)
+    }
 }
 
 /// Per-shard IO. Offsets and lengths are already range-checked by the protocol layer.

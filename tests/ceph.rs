@@ -1,0 +1,549 @@
+//! The ceph handler against a real Ceph cluster on loopback (started by
+//! tests/ceph/start-ceph.sh; tests/run.sh does it and exports
+//! NBD_TEST_CEPH_CONF). Real clients (qemu-io, nbdcopy, nbdinfo, fio,
+//! libnbd) drive the IO route and `rbd` reads the image behind our back.
+//!
+//! Without NBD_TEST_CEPH_CONF these tests skip with a message. With it set,
+//! a broken cluster fails them.
+
+mod common;
+
+use common::*;
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+/// The cluster's ceph.conf, or None (skip) when no cluster was provided.
+fn ceph_conf() -> Option<String> {
+    match std::env::var("NBD_TEST_CEPH_CONF") {
+        Ok(c) if !c.is_empty() => {
+            assert!(
+                std::path::Path::new(&c).exists(),
+                "NBD_TEST_CEPH_CONF={c} does not exist: the cluster is expected but missing"
+            );
+            Some(c)
+        }
+        _ => {
+            eprintln!(
+                "SKIP: NBD_TEST_CEPH_CONF is not set (tests/run.sh starts a cluster with \
+                 tests/ceph/start-ceph.sh and sets it)"
+            );
+            None
+        }
+    }
+}
+
+/// A fresh image name in pool `rbd`, unique per test and process.
+fn image(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "rbd/t{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn runner(conf: &str, extra: &[&str]) -> Runner {
+    let mut args = vec!["--threads", "2", "--ceph-conf", conf];
+    args.extend_from_slice(extra);
+    Runner::start_with(&args)
+}
+
+fn cli(r: &Runner, args: &[&str]) -> Output {
+    let mut full = vec!["--host", r.rpc.as_str()];
+    full.extend_from_slice(args);
+    run(env!("CARGO_BIN_EXE_nbd-cli"), &full)
+}
+
+fn cli_ok(r: &Runner, args: &[&str]) -> String {
+    let out = cli(r, args);
+    assert!(
+        out.status.success(),
+        "nbd-cli {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Asserts a failure whose one-line reason contains `want`.
+fn cli_fails(r: &Runner, args: &[&str], want: &str) -> String {
+    let out = cli(r, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "nbd-cli {args:?} succeeded");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains(want),
+        "nbd-cli {args:?}: {err:?} lacks {want:?}"
+    );
+    err
+}
+
+fn rbd(conf: &str, args: &[&str]) -> Output {
+    let mut full = vec!["-c", conf];
+    full.extend_from_slice(args);
+    run("rbd", &full)
+}
+
+/// The whole image as `rbd export` (a separate librbd client) sees it.
+fn rbd_export(conf: &str, key: &str, dir: &tempfile::TempDir) -> Vec<u8> {
+    let out = tmp_path(dir, "rbd-export.raw");
+    let _ = std::fs::remove_file(&out);
+    let o = rbd(conf, &["export", "--no-progress", key, path_str(&out)]);
+    assert!(
+        o.status.success(),
+        "rbd export {key}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read(&out).unwrap()
+}
+
+fn sha256(data: &[u8], dir: &tempfile::TempDir) -> String {
+    let p = tmp_path(dir, "sum.raw");
+    write_file(&p, data);
+    run_ok("sha256sum", &[path_str(&p)])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad json {e}: {s}"))
+}
+
+fn nbdinfo(uri: &str) -> serde_json::Value {
+    json(&run_ok("nbdinfo", &["--json", uri]))["exports"][0].clone()
+}
+
+/// Bytes reported as holes by base:allocation.
+fn hole_bytes(uri: &str) -> u64 {
+    json(&run_ok("nbdinfo", &["--map", "--json", uri]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"].as_u64().unwrap() & 1 != 0)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn create_and_serve_with_qemu_io_nbdinfo_and_libnbd() {
+    let Some(conf) = ceph_conf() else { return };
+    let r = runner(&conf, &[]);
+    let key = image("io");
+    let out = cli_ok(&r, &["ceph", "create", &key, "size", "64M"]);
+    assert!(out.contains("created ceph"), "{out}");
+    let info = json(&cli_ok(&r, &["info", &key, "--json"]));
+    assert_eq!(info["size"], 64u64 << 20);
+    assert!(
+        info["mode"].as_str().unwrap().contains("one image handle"),
+        "{info}"
+    );
+    let uri = r.uri(&key);
+
+    let e = nbdinfo(&uri);
+    assert_eq!(e["export-size"], 64u64 << 20);
+    for (k, want) in [
+        ("can_flush", true),
+        ("can_fua", true),
+        ("can_trim", true),
+        ("can_zero", true),
+        ("can_fast_zero", true),
+        ("can_multi_conn", true),
+        ("is_read_only", false),
+    ] {
+        assert_eq!(e[k], want, "{k} in {e}");
+    }
+    // A fresh image is one big hole.
+    assert_eq!(hole_bytes(&uri), 64 << 20);
+
+    let script = [
+        "write -P 0xab 0 2M",
+        "read -P 0xab 0 2M",
+        "write -P 0xcd -f 3M 64k", // FUA
+        "read -P 0xcd 3M 64k",
+        "discard 8M 4M",
+        "write -z 1M 512k",       // WRITE_ZEROES, NO_HOLE (thick)
+        "write -z -u 1536k 512k", // WRITE_ZEROES, may deallocate
+        "read -P 0 1M 1M",
+        "read -P 0xab 0 1M",
+        "write -P 0x5a 5000 3000", // unaligned
+        "read -P 0x5a 5000 3000",
+        "write -z 6000 1000", // unaligned zeroes (rbd discard would skip these)
+        "read -P 0 6000 1000",
+        "read -P 0x5a 7000 1000",
+        "write -P 0x77 63M 1M", // the last MiB
+        "read -P 0x77 63M 1M",
+        "flush",
+    ];
+    let mut args = vec!["-f", "raw", uri.as_str()];
+    for c in script {
+        args.extend(["-c", c]);
+    }
+    let out = run_ok("qemu-io", &args);
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io reported a problem:\n{out}"
+    );
+    assert_eq!(out.matches("read ").count(), 8, "{out}");
+
+    // Beyond the end: EINVAL for reads, ENOSPC for writes, connection intact.
+    let mut c = negotiate(&r.addr, &key);
+    assert_eq!(read_at(&mut c, 64 << 20, 512), Err(EINVAL));
+    assert_eq!(write_at(&mut c, (64 << 20) - 256, &[1; 512]), ENOSPC);
+    assert_eq!(read_at(&mut c, 63 << 20, 4).unwrap(), [0x77; 4]);
+
+    // Block status in whole 4 MiB objects: the first is data, the third
+    // (discarded, never written) a hole.
+    let map = json(&run_ok("nbdinfo", &["--map", "--json", &uri]));
+    let first = &map.as_array().unwrap()[0];
+    assert_eq!(first["offset"], 0, "{map}");
+    assert_eq!(first["type"], 0, "{map}");
+    assert!(hole_bytes(&uri) >= 4 << 20, "{map}");
+    // 64 requests in flight, multi-conn + flush across connections.
+    for script in [
+        include_str!("py/in_flight.py"),
+        include_str!("py/multi_conn.py"),
+    ] {
+        assert_eq!(python(script, &[&uri]).trim(), "ok");
+    }
+    drop(c);
+    delete_when_idle(&r, &key);
+}
+
+/// Deletes once the runner has seen the test's connections close.
+fn delete_when_idle(r: &Runner, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = cli(r, &["ceph", "delete", key]);
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("open NBD connection") && Instant::now() < deadline,
+            "delete {key}: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn nbdcopy_round_trip_is_sparse_and_rbd_export_reads_the_same_bytes() {
+    let Some(conf) = ceph_conf() else { return };
+    let dir = scratch();
+    let r = runner(&conf, &[]);
+    let key = image("copy");
+    cli_ok(&r, &["ceph", "create", &key, "size", "16M"]);
+    let uri = r.uri(&key);
+    // Whole 4 MiB objects of zeroes at [4M,8M) and [12M,16M).
+    let mut data = pattern(16 * MIB, 7);
+    data[4 * MIB..8 * MIB].fill(0);
+    data[12 * MIB..].fill(0);
+    let src = tmp_path(&dir, "src.raw");
+    write_file(&src, &data);
+    run_ok(
+        "nbdcopy",
+        &["--connections=4", "--requests=32", path_str(&src), &uri],
+    );
+    let back = tmp_path(&dir, "back.raw");
+    run_ok("nbdcopy", &[&uri, path_str(&back)]);
+    let want = sha256(&data, &dir);
+    assert_eq!(
+        sha256(&std::fs::read(&back).unwrap(), &dir),
+        want,
+        "nbdcopy round trip differs"
+    );
+    // The zero objects were never allocated, so sparse copies skip them.
+    let holes = hole_bytes(&uri);
+    assert!(holes >= 8 << 20, "only {holes} bytes of holes");
+    // Another librbd client reads exactly what went through nbd-runner.
+    assert_eq!(
+        sha256(&rbd_export(&conf, &key, &dir), &dir),
+        want,
+        "rbd export differs"
+    );
+    delete_when_idle(&r, &key);
+}
+
+#[test]
+fn fio_verify_through_the_ceph_export() {
+    let Some(conf) = ceph_conf() else { return };
+    let r = runner(&conf, &[]);
+    let key = image("fio");
+    cli_ok(&r, &["ceph", "create", &key, "size", "16M"]);
+    let uri_arg = format!("--uri={}", r.uri(&key));
+    for (rw, bs, depth) in [("randwrite", "4k", "32"), ("write", "1M", "8")] {
+        let out = run_ok(
+            "fio",
+            &[
+                "--name=verify",
+                "--ioengine=nbd",
+                &uri_arg,
+                &format!("--rw={rw}"),
+                &format!("--bs={bs}"),
+                &format!("--iodepth={depth}"),
+                "--size=16M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--output-format=json",
+            ],
+        );
+        let v = json(&out[out.find('{').expect("fio printed no JSON")..]);
+        let job = &v["jobs"][0];
+        assert_eq!(job["error"], 0, "{rw}: {job}");
+        assert_eq!(job["write"]["io_bytes"], 16u64 << 20, "{rw}");
+        assert_eq!(job["read"]["io_bytes"], 16u64 << 20, "{rw}: verify");
+    }
+    delete_when_idle(&r, &key);
+}
+
+#[test]
+fn fua_and_flush_make_writes_visible_to_other_librbd_clients() {
+    let Some(conf) = ceph_conf() else { return };
+    let dir = scratch();
+    let r = runner(&conf, &[]);
+    let key = image("fua");
+    cli_ok(&r, &["ceph", "create", &key, "size", "8M"]);
+    let mut c = negotiate(&r.addr, &key);
+    // FUA write: durable (so visible to `rbd export`) when acknowledged.
+    let a = pattern(65536, 3);
+    assert_eq!(call(&mut c, CMD_WRITE, FLAG_FUA, 0, &a), 0);
+    assert_eq!(&rbd_export(&conf, &key, &dir)[..65536], &a[..]);
+    // Plain write on another connection, then FLUSH on this one.
+    let b = pattern(65536, 4);
+    let mut other = negotiate(&r.addr, &key);
+    assert_eq!(write_at(&mut other, 1 << 20, &b), 0);
+    assert_eq!(call(&mut c, CMD_FLUSH, 0, 0, &[]), 0);
+    assert_eq!(
+        &rbd_export(&conf, &key, &dir)[1 << 20..(1 << 20) + 65536],
+        &b[..]
+    );
+    drop((c, other));
+    delete_when_idle(&r, &key);
+}
+
+/// Sends one request (with its payload) and returns the reply's error.
+fn call(c: &mut std::net::TcpStream, kind: u16, flags: u16, offset: u64, data: &[u8]) -> u32 {
+    use std::io::Write;
+    let mut msg = request(kind, flags, 42, offset, data.len() as u32);
+    msg.extend_from_slice(data);
+    c.write_all(&msg).unwrap();
+    let (cookie, err) = read_simple_reply(c).expect("no reply");
+    assert_eq!(cookie, 42);
+    err
+}
+
+const FLAG_FUA: u16 = 1;
+
+#[test]
+fn resize_reaches_connected_and_new_clients_and_shrink_needs_a_flag() {
+    let Some(conf) = ceph_conf() else { return };
+    let r = runner(&conf, &[]);
+    let key = image("resize");
+    cli_ok(&r, &["ceph", "create", &key, "size", "16M"]);
+    // Connected before the resize, like the kernel's sockets.
+    let mut before = negotiate(&r.addr, &key);
+    assert_eq!(write_at(&mut before, 20 << 20, &[9; 4096]), ENOSPC);
+
+    let out = cli_ok(&r, &["ceph", "resize", &key, "size", "32M"]);
+    assert!(out.contains("resized") && out.contains("32 MiB"), "{out}");
+    // The connection that negotiated 16 MiB now reaches the new range (what
+    // the kernel does after NBD_CMD_RECONFIGURE carries the new size).
+    assert_eq!(write_at(&mut before, 20 << 20, &[9; 4096]), 0);
+    assert_eq!(read_at(&mut before, 20 << 20, 4096).unwrap(), [9; 4096]);
+    // New clients see the new size; so do nbd-cli and librbd.
+    assert_eq!(nbdinfo(&r.uri(&key))["export-size"], 32u64 << 20);
+    assert_eq!(
+        json(&cli_ok(&r, &["info", &key, "--json"]))["size"],
+        32u64 << 20
+    );
+    let rbd_info =
+        json(&String::from_utf8(rbd(&conf, &["info", "--format=json", &key]).stdout).unwrap());
+    assert_eq!(rbd_info["size"], 32u64 << 20);
+
+    // Shrinking discards data: refused without allow-shrink.
+    cli_fails(&r, &["ceph", "resize", &key, "size", "8M"], "allow-shrink");
+    cli_ok(&r, &["ceph", "resize", &key, "size", "8M", "allow-shrink"]);
+    assert_eq!(read_at(&mut before, 12 << 20, 512), Err(EINVAL));
+    assert_eq!(write_at(&mut before, 12 << 20, &[1; 512]), ENOSPC);
+    assert_eq!(write_at(&mut before, 4 << 20, &[1; 512]), 0);
+    cli_fails(
+        &r,
+        &["file", "resize", &key, "size", "64M"],
+        "is a ceph backstore",
+    );
+    drop(before);
+    delete_when_idle(&r, &key);
+}
+
+#[test]
+fn delete_is_refused_while_mapped_or_connected_and_removes_the_image() {
+    use nbd_control::client::{Client, Endpoint};
+    use nbd_control::model::Handler;
+    use nbd_control::wire::{Request, Response};
+    let Some(conf) = ceph_conf() else { return };
+    let r = runner(&conf, &[]);
+    let key = image("del");
+    cli_ok(&r, &["ceph", "create", &key, "size", "4M"]);
+    let image_listed = || {
+        let name = key.split('/').nth(1).unwrap();
+        String::from_utf8(rbd(&conf, &["ls", "rbd"]).stdout)
+            .unwrap()
+            .lines()
+            .any(|l| l == name)
+    };
+    assert!(image_listed());
+    // What nbd-cli map does, with a raw socket standing in for the kernel.
+    let mut c = Client::connect(
+        &Endpoint::parse(&r.rpc).unwrap(),
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let Response::Map(_) = c
+        .call(&Request::MapBegin {
+            handler: Handler::Ceph,
+            key: key.clone(),
+        })
+        .unwrap()
+    else {
+        panic!("no map target")
+    };
+    let sock = negotiate(&r.addr, &key);
+    c.call(&Request::MapDone {
+        key: key.clone(),
+        device: "/dev/nbd5".into(),
+    })
+    .unwrap();
+    cli_fails(&r, &["ceph", "delete", &key], "unmap it first");
+    c.call(&Request::UnmapBegin {
+        handler: Handler::Ceph,
+        target: key.clone(),
+    })
+    .unwrap();
+    c.call(&Request::UnmapDone { key: key.clone() }).unwrap();
+    cli_fails(&r, &["ceph", "delete", &key], "open NBD connection");
+    drop(sock);
+    delete_when_idle(&r, &key);
+    assert!(!image_listed(), "rbd image survived delete");
+}
+
+#[test]
+fn restart_brings_the_ceph_backstore_back_with_its_data() {
+    let Some(conf) = ceph_conf() else { return };
+    let dir = scratch();
+    let state = tmp_path(&dir, "state");
+    let state = path_str(&state).to_owned();
+    let key = image("persist");
+    let data = pattern(1 << 20, 21);
+    {
+        let r = runner(&conf, &["--state-dir", &state]);
+        cli_ok(&r, &["ceph", "create", &key, "size", "8M"]);
+        let mut c = negotiate(&r.addr, &key);
+        assert_eq!(write_at(&mut c, 3 << 20, &data), 0);
+        assert_eq!(call(&mut c, CMD_FLUSH, 0, 0, &[]), 0);
+        r.signal(libc::SIGKILL);
+    }
+    let saved = std::fs::read_to_string(format!("{state}/saveconfig.json")).unwrap();
+    assert!(!saved.contains("AQ"), "a key leaked into saveconfig.json");
+    let r = runner(&conf, &["--state-dir", &state]);
+    let info = json(&cli_ok(&r, &["info", &key, "--json"]));
+    assert_eq!(info["state"], "created", "{info}");
+    assert!(info["error"].is_null(), "{info}");
+    let mut c = negotiate(&r.addr, &key);
+    assert_eq!(read_at(&mut c, 3 << 20, 1 << 20).unwrap(), data);
+    drop(c);
+    delete_when_idle(&r, &key);
+}
+
+#[test]
+fn cluster_errors_are_clear_and_other_backstores_keep_serving() {
+    let Some(conf) = ceph_conf() else { return };
+    let dir = scratch();
+    let state = tmp_path(&dir, "state");
+    let state = path_str(&state).to_owned();
+    let r = runner(
+        &conf,
+        &["--state-dir", &state, "--export", "mem:side,size=1M"],
+    );
+    cli_fails(
+        &r,
+        &["ceph", "create", "nopool/x", "size", "1M"],
+        "no such pool",
+    );
+    cli_fails(
+        &r,
+        &["ceph", "create", "rbd/a/b/c", "size", "1M"],
+        "POOL/IMAGE",
+    );
+    // A cluster nobody answers for: a mon address on a closed port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = tmp_path(&dir, "dead.conf");
+    std::fs::write(
+        &dead,
+        format!("[global]\nmon host = v2:127.0.0.1:{port}\nauth client required = none\n"),
+    )
+    .unwrap();
+    let conf_opt = format!("conf={}", path_str(&dead));
+    let started = Instant::now();
+    let create = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            cli(
+                &r,
+                &[
+                    "ceph",
+                    "create",
+                    "rbd/unreachable",
+                    "size",
+                    "1M",
+                    "option",
+                    &conf_opt,
+                    "option",
+                    "mount_timeout=3",
+                ],
+            )
+        });
+        // The IO route keeps serving while the control plane waits.
+        while !t.is_finished() {
+            assert_healthy(&r.addr, "side");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        t.join().unwrap()
+    });
+    let err = String::from_utf8_lossy(&create.stderr);
+    assert!(!create.status.success());
+    assert!(err.contains("no monitor answered"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // An open image cannot be removed behind the runner's back...
+    let key = image("gone");
+    cli_ok(&r, &["ceph", "create", &key, "size", "1M"]);
+    let o = rbd(&conf, &["rm", "--no-progress", &key]);
+    assert!(
+        !o.status.success(),
+        "rbd rm of an image nbd-runner holds open"
+    );
+    drop(r);
+    // ...but one that vanished while the runner was down (renamed here: a
+    // killed client's watch blocks `rbd rm` for 30 s) comes back as an
+    // error naming it, and the runner serves everything else.
+    let o = rbd(&conf, &["mv", &key, &format!("{key}-moved")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = runner(
+        &conf,
+        &["--state-dir", &state, "--export", "mem:side,size=1M"],
+    );
+    let info = json(&cli_ok(&r, &["info", &key, "--json"]));
+    let err = info["error"].as_str().unwrap_or_default();
+    assert!(err.contains("no such image"), "{info}");
+    assert_healthy(&r.addr, "side");
+    cli_fails(&r, &["ceph", "map", &key], "no such image");
+    cli_ok(&r, &["ceph", "delete", &key]);
+}
