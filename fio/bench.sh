@@ -8,7 +8,9 @@
 # For each run it records fio's IOPS and p99 total latency (lat_percentiles=1),
 # and the server's CPU time per IO: the change in utime+stime of the server
 # process (/proc/PID/stat, all threads) across just that fio run, divided by the
-# IOs fio completed in it.
+# IOs fio completed in it. It also records the client's CPU (fio, timed by bash)
+# and the rest of the machine's (busy time in /proc/stat minus both), so runs
+# disturbed by other work on a shared machine show up in the table.
 #
 # Usage: fio/bench.sh            (from anywhere; builds nbd-runner in release mode)
 #        QUICK=1 fio/bench.sh    (smoke check: 1 s runs, 1 repetition)
@@ -47,6 +49,7 @@ fi
 RT=${RT:-10}
 REPS=${REPS:-3}
 CASES=${CASES:-all}
+TIMEFORMAT='%U %S' # for `time` around fio: client user and system seconds
 SERVERS=${SERVERS:-nbd-runner nbdkit qemu-nbd}
 RESULTS=${RESULTS:-$HERE/results}
 RUNNER_THREADS=${RUNNER_THREADS:-$(nproc)}
@@ -217,6 +220,12 @@ start_server() {
 	wait_ready "$s" "${URI[$s]}" "$p"
 }
 
+busy_ticks() { # CPU time the whole machine spent busy (all cores, no steal), in clock ticks
+	local -a f
+	read -ra f </proc/stat # cpu user nice system idle iowait irq softirq steal ...
+	echo $((f[1] + f[2] + f[3] + f[6] + f[7]))
+}
+
 cpu_ticks() { # utime+stime of every thread of a process, in clock ticks
 	local stat rest
 	stat=$(<"/proc/$1/stat") || die "server pid $1 is gone"
@@ -253,9 +262,9 @@ for s in "${SERVER_LIST[@]}"; do
 done
 
 TSV=$OUT/runs.tsv
-printf 'case\tserver\trep\tslot\tiops\tp99_us\tios\tcpu_s\tcpu_us_per_io\tclient_cpu_pct\n' >"$TSV"
+printf 'case\tserver\trep\tslot\tiops\tp99_us\tios\tcpu_s\tcpu_us_per_io\tclient_cpu_pct\tother_cpu_pct\n' >"$TSV"
 
-# Prints: iops p99_us ios client_cpu_pct (read and write summed; p99 the worse one).
+# Prints: iops p99_us ios (read and write summed; p99 the worse one).
 parse_fio() {
 	python3 - "$1" <<'EOF'
 import json, sys
@@ -274,7 +283,7 @@ for d in ("read", "write"):
         p99 = max(p99, st["lat_ns"]["percentile"]["99.000000"] / 1000.0)
 if ios == 0:
     sys.exit("fio did no IO")
-print(f"{iops:.0f} {p99:.1f} {ios:.0f} {job['usr_cpu'] + job['sys_cpu']:.1f}")
+print(f"{iops:.0f} {p99:.1f} {ios:.0f}")
 EOF
 }
 
@@ -288,20 +297,29 @@ for ci in "${!SELECTED[@]}"; do
 		for ((k = 0; k < n; k++)); do
 			s=${SERVER_LIST[$(((ci + rep - 1 + k) % n))]}
 			json=$OUT/json/$name.$s.rep$rep.json
+			w0=$(date +%s.%N)
+			b0=$(busy_ticks)
 			t0=$(cpu_ticks "${PID[$s]}")
-			if ! URI=${URI[$s]} RW=$rw BS=$bs QD=$qd NJ=$nj RT=$RT RAMP=0 \
-				fio "$HERE/nbd.fio" --output-format=json --output="$json" >"$WORK/fio.err" 2>&1; then
+			# bash's `time` gives the client's own CPU (fio and its job processes).
+			if ! { time URI=${URI[$s]} RW=$rw BS=$bs QD=$qd NJ=$nj RT=$RT RAMP=0 \
+				fio "$HERE/nbd.fio" --output-format=json --output="$json" >"$WORK/fio.err" 2>&1; } 2>"$WORK/time"; then
 				die "fio failed for $name on $s: $(cat "$WORK/fio.err" "$json" 2>/dev/null | tail -5)"
 			fi
 			t1=$(cpu_ticks "${PID[$s]}")
-			read -r iops p99 ios client < <(parse_fio "$json") || die "cannot parse $json"
-			cpu_s=$(python3 -c "print(f'{($t1 - $t0) / $CLK_TCK:.2f}')")
-			per_io=$(python3 -c "print(f'{($t1 - $t0) / $CLK_TCK * 1e6 / $ios:.2f}')")
-			printf '%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-				"$name" "$s" "$rep" "$((k + 1))" "$iops" "$p99" "$ios" "$cpu_s" "$per_io" "$client" >>"$TSV"
+			b1=$(busy_ticks)
+			w1=$(date +%s.%N)
+			read -r iops p99 ios < <(parse_fio "$json") || die "cannot parse $json"
+			read -r cpu_s per_io client other < <(python3 -c "
+server = ($t1 - $t0) / $CLK_TCK
+client = sum(map(float, open('$WORK/time').read().split()))
+wall = $w1 - $w0
+other = ($b1 - $b0) / $CLK_TCK - server - client  # everything else on the machine
+print(f'{server:.2f} {server * 1e6 / $ios:.2f} {100 * client / wall:.0f} {max(0.0, 100 * other / wall):.0f}')")
+			printf '%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+				"$name" "$s" "$rep" "$((k + 1))" "$iops" "$p99" "$ios" "$cpu_s" "$per_io" "$client" "$other" >>"$TSV"
 			done_runs=$((done_runs + 1))
-			printf 'bench.sh: [%d/%d] %-22s rep %d %-10s %8s IOPS  p99 %8s us  %6s us CPU/IO\n' \
-				"$done_runs" "$total" "$name" "$rep" "$s" "$iops" "$p99" "$per_io" >&2
+			printf 'bench.sh: [%d/%d] %-22s rep %d %-10s %8s IOPS  p99 %8s us  %6s us CPU/IO  other %3s%%\n' \
+				"$done_runs" "$total" "$name" "$rep" "$s" "$iops" "$p99" "$per_io" "$other" >&2
 		done
 	done
 done
@@ -336,16 +354,18 @@ def ratio(a, b):
     return f"{a / b:.2f}" if a is not None and b else "n/a"
 
 print(f"Medians of {reps} interleaved run(s) of {rt} s per case and server.")
-print("CPU/IO = server utime+stime / IOs done. Spread = (max-min)/median of IOPS.\n")
-print("| case | server | IOPS | spread | p99 lat (µs) | server CPU (µs/IO) | client CPU % |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+print("Server CPU/IO = server utime+stime / IOs done. Spread = ±(max-min)/2 of IOPS, over median.")
+print("Client and other CPU: % of one core during the run; 'other' is the rest of the machine")
+print("(other users, kernel work not charged to a task): more than ~20% means the run was disturbed.\n")
+print("| case | server | IOPS | spread | p99 lat (µs) | server CPU (µs/IO) | client CPU % | other CPU % |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for c in cases:
     for s in servers:
         if (c, s) not in runs:
             continue
         print(f"| {c} | {s} | {med(c, s, 'iops'):,.0f} | ±{spread(c, s, 'iops') / 2:.0f}% "
               f"| {med(c, s, 'p99_us'):,.1f} | {med(c, s, 'cpu_us_per_io'):.2f} "
-              f"| {med(c, s, 'client_cpu_pct'):.0f} |")
+              f"| {med(c, s, 'client_cpu_pct'):.0f} | {med(c, s, 'other_cpu_pct'):.0f} |")
 us = "nbd-runner"
 if us in servers:
     print("\nRatios of medians, nbd-runner / other (IOPS: higher is better; CPU/IO: lower is better).\n")
