@@ -2,7 +2,8 @@
 //! under QEMU with tests/vm/, and inside it runs tests/vm/guest-attach.sh:
 //! nbd-runner plus the nbd-attach example (nbd_cli::kernel) map, use,
 //! unmap, reattach after kill -9 (RECONFIGURE) and map read-only; then
-//! tests/vm/guest-cli.sh does the operator's flow with nbd-cli.
+//! tests/vm/guest-cli.sh does the operator's flow with nbd-cli, and with the
+//! gluster feature tests/vm/guest-gluster.sh maps a gluster backstore.
 //!
 //! The guest sees the host's / read-only, so it runs the binaries of this
 //! build at their host paths. The test skips (prints `SKIP: ...`) only when
@@ -124,7 +125,7 @@ fn kernel_attach_in_vm() {
     // then the operator's flow through nbd-cli and the control route.
     let cli = PathBuf::from(env!("CARGO_BIN_EXE_nbd-cli"));
     let t1 = Instant::now();
-    let runs: [(&str, String, &[&str]); 2] = [
+    let mut runs: Vec<(&str, String, &[&str])> = vec![
         (
             "guest-attach.sh",
             format!(
@@ -155,6 +156,23 @@ fn kernel_attach_in_vm() {
             ],
         ),
     ];
+    // Gluster in the guest: the guest has no NIC, so it runs its own glusterd
+    // (tests/run.sh installs the packages and builds with the feature).
+    if cfg!(feature = "gluster") && std::env::var_os("NBD_TEST_GLUSTER_VOLUME").is_some() {
+        runs.push((
+            "guest-gluster.sh",
+            format!(
+                "NBD_RUNNER='{}' NBD_CLI='{}' REPO='{}'",
+                runner.display(),
+                cli.display(),
+                repo().display()
+            ),
+            &[
+                "GUEST-GLUSTER-OK",
+                "GLUSTER: 20 MiB file identical after unmap and map",
+            ],
+        ));
+    }
     let mut accel = String::new();
     for (script, env, want) in runs {
         let guest = format!("{env} bash '{}'", vm.join(script).display());
@@ -162,7 +180,7 @@ fn kernel_attach_in_vm() {
             .arg(vm.join("run-in-vm.sh"))
             .arg(&guest)
             .env("VM_DIR", &vm_dir)
-            .env("VM_TIMEOUT", "240")
+            .env("VM_TIMEOUT", "480")
             .output()
             .expect("run tests/vm/run-in-vm.sh");
         let stdout = String::from_utf8_lossy(&out.stdout);
