@@ -192,7 +192,8 @@ start_server() {
 			sleep 0.1
 		done
 		[[ -n $line ]] || die "nbd-runner printed no ready line within 10 s"
-		URI[$s]="nbd://${line#nbd-runner ready io=}/disk0"
+		line=${line#*io=} # "nbd-runner ready io=ADDR:PORT[ rpc=...]"
+		URI[$s]="nbd://${line%% *}/disk0"
 		echo "$NBD_RUNNER --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads $RUNNER_THREADS --export mem:disk0,size=$SIZE" >"$OUT/logs/$s.cmd"
 		;;
 	nbdkit)
