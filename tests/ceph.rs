@@ -51,35 +51,6 @@ fn runner(conf: &str, extra: &[&str]) -> Runner {
     Runner::start_with(&args)
 }
 
-fn cli(r: &Runner, args: &[&str]) -> Output {
-    let mut full = vec!["--host", r.rpc.as_str()];
-    full.extend_from_slice(args);
-    run(env!("CARGO_BIN_EXE_nbd-cli"), &full)
-}
-
-fn cli_ok(r: &Runner, args: &[&str]) -> String {
-    let out = cli(r, args);
-    assert!(
-        out.status.success(),
-        "nbd-cli {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Asserts a failure whose one-line reason contains `want`.
-fn cli_fails(r: &Runner, args: &[&str], want: &str) -> String {
-    let out = cli(r, args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "nbd-cli {args:?} succeeded");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(
-        err.contains(want),
-        "nbd-cli {args:?}: {err:?} lacks {want:?}"
-    );
-    err
-}
-
 fn rbd(conf: &str, args: &[&str]) -> Output {
     let mut full = vec!["-c", conf];
     full.extend_from_slice(args);
@@ -274,30 +245,7 @@ fn fio_verify_through_the_ceph_export() {
     let r = runner(&conf, &[]);
     let key = image("fio");
     cli_ok(&r, &["ceph", "create", &key, "size", "16M"]);
-    let uri_arg = format!("--uri={}", r.uri(&key));
-    for (rw, bs, depth) in [("randwrite", "4k", "32"), ("write", "1M", "8")] {
-        let out = run_ok(
-            "fio",
-            &[
-                "--name=verify",
-                "--ioengine=nbd",
-                &uri_arg,
-                &format!("--rw={rw}"),
-                &format!("--bs={bs}"),
-                &format!("--iodepth={depth}"),
-                "--size=16M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--output-format=json",
-            ],
-        );
-        let v = json(&out[out.find('{').expect("fio printed no JSON")..]);
-        let job = &v["jobs"][0];
-        assert_eq!(job["error"], 0, "{rw}: {job}");
-        assert_eq!(job["write"]["io_bytes"], 16u64 << 20, "{rw}");
-        assert_eq!(job["read"]["io_bytes"], 16u64 << 20, "{rw}: verify");
-    }
+    fio_verify(&r.uri(&key));
     delete_when_idle(&r, &key);
 }
 

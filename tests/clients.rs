@@ -198,36 +198,7 @@ fn fio_verify_random_and_sequential() {
     let dir = scratch();
     let (mut runner, uris, _) = both_backends(&dir);
     for uri in &uris {
-        for (rw, bs, depth) in [("randwrite", "4k", "32"), ("write", "1M", "8")] {
-            let uri_arg = format!("--uri={uri}");
-            let out = run_ok(
-                "fio",
-                &[
-                    "--name=verify",
-                    "--ioengine=nbd",
-                    &uri_arg,
-                    &format!("--rw={rw}"),
-                    &format!("--bs={bs}"),
-                    &format!("--iodepth={depth}"),
-                    "--size=16M",
-                    "--verify=crc32c",
-                    "--do_verify=1",
-                    "--verify_fatal=1",
-                    "--output-format=json",
-                ],
-            );
-            // fio may print notes before the JSON document.
-            let json = &out[out.find('{').expect("fio printed no JSON")..];
-            let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
-            let job = &v["jobs"][0];
-            assert_eq!(job["error"], 0, "{uri} {rw}: {job}");
-            assert_eq!(job["write"]["io_bytes"], 16u64 << 20, "{uri} {rw}");
-            assert_eq!(
-                job["read"]["io_bytes"],
-                16u64 << 20,
-                "{uri} {rw}: verify read"
-            );
-        }
+        fio_verify(uri);
     }
     runner.assert_alive();
 }

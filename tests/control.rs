@@ -8,36 +8,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Output;
 use std::time::Duration;
-
-fn cli(runner: &Runner, args: &[&str]) -> Output {
-    let mut full = vec!["--host", runner.rpc.as_str()];
-    full.extend_from_slice(args);
-    run(env!("CARGO_BIN_EXE_nbd-cli"), &full)
-}
-
-fn cli_ok(runner: &Runner, args: &[&str]) -> String {
-    let out = cli(runner, args);
-    assert!(
-        out.status.success(),
-        "nbd-cli {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Asserts a failure with a one-line reason containing `want`.
-fn cli_fails(runner: &Runner, args: &[&str], want: &str) {
-    let out = cli(runner, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "nbd-cli {args:?} succeeded");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(
-        err.contains(want),
-        "nbd-cli {args:?}: {err:?} lacks {want:?}"
-    );
-}
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("bad json {e}: {s}"))

@@ -160,28 +160,7 @@ fn qemu_io_nbdcopy_and_fio_through_the_io_route() {
         "only {holes} bytes of holes: {map}"
     );
 
-    for (rw, bs, depth) in [("randwrite", "4k", "32"), ("write", "1M", "8")] {
-        let out = run_ok(
-            "fio",
-            &[
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                &format!("--rw={rw}"),
-                &format!("--bs={bs}"),
-                &format!("--iodepth={depth}"),
-                "--size=16M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--output-format=json",
-            ],
-        );
-        let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
-        let job = &v["jobs"][0];
-        assert_eq!(job["error"], 0, "{rw}: {job}");
-        assert_eq!(job["read"]["io_bytes"], 16u64 << 20, "{rw}: verify read");
-    }
+    fio_verify(&uri);
     runner.assert_alive();
     nbd_cli(&runner, &["gluster", "delete", &key]).unwrap();
     assert!(

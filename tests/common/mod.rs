@@ -343,3 +343,67 @@ pub fn assert_healthy(addr: &str, export: &str) {
     );
     s.write_all(&request(CMD_DISC, 0, 1, 0, 0)).unwrap();
 }
+
+/// nbd-cli against `runner`'s control route.
+pub fn cli(runner: &Runner, args: &[&str]) -> Output {
+    let mut full = vec!["--host", runner.rpc.as_str()];
+    full.extend_from_slice(args);
+    run(env!("CARGO_BIN_EXE_nbd-cli"), &full)
+}
+
+/// nbd-cli that must succeed; its stdout.
+pub fn cli_ok(runner: &Runner, args: &[&str]) -> String {
+    let out = cli(runner, args);
+    assert!(
+        out.status.success(),
+        "nbd-cli {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Asserts an nbd-cli failure with a one-line reason containing `want`.
+pub fn cli_fails(runner: &Runner, args: &[&str], want: &str) {
+    let out = cli(runner, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nbd-cli {args:?} succeeded");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains(want),
+        "nbd-cli {args:?}: {err:?} lacks {want:?}"
+    );
+}
+
+/// fio's nbd engine writes 16 MiB at `uri` (4k random at QD32, then 1M
+/// sequential at QD8) and verifies every block's crc32c.
+pub fn fio_verify(uri: &str) {
+    for (rw, bs, depth) in [("randwrite", "4k", "32"), ("write", "1M", "8")] {
+        let out = run_ok(
+            "fio",
+            &[
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                &format!("--rw={rw}"),
+                &format!("--bs={bs}"),
+                &format!("--iodepth={depth}"),
+                "--size=16M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--output-format=json",
+            ],
+        );
+        // fio may print notes before the JSON document.
+        let json = &out[out.find('{').expect("fio printed no JSON")..];
+        let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
+        let job = &v["jobs"][0];
+        assert_eq!(job["error"], 0, "{uri} {rw}: {job}");
+        assert_eq!(job["write"]["io_bytes"], 16u64 << 20, "{uri} {rw}");
+        assert_eq!(
+            job["read"]["io_bytes"],
+            16u64 << 20,
+            "{uri} {rw}: verify read"
+        );
+    }
+}

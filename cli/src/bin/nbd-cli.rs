@@ -214,5 +214,13 @@ fn help(handler: Option<Handler>) -> String {
     if let Some(h) = handler {
         s.push_str(&format!("\n{h} keys are {}.\n", h.key_form()));
     }
+    if handler == Some(Handler::Ceph) {
+        s.push_str(
+            "Keys may also be POOL/NAMESPACE/IMAGE. create takes option K=V for: conf=PATH, \
+             id=NAME, keyring=PATH\n(defaults: the runner's --ceph-conf/--ceph-id/--ceph-keyring), \
+             object_size=4M, features=layering,exclusive-lock,...,\nmount_timeout=SECS, \
+             op_timeout=SECS, rbd_cache=true|false.\n",
+        );
+    }
     s
 }

@@ -83,6 +83,12 @@ impl CephSpec {
                 keyring: setting("keyring").map(PathBuf::from),
                 mount_timeout: secs("mount_timeout", DEFAULT_MOUNT_TIMEOUT)?,
                 op_timeout: secs("op_timeout", DEFAULT_OP_TIMEOUT)?,
+                rbd_cache: match setting("rbd_cache").as_deref() {
+                    None => None,
+                    Some("false") => Some(false),
+                    Some("true") => Some(true),
+                    Some(v) => return Err(bad(format!("rbd_cache is true or false, not {v:?}"))),
+                },
             },
             create: ImageOptions { order, features },
         })
@@ -190,7 +196,12 @@ impl CephBackend {
         }
         let mode = format!(
             "librbd aio, one image handle shared by all shards; FLUSH/FUA = rbd_aio_flush; \
-             {}; object size {} KiB; block status from {}",
+             librbd cache {}; {}; object size {} KiB; block status from {}",
+            match spec.cluster.rbd_cache {
+                None => "as ceph.conf says",
+                Some(true) => "on",
+                Some(false) => "off",
+            },
             spec.cluster.describe(),
             stat.obj_size >> 10,
             if image.fast_diff_valid() {

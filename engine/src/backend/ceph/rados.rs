@@ -25,6 +25,9 @@ pub struct ClusterConfig {
     pub mount_timeout: u32,
     /// Seconds before an OSD op fails with ETIMEDOUT (0: wait for ever).
     pub op_timeout: u32,
+    /// Overrides ceph.conf's `rbd cache`. librbd's default (writearound)
+    /// acknowledges writes early and FLUSH waits for them, which NBD allows.
+    pub rbd_cache: Option<bool>,
 }
 
 impl ClusterConfig {
@@ -163,6 +166,9 @@ impl Cluster {
         set("client_mount_timeout", &config.mount_timeout.to_string())?;
         set("rados_osd_op_timeout", &config.op_timeout.to_string())?;
         set("rados_mon_op_timeout", &config.op_timeout.to_string())?;
+        if let Some(on) = config.rbd_cache {
+            set("rbd_cache", if on { "true" } else { "false" })?;
+        }
         // SAFETY: valid, configured handle.
         let r = unsafe { rados_connect(handle) };
         check(r, Op::Connect, who)?;
