@@ -343,3 +343,42 @@ fn io_connections_dropping_under_a_mapped_backstore_make_it_dead() {
     assert_eq!(again.reattach.as_deref(), Some("/dev/nbd7"));
     assert_eq!(again.cookie, target.cookie);
 }
+
+#[test]
+fn connections_spread_over_shards_despite_short_lived_probes() {
+    let r = Runner::start_with(&["--threads", "2"]);
+    cli_ok(&r, &["mem", "create", "p0", "size", "1M"]);
+    let per_shard = || -> Vec<u64> {
+        let info: serde_json::Value =
+            serde_json::from_str(&cli_ok(&r, &["info", "p0", "--json"])).unwrap();
+        info["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["connections"].as_u64().unwrap())
+            .collect()
+    };
+    let settle = |total: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = per_shard();
+            if now.iter().sum::<u64>() == total {
+                return now;
+            }
+            assert!(std::time::Instant::now() < deadline, "stuck at {now:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // A probe comes and goes before each long-lived connection, as fio does.
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        drop(negotiate(&r.addr, "p0"));
+        settle(kept.len() as u64);
+        kept.push(negotiate(&r.addr, "p0"));
+    }
+    assert_eq!(
+        settle(2),
+        vec![1, 1],
+        "both long-lived connections on one shard"
+    );
+}

@@ -58,6 +58,10 @@ pub struct RunnerArgs {
     /// localhost:24007]; a backstore's `option server=...` overrides it.
     #[arg(long, value_name = "HOST[:PORT]")]
     pub gluster_server: Option<String>,
+    /// Let the kernel schedule the shards instead of pinning each to a core
+    /// (helps when clients run on the same few cores; see tuning.md).
+    #[arg(long)]
+    pub no_pin: bool,
     /// Seconds a client may take to finish the NBD handshake before it is
     /// dropped (guards against clients that connect and stall).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -59,6 +59,7 @@ fn run() -> Result<()> {
         listener,
         EngineConfig {
             threads,
+            pin: !args.no_pin,
             limits: Limits {
                 handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
                 ..Limits::default()

@@ -1,10 +1,12 @@
 //! The thread-per-core engine: one glommio executor per shard, each pinned
 //! to its own core.
 //!
-//! Placement policy: shard 0 accepts every IO connection and deals them to
-//! shards round-robin in accept order, so the N connections of one
-//! multi-conn client (the kernel via `nbd-cli map`, `fio numjobs=N`) land on
-//! N different cores. The handshake and all IO then stay on that shard.
+//! Placement policy: shard 0 accepts every IO connection and hands it to the
+//! shard with the fewest live connections, ties going round-robin, so the N
+//! connections of one multi-conn client (the kernel via `nbd-cli map`,
+//! `fio numjobs=N`) land on N different cores even when short-lived
+//! connections (probes, `nbdinfo`) come and go between them. The handshake
+//! and all IO then stay on that shard.
 
 mod budget;
 mod connection;
@@ -55,6 +57,9 @@ impl Default for Limits {
 pub struct EngineConfig {
     pub threads: usize,
     pub limits: Limits,
+    /// Pin each shard to its own core (the default). Unpinned shards follow
+    /// their clients around, which wins when clients share the cores.
+    pub pin: bool,
 }
 
 #[derive(Debug, Error)]
@@ -106,22 +111,29 @@ pub fn run(
     let listener_fd = listener.into_raw_fd();
     // Shard 0 keeps its own connections; channels feed shards 1..N.
     let (senders, receivers): (Vec<_>, Vec<_>) = (1..threads)
-        .map(|_| shared_channel::new_bounded::<AcceptedTcpStream>(1024))
+        .map(|_| shared_channel::new_bounded::<Handoff>(1024))
         .unzip();
     let senders = Arc::new(Mutex::new(Some(senders)));
-    let receivers: Arc<Mutex<Vec<Option<SharedReceiver<AcceptedTcpStream>>>>> =
+    let receivers: Arc<Mutex<Vec<Option<SharedReceiver<Handoff>>>>> =
         Arc::new(Mutex::new(receivers.into_iter().map(Some).collect()));
     let next_index = Arc::new(AtomicUsize::new(0));
+    let load = ShardLoad::new(threads);
     let limits = config.limits;
-    let handles = LocalExecutorPoolBuilder::new(placement(threads))
+    let placement = if config.pin {
+        placement(threads)
+    } else {
+        PoolPlacement::Unbound(threads)
+    };
+    let handles = LocalExecutorPoolBuilder::new(placement)
         .name("nbd-shard")
         .on_all_shards(move || {
-            let (senders, receivers, table, shutdown, next_index) = (
+            let (senders, receivers, table, shutdown, next_index, load) = (
                 senders.clone(),
                 receivers.clone(),
                 table.clone(),
                 shutdown.clone(),
                 next_index.clone(),
+                load.clone(),
             );
             async move {
                 let index = next_index.fetch_add(1, Ordering::SeqCst);
@@ -129,7 +141,7 @@ pub fn run(
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
                 if index == 0 {
                     let txs = senders.lock().unwrap().take().unwrap_or_default();
-                    accept_loop(listener_fd, txs, shard.clone()).await;
+                    accept_loop(listener_fd, txs, shard.clone(), load).await;
                 } else {
                     let rx = receivers.lock().unwrap()[index - 1].take();
                     if let Some(rx) = rx {
@@ -177,14 +189,53 @@ async fn watch_shutdown(shard: Rc<ShardCtx>, shutdown: Arc<Shutdown>) {
     shard.begin_close();
 }
 
+/// Live connections per shard, counted from hand-off to close.
+#[derive(Clone)]
+struct ShardLoad(Arc<Vec<AtomicUsize>>);
+
+/// One connection's share of its shard's load; released when dropped.
+struct Placed {
+    load: ShardLoad,
+    shard: usize,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.load.0[self.shard].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ShardLoad {
+    fn new(shards: usize) -> Self {
+        ShardLoad(Arc::new((0..shards).map(|_| AtomicUsize::new(0)).collect()))
+    }
+
+    /// The least-loaded shard, searching from `start` so ties rotate.
+    fn place(&self, start: usize) -> Placed {
+        let n = self.0.len();
+        let shard = (0..n)
+            .map(|i| (start + i) % n)
+            .min_by_key(|&i| self.0[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.0[shard].fetch_add(1, Ordering::Relaxed);
+        Placed {
+            load: self.clone(),
+            shard,
+        }
+    }
+}
+
+type Handoff = (AcceptedTcpStream, Placed);
+
 async fn accept_loop(
     fd: RawFd,
-    senders: Vec<SharedSender<AcceptedTcpStream>>,
+    senders: Vec<SharedSender<Handoff>>,
     shard: Rc<ShardCtx>,
+    load: ShardLoad,
 ) {
     // SAFETY: the fd came from a bound std listener we own.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
-    let mut peers: Vec<ConnectedSender<AcceptedTcpStream>> = Vec::with_capacity(senders.len());
+    let mut peers: Vec<ConnectedSender<Handoff>> = Vec::with_capacity(senders.len());
     for s in senders {
         peers.push(s.connect().await);
     }
@@ -205,12 +256,17 @@ async fn accept_loop(
                 continue;
             }
         };
-        let target = turn % (peers.len() + 1);
+        let placed = load.place(turn);
         turn = turn.wrapping_add(1);
+        let target = placed.shard;
         if target == 0 {
-            glommio::spawn_local(connection::serve(stream.bind_to_executor(), shard.clone()))
-                .detach();
-        } else if let Err(e) = peers[target - 1].send(stream).await {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                connection::serve(stream.bind_to_executor(), shard).await;
+                drop(placed);
+            })
+            .detach();
+        } else if let Err(e) = peers[target - 1].send((stream, placed)).await {
             tracing::warn!(error = %e, shard = target, "cannot hand connection to shard");
         }
     }
@@ -219,9 +275,42 @@ async fn accept_loop(
     }
 }
 
-async fn receive_loop(rx: SharedReceiver<AcceptedTcpStream>, shard: Rc<ShardCtx>) {
+async fn receive_loop(rx: SharedReceiver<Handoff>, shard: Rc<ShardCtx>) {
     let rx = rx.connect().await;
-    while let Some(stream) = rx.recv().await {
-        glommio::spawn_local(connection::serve(stream.bind_to_executor(), shard.clone())).detach();
+    while let Some((stream, placed)) = rx.recv().await {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            connection::serve(stream.bind_to_executor(), shard).await;
+            drop(placed);
+        })
+        .detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_fills_the_emptiest_shard_and_rotates_ties() {
+        let load = ShardLoad::new(3);
+        let a = load.place(0);
+        let b = load.place(1);
+        let c = load.place(2);
+        assert_eq!([a.shard, b.shard, c.shard], [0, 1, 2]);
+        // A short-lived connection leaves; the next one fills its place.
+        drop(b);
+        assert_eq!(load.place(0).shard, 1);
+        // That one was released at once: shard 1 is still the emptiest.
+        assert_eq!(load.place(2).shard, 1);
+        drop((a, c));
+        // All idle: ties follow `start`.
+        assert_eq!(load.place(2).shard, 2);
+        let kept: Vec<Placed> = (0..6).map(|i| load.place(i)).collect();
+        let mut per = [0; 3];
+        for p in &kept {
+            per[p.shard] += 1;
+        }
+        assert_eq!(per, [2, 2, 2]);
     }
 }
