@@ -253,11 +253,17 @@ fn adopt_prealloc_and_delete_rules() {
     {
         // Another runner (another gfapi client) makes the file.
         let other = g.runner(&[]);
-        nbd_cli(
+        let out = cli(
             &other,
             &["gluster", "create", &key, "prealloc", "size", "8M"],
-        )
-        .unwrap();
+        );
+        let progress = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{progress}");
+        // Progress reaches the operator (stderr), not just the runner's log.
+        assert!(
+            progress.contains("preallocating: 100% (8 MiB of 8 MiB)"),
+            "{progress}"
+        );
         let meta = std::fs::metadata(g.on_brick(&key)).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert!(meta.blocks() * 512 >= 8 << 20, "prealloc left it sparse");

@@ -161,10 +161,24 @@ impl Client {
 
     /// Sends a request; a runner-side error becomes [`ClientError::Remote`].
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        self.call_with_progress(request, &mut |_, _| {})
+    }
+
+    /// Like [`call`](Self::call), passing Progress frames to `progress`.
+    pub fn call_with_progress(
+        &mut self,
+        request: &Request,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Response, ClientError> {
         write_frame(&mut self.stream, request)?;
-        match read_frame(&mut self.stream)? {
-            Response::Error { code, message } => Err(ClientError::Remote { code, message }),
-            r => Ok(r),
+        loop {
+            match read_frame(&mut self.stream)? {
+                Response::Progress { done, total } => progress(done, total),
+                Response::Error { code, message } => {
+                    return Err(ClientError::Remote { code, message })
+                }
+                r => return Ok(r),
+            }
         }
     }
 }

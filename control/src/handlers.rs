@@ -2,7 +2,7 @@
 
 use crate::model::Handler;
 use crate::saveconfig::SavedBackstore;
-use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend};
+use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend, Progress};
 use std::collections::BTreeMap;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -44,11 +44,12 @@ pub fn available(h: Handler) -> Result<(), String> {
 }
 
 /// Opens a backstore's storage; `create` makes it if missing (and says
-/// whether it did).
+/// whether it did), reporting preallocation through `progress`.
 pub fn open(
     b: &SavedBackstore,
     create: bool,
     _defaults: &HandlerDefaults,
+    _progress: Progress,
 ) -> Result<(Arc<dyn Backend>, bool), BackendError> {
     available(b.handler).map_err(BackendError::Config)?;
     match b.handler {
@@ -87,7 +88,8 @@ pub fn open(
         Handler::Gluster => {
             let server = gluster_server(b, _defaults)?;
             let create = create.then_some((b.size, b.prealloc));
-            let (backend, created) = GlusterBackend::open(&server, &b.key, create, false)?;
+            let (backend, created) =
+                GlusterBackend::open(&server, &b.key, create, false, _progress)?;
             Ok((Arc::new(backend), created))
         }
         #[allow(unreachable_patterns)]

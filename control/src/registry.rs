@@ -7,6 +7,7 @@ use crate::model::{
 };
 use crate::saveconfig::{SaveConfig, SavedBackstore, StateStore};
 use crate::wire::{CreateRequest, ErrorCode, MapTarget, UnmapTarget};
+use nbd_engine::backend::Progress;
 use nbd_engine::export::{Export, ExportTable};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,7 +92,7 @@ impl Registry {
     }
 
     fn open(&self, entry: &mut Entry, create: bool) -> bool {
-        match handlers::open(&entry.saved, create, &self.defaults) {
+        match handlers::open(&entry.saved, create, &self.defaults, &mut |_, _| {}) {
             Ok((backend, _)) => match self.table.add(&entry.saved.key, backend) {
                 Ok(export) => {
                     entry.export = Some(export);
@@ -153,7 +154,11 @@ impl Registry {
         }
     }
 
-    pub fn create(&mut self, req: CreateRequest) -> Result<BackstoreInfo, CtlError> {
+    pub fn create(
+        &mut self,
+        req: CreateRequest,
+        progress: Progress,
+    ) -> Result<BackstoreInfo, CtlError> {
         let invalid = |m: String| fail(ErrorCode::InvalidArgument, m);
         if let Err(m) = req.handler.check_key(&req.key) {
             return invalid(m);
@@ -193,7 +198,7 @@ impl Registry {
             prealloc: req.prealloc,
             options: req.options,
         };
-        let (backend, created) = match handlers::open(&saved, true, &self.defaults) {
+        let (backend, created) = match handlers::open(&saved, true, &self.defaults, progress) {
             Ok(v) => v,
             Err(e) => return fail(ErrorCode::Backend, e.to_string()),
         };
@@ -601,13 +606,16 @@ mod tests {
         key: &str,
         size: u64,
     ) -> Result<BackstoreInfo, CtlError> {
-        reg.create(CreateRequest {
-            handler,
-            key: key.into(),
-            size,
-            prealloc: false,
-            options: BTreeMap::new(),
-        })
+        reg.create(
+            CreateRequest {
+                handler,
+                key: key.into(),
+                size,
+                prealloc: false,
+                options: BTreeMap::new(),
+            },
+            &mut |_, _| {},
+        )
     }
 
     fn state(reg: &Registry, key: &str) -> State {

@@ -216,7 +216,10 @@ fn serve<C: Conn>(
             }
         };
         tracing::debug!(%peer, ?request, "control request");
-        let response = dispatch(&shared.registry, request);
+        let response = dispatch(&shared.registry, request, &mut |done, total| {
+            // A client that went away shows up at the final write.
+            let _ = write_frame(&mut *stream, &Response::Progress { done, total });
+        });
         write_frame(stream, &response)?;
     }
 }
@@ -238,10 +241,15 @@ fn token_ok(want: Option<&str>, got: Option<&str>) -> bool {
     diff == 0
 }
 
-fn dispatch(registry: &Mutex<Registry>, request: Request) -> Response {
+/// Answers one request; `progress` streams Progress frames for long ones.
+fn dispatch(
+    registry: &Mutex<Registry>,
+    request: Request,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Response {
     let mut reg = lock(registry);
     let result: Result<Response, CtlError> = match request {
-        Request::Create(req) => reg.create(req).map(Response::Backstore),
+        Request::Create(req) => reg.create(req, progress).map(Response::Backstore),
         Request::Delete { handler, key } => reg.delete(handler, &key).map(|()| Response::Done),
         Request::MapBegin { handler, key } => reg.map_begin(handler, &key).map(Response::Map),
         Request::MapDone { key, device } => reg.map_done(&key, &device).map(|()| Response::Done),

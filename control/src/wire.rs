@@ -14,7 +14,7 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"NBDR";
 /// Bumped on any change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame either side accepts; real messages are a few KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 const MAX_TOKEN: usize = 4096;
@@ -286,6 +286,12 @@ pub enum Response {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// Sent any number of times before the answer to a long request
+    /// (preallocation); keeps the client informed and its timeout fed.
+    Progress {
+        done: u64,
+        total: u64,
     },
 }
 

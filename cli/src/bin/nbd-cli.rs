@@ -8,12 +8,14 @@ use nbd_control::client::{Client, Endpoint};
 use nbd_control::model::{Handler, State};
 use nbd_control::wire::{CreateRequest, Request, Response};
 use serde::Serialize;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
 const DEFAULT_HOST: &str = "127.0.0.1";
 const DEFAULT_TOKEN_FILE: &str = "/etc/nbd-runner/token";
-const TIMEOUT: Duration = Duration::from_secs(30);
+/// Per reply frame; long requests send progress frames well within it.
+const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -61,7 +63,11 @@ fn run(inv: Invocation) -> Result<()> {
                 prealloc,
                 options,
             });
-            let Response::Backstore(b) = client.call(&req)? else {
+            let mut shown = Progress::default();
+            let answer =
+                client.call_with_progress(&req, &mut |done, total| shown.show(done, total));
+            shown.finish();
+            let Response::Backstore(b) = answer? else {
                 bail!("unexpected answer to create");
             };
             emit(json, &b, || {
@@ -161,6 +167,39 @@ fn run(inv: Invocation) -> Result<()> {
             })
         }
         Command::Help(_) | Command::Version => unreachable!("handled above"),
+    }
+}
+
+/// Preallocation progress on stderr: one updating line on a terminal,
+/// a line per tenth otherwise.
+#[derive(Default)]
+struct Progress {
+    last_tenth: Option<u64>,
+    drawn: bool,
+}
+
+impl Progress {
+    fn show(&mut self, done: u64, total: u64) {
+        let pct = done.saturating_mul(100) / total.max(1);
+        let line = format!(
+            "preallocating: {pct}% ({} of {})",
+            cli_output::human_size(done),
+            cli_output::human_size(total)
+        );
+        let mut err = std::io::stderr();
+        if err.is_terminal() {
+            let _ = write!(err, "\r{line}");
+            self.drawn = true;
+        } else if self.last_tenth != Some(pct / 10) {
+            self.last_tenth = Some(pct / 10);
+            let _ = writeln!(err, "{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.drawn {
+            eprintln!();
+        }
     }
 }
 

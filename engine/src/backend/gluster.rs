@@ -69,6 +69,7 @@ impl GlusterBackend {
         key: &str,
         create: Option<(u64, bool)>,
         read_only: bool,
+        progress: Progress,
     ) -> Result<(Self, bool), BackendError> {
         let (vol_name, path) = split_key(key)?;
         let volume = volume::volume(server, vol_name).map_err(|e| fail(key, server, MOUNT, e))?;
@@ -97,7 +98,7 @@ impl GlusterBackend {
                     .create(&path, size)
                     .map_err(|e| fail(key, server, "cannot create the file", e))?;
                 if prealloc {
-                    if let Err(e) = preallocate(key, &fd, size) {
+                    if let Err(e) = preallocate(key, &fd, size, progress) {
                         drop(fd);
                         let _ = volume.unlink(&path);
                         return Err(fail(key, server, "preallocation failed", e));
@@ -131,13 +132,14 @@ impl GlusterBackend {
     }
 }
 
-/// Allocates the whole file in steps, logging progress for large ones.
-fn preallocate(key: &str, fd: &volume::Fd, size: u64) -> std::io::Result<()> {
+/// Allocates the whole file in steps, reporting progress after each.
+fn preallocate(key: &str, fd: &volume::Fd, size: u64, progress: Progress) -> std::io::Result<()> {
     let mut done = 0;
     while done < size {
         let step = (size - done).min(PREALLOC_STEP);
         fd.preallocate(done, step)?;
         done += step;
+        progress(done, size);
         if size > PREALLOC_STEP {
             tracing::info!(backstore = key, "preallocating: {}%", done * 100 / size);
         }

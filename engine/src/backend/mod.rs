@@ -23,6 +23,9 @@ use thiserror::Error;
 pub use file::FileBackend;
 pub use mem::MemBackend;
 
+/// Reports a long operation's progress: (bytes done, bytes in all).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
 /// A shard-local future; backends complete on the shard that issued the IO.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + 'a>>;
 
