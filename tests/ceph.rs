@@ -495,3 +495,32 @@ fn cluster_errors_are_clear_and_other_backstores_keep_serving() {
     cli_fails(&r, &["ceph", "map", &key], "no such image");
     cli_ok(&r, &["ceph", "delete", &key]);
 }
+
+#[test]
+fn clients_vanishing_with_reads_and_writes_in_flight_hurt_nobody() {
+    use std::io::Write;
+    let Some(conf) = ceph_conf() else { return };
+    let mut r = runner(&conf, &[]);
+    let key = image("vanish");
+    cli_ok(&r, &["ceph", "create", &key, "size", "64M"]);
+    let payload = pattern(1 << 20, 5);
+    for round in 0..10u64 {
+        let mut c = negotiate(&r.addr, &key);
+        let mut burst = Vec::new();
+        for i in 0..16u64 {
+            let offset = ((round * 16 + i) % 60) << 20;
+            burst.extend(request(CMD_READ, 0, i, offset, 1 << 20));
+            burst.extend(request(CMD_WRITE, 0, 100 + i, offset, 1 << 20));
+            burst.extend_from_slice(&payload);
+        }
+        c.write_all(&burst).unwrap();
+        // Gone before librbd has answered: its buffers must outlive us.
+        drop(c);
+    }
+    r.assert_alive();
+    let mut c = negotiate(&r.addr, &key);
+    assert_eq!(write_at(&mut c, 0, &payload[..4096]), 0);
+    assert_eq!(read_at(&mut c, 0, 4096).unwrap(), &payload[..4096]);
+    drop(c);
+    delete_when_idle(&r, &key);
+}
