@@ -59,4 +59,4 @@ else
   echo "tests/run.sh: not root (or NBD_TEST_CEPH=0): ceph tests skipped" >&2
 fi
 
-exec cargo test --workspace --all-targets "${gluster_features[@]}" "${ceph_features[@]}" "$@"
+exec cargo test --workspace --all-targets --no-fail-fast "${gluster_features[@]}" "${ceph_features[@]}" "$@"

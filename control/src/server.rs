@@ -35,6 +35,15 @@ pub struct ControlConfig {
 pub struct ControlServer {
     pub tcp_addr: SocketAddr,
     pub unix_path: Option<PathBuf>,
+    registry: Arc<Mutex<Registry>>,
+}
+
+impl ControlServer {
+    /// At shutdown: closes every backstore's storage (librbd images release
+    /// their exclusive lock, gluster fds close) once the IO route has stopped.
+    pub fn close_all(&self) {
+        lock(&self.registry).close_all();
+    }
 }
 
 struct Shared {
@@ -88,6 +97,7 @@ pub fn start(
     Ok(ControlServer {
         tcp_addr,
         unix_path: cfg.unix,
+        registry: shared.registry.clone(),
     })
 }
 

@@ -81,6 +81,10 @@ fn run() -> Result<()> {
             tracing::info!(export = %export.name, "latency\n{report}");
         }
     }
+    control.close_all();
+    for export in table.all() {
+        table.remove(&export.name);
+    }
     if let Some(sock) = &control.unix_path {
         let _ = std::fs::remove_file(sock);
     }
