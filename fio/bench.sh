@@ -24,6 +24,7 @@
 #   RESULTS=fio/results   parent folder; each run writes RESULTS/YYYYmmdd-HHMMSS/
 #   NBD_RUNNER=target/release/nbd-runner   binary to test (given: no cargo build)
 #   RUNNER_THREADS=$(nproc)   nbd-runner --threads (IO shards, one per core)
+#   RUNNER_ARGS=              more nbd-runner flags, e.g. --no-pin
 #   NBDKIT_THREADS=16         nbdkit --threads (per connection; 16 is nbdkit's default)
 #   QEMU_AIO=io_uring         qemu-nbd --aio (io_uring, threads; native needs O_DIRECT)
 #   QEMU_CACHE=writeback      qemu-nbd --cache (tmpfs refuses O_DIRECT, so not none)
@@ -53,6 +54,7 @@ TIMEFORMAT='%U %S' # for `time` around fio: client user and system seconds
 SERVERS=${SERVERS:-nbd-runner nbdkit qemu-nbd}
 RESULTS=${RESULTS:-$HERE/results}
 RUNNER_THREADS=${RUNNER_THREADS:-$(nproc)}
+RUNNER_ARGS=${RUNNER_ARGS:-}
 NBDKIT_THREADS=${NBDKIT_THREADS:-16}
 QEMU_AIO=${QEMU_AIO:-io_uring}
 QEMU_CACHE=${QEMU_CACHE:-writeback}
@@ -180,8 +182,9 @@ start_server() {
 	case $s in
 	nbd-runner)
 		mkdir -p "$WORK/state"
+		# shellcheck disable=SC2086 # RUNNER_ARGS is a list of flags
 		"$NBD_RUNNER" --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads "$RUNNER_THREADS" \
-			--state-dir "$WORK/state" --export "mem:disk0,size=$SIZE" \
+			--state-dir "$WORK/state" --export "mem:disk0,size=$SIZE" $RUNNER_ARGS \
 			>"$WORK/runner.out" 2>"$OUT/logs/$s.log" &
 		p=$!
 		STARTED+=("$p")
@@ -194,7 +197,7 @@ start_server() {
 		[[ -n $line ]] || die "nbd-runner printed no ready line within 10 s"
 		line=${line#*io=} # "nbd-runner ready io=ADDR:PORT[ rpc=...]"
 		URI[$s]="nbd://${line%% *}/disk0"
-		echo "$NBD_RUNNER --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads $RUNNER_THREADS --export mem:disk0,size=$SIZE" >"$OUT/logs/$s.cmd"
+		echo "$NBD_RUNNER --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads $RUNNER_THREADS --export mem:disk0,size=$SIZE $RUNNER_ARGS" >"$OUT/logs/$s.cmd"
 		;;
 	nbdkit)
 		port=$(free_port)
