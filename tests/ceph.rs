@@ -88,17 +88,6 @@ fn nbdinfo(uri: &str) -> serde_json::Value {
     json(&run_ok("nbdinfo", &["--json", uri]))["exports"][0].clone()
 }
 
-/// Bytes reported as holes by base:allocation.
-fn hole_bytes(uri: &str) -> u64 {
-    json(&run_ok("nbdinfo", &["--map", "--json", uri]))
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"].as_u64().unwrap() & 1 != 0)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum()
-}
-
 #[test]
 fn create_and_serve_with_qemu_io_nbdinfo_and_libnbd() {
     let Some(conf) = ceph_conf() else { return };
@@ -149,16 +138,7 @@ fn create_and_serve_with_qemu_io_nbdinfo_and_libnbd() {
         "read -P 0x77 63M 1M",
         "flush",
     ];
-    let mut args = vec!["-f", "raw", uri.as_str()];
-    for c in script {
-        args.extend(["-c", c]);
-    }
-    let out = run_ok("qemu-io", &args);
-    assert!(
-        !out.contains("failed") && !out.contains("error"),
-        "qemu-io reported a problem:\n{out}"
-    );
-    assert_eq!(out.matches("read ").count(), 8, "{out}");
+    qemu_io(&uri, &script, 8);
 
     // Beyond the end: EINVAL for reads, ENOSPC for writes, connection intact.
     let mut c = negotiate(&r.addr, &key);

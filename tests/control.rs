@@ -156,19 +156,17 @@ fn corrupt_or_locked_state_stops_the_runner_with_a_clear_error() {
     let file = state.join("saveconfig.json");
     let torn = "{\"schema\":1,\"backstores\":[{\"key\":\"m0\",\"hand";
     std::fs::write(&file, torn).unwrap();
-    let out = run(
-        env!("CARGO_BIN_EXE_nbd-runner"),
-        &[
+    let refuse = || {
+        runner_refuses(&[
             "--state-dir",
             path_str(&state),
             "--ioport",
             "0",
             "--rpcport",
             "0",
-        ],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+        ])
+    };
+    let err = refuse();
     assert!(
         err.contains(path_str(&file)) && err.contains("unreadable"),
         "{err}"
@@ -182,19 +180,7 @@ fn corrupt_or_locked_state_stops_the_runner_with_a_clear_error() {
     // Two runners on one state directory: the second refuses.
     std::fs::remove_file(&file).unwrap();
     let _first = start_with_state(path_str(&state));
-    let out = run(
-        env!("CARGO_BIN_EXE_nbd-runner"),
-        &[
-            "--state-dir",
-            path_str(&state),
-            "--ioport",
-            "0",
-            "--rpcport",
-            "0",
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another nbd-runner"));
+    assert!(refuse().contains("in use by another nbd-runner"));
 }
 
 const VERSION: u16 = nbd_control::wire::PROTOCOL_VERSION;

@@ -125,13 +125,7 @@ fn qemu_io_nbdcopy_and_fio_through_the_io_route() {
         "read -P 0x5a 5000 3000",
         "flush",
     ];
-    let mut args = vec!["-f", "raw", uri.as_str()];
-    for c in script {
-        args.extend(["-c", c]);
-    }
-    let out = run_ok("qemu-io", &args);
-    assert!(!out.contains("failed") && !out.contains("error"), "{out}");
-    assert_eq!(out.matches("read ").count(), 5, "{out}");
+    qemu_io(&uri, &script, 5);
 
     // nbdcopy in and out: same checksum, and zero stretches become holes.
     let dir = scratch();
@@ -146,19 +140,8 @@ fn qemu_io_nbdcopy_and_fio_through_the_io_route() {
     );
     run_ok("nbdcopy", &[&uri, path_str(&back)]);
     assert_eq!(sha256(&std::fs::read(&back).unwrap()), sha256(&data));
-    let map = run_ok("nbdinfo", &["--map", "--json", &uri]);
-    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
-    let holes: u64 = map
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"].as_u64().unwrap() & 1 != 0)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum();
-    assert!(
-        holes >= 7 * MIB as u64,
-        "only {holes} bytes of holes: {map}"
-    );
+    let holes = hole_bytes(&uri);
+    assert!(holes >= 7 * MIB as u64, "only {holes} bytes of holes");
 
     fio_verify(&uri);
     runner.assert_alive();

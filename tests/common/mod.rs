@@ -407,3 +407,39 @@ pub fn fio_verify(uri: &str) {
         );
     }
 }
+
+/// Runs a qemu-io script (one `-c` per command) on a raw NBD export,
+/// asserting that no command failed and that `reads` pattern reads ran.
+pub fn qemu_io(uri: &str, script: &[&str], reads: usize) -> String {
+    let mut args = vec!["-f", "raw", uri];
+    for c in script {
+        args.extend(["-c", c]);
+    }
+    let out = run_ok("qemu-io", &args);
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "{uri}: qemu-io reported a problem:\n{out}"
+    );
+    assert_eq!(out.matches("read ").count(), reads, "{uri}: {out}");
+    out
+}
+
+/// Bytes an export reports as holes (base:allocation, via nbdinfo --map).
+pub fn hole_bytes(uri: &str) -> u64 {
+    let map = run_ok("nbdinfo", &["--map", "--json", uri]);
+    serde_json::from_str::<serde_json::Value>(&map)
+        .expect("nbdinfo --map json")
+        .as_array()
+        .expect("a list of extents")
+        .iter()
+        .filter(|e| e["type"].as_u64().unwrap() & 1 != 0)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+/// Runs nbd-runner with `args` expecting it to refuse to start; its stderr.
+pub fn runner_refuses(args: &[&str]) -> String {
+    let out = run(env!("CARGO_BIN_EXE_nbd-runner"), args);
+    assert!(!out.status.success(), "nbd-runner {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
