@@ -62,6 +62,10 @@ pub struct RunnerArgs {
     /// (helps when clients run on the same few cores; see tuning.md).
     #[arg(long)]
     pub no_pin: bool,
+    /// Microseconds an idle shard spins for new work before it sleeps
+    /// (0: sleep at once). Lowers QD1 latency at the cost of CPU; see tuning.md.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub spin_us: u64,
     /// Seconds a client may take to finish the NBD handshake before it is
     /// dropped (guards against clients that connect and stall).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -60,6 +60,7 @@ fn run() -> Result<()> {
         EngineConfig {
             threads,
             pin: !args.no_pin,
+            spin_before_park: std::time::Duration::from_micros(args.spin_us),
             limits: Limits {
                 handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
                 ..Limits::default()

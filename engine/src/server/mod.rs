@@ -60,6 +60,9 @@ pub struct EngineConfig {
     /// Pin each shard to its own core (the default). Unpinned shards follow
     /// their clients around, which wins when clients share the cores.
     pub pin: bool,
+    /// Spin this long for new work before an idle shard sleeps: trades CPU
+    /// for latency when clients wait on each reply (QD1).
+    pub spin_before_park: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -126,6 +129,7 @@ pub fn run(
     };
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("nbd-shard")
+        .spin_before_park(config.spin_before_park)
         .on_all_shards(move || {
             let (senders, receivers, table, shutdown, next_index, load) = (
                 senders.clone(),
