@@ -97,17 +97,9 @@ impl Backend for FileBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            read_only: self.read_only,
-            flush: true,
-            fua: true,
             trim: !self.block_device,
-            zero: true,
             fast_zero: !self.block_device,
-            cache: true,
-            block_status: true,
-            multi_conn: true,
-            rotational: false,
-            block: BlockSizes::default(),
+            ..Capabilities::all(self.read_only)
         }
     }
 

@@ -157,22 +157,12 @@ impl Backend for GlusterBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
+        // discard punches a hole on the brick; zeroes without a hole go
+        // through zerofill, which may write, so those answer ENOTSUP to
+        // FAST_ZERO. gfapi has no readahead hint.
         Capabilities {
-            read_only: self.read_only,
-            flush: true,
-            fua: true,
-            // discard punches a hole on the brick.
-            trim: true,
-            zero: true,
-            // Zeroes without a hole go through zerofill, which the brick may
-            // do by writing: those answer ENOTSUP to FAST_ZERO.
-            fast_zero: true,
-            // gfapi has no readahead hint.
             cache: false,
-            block_status: true,
-            multi_conn: true,
-            rotational: false,
-            block: BlockSizes::default(),
+            ..Capabilities::all(self.read_only)
         }
     }
 

@@ -150,19 +150,7 @@ impl Backend for Arc<MemBackend> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            read_only: self.read_only,
-            flush: true,
-            fua: true,
-            trim: true,
-            zero: true,
-            fast_zero: true,
-            cache: true,
-            block_status: true,
-            multi_conn: true,
-            rotational: false,
-            block: BlockSizes::default(),
-        }
+        Capabilities::all(self.read_only)
     }
 
     fn mode(&self) -> String {

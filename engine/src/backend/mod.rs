@@ -95,6 +95,24 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
+    /// Every command supported, default block sizes: what a backend starts
+    /// from before it turns off what it cannot do.
+    pub fn all(read_only: bool) -> Self {
+        Capabilities {
+            read_only,
+            flush: true,
+            fua: true,
+            trim: true,
+            zero: true,
+            fast_zero: true,
+            cache: true,
+            block_status: true,
+            multi_conn: true,
+            rotational: false,
+            block: BlockSizes::default(),
+        }
+    }
+
     /// NBD transmission flags for these capabilities.
     pub fn transmission_flags(&self) -> u16 {
         let mut f = TF_HAS_FLAGS | TF_SEND_DF;
@@ -201,19 +219,7 @@ mod tests {
     use super::*;
 
     fn caps() -> Capabilities {
-        Capabilities {
-            read_only: false,
-            flush: true,
-            fua: true,
-            trim: true,
-            zero: true,
-            fast_zero: true,
-            cache: true,
-            block_status: true,
-            multi_conn: true,
-            rotational: false,
-            block: BlockSizes::default(),
-        }
+        Capabilities::all(false)
     }
 
     #[test]

@@ -236,17 +236,8 @@ impl Backend for CephBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            read_only: self.read_only,
-            flush: true,
-            fua: true,
-            trim: true,
-            zero: true,
-            fast_zero: true,
             cache: false,
-            block_status: true,
-            multi_conn: true,
-            rotational: false,
-            block: BlockSizes::default(),
+            ..Capabilities::all(self.read_only)
         }
     }
 
