@@ -504,3 +504,33 @@ fn clients_vanishing_with_reads_and_writes_in_flight_hurt_nobody() {
     drop(c);
     delete_when_idle(&r, &key);
 }
+
+#[test]
+fn librados_threads_run_on_the_shards_cpus() {
+    let Some(conf) = ceph_conf() else { return };
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("SKIP: one CPU, nothing to confine to");
+        return;
+    }
+    let r = Runner::start_with(&["--threads", "1", "--ceph-conf", &conf]);
+    let key = image("affinity");
+    cli_ok(&r, &["ceph", "create", &key, "size", "16M"]);
+    let threads = r.thread_cpus();
+    let shard = threads
+        .iter()
+        .find(|(n, _)| n.starts_with("nbd-shard"))
+        .expect("a shard thread")
+        .1
+        .clone();
+    // librados' messenger and librbd's completion threads carry the IO;
+    // they must share the shard's CPU, not float over the machine.
+    let ceph: Vec<_> = threads
+        .iter()
+        .filter(|(n, _)| n.starts_with("msgr-worker") || n.starts_with("io_context"))
+        .collect();
+    assert!(!ceph.is_empty(), "no librados threads: {threads:?}");
+    for (name, cpus) in ceph {
+        assert_eq!(cpus, &shard, "{name} is not on the shard's CPU: {threads:?}");
+    }
+    delete_when_idle(&r, &key);
+}

@@ -370,3 +370,42 @@ fn connections_spread_over_shards_despite_short_lived_probes() {
         "both long-lived connections on one shard"
     );
 }
+
+#[test]
+fn pinned_runners_keep_every_thread_on_the_shards_cpus() {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if online < 2 {
+        eprintln!("SKIP: one CPU, nothing to confine to");
+        return;
+    }
+    let r = Runner::start_with(&["--threads", "1"]);
+    // The control route starts threads of its own; touch it first.
+    cli_ok(&r, &["list"]);
+    let threads = r.thread_cpus();
+    let shard = &threads
+        .iter()
+        .find(|(n, _)| n.starts_with("nbd-shard"))
+        .expect("a shard thread")
+        .1;
+    assert!(
+        shard.parse::<usize>().is_ok(),
+        "the shard is pinned to one CPU: {threads:?}"
+    );
+    assert!(threads.len() > 3, "{threads:?}");
+    for (name, cpus) in &threads {
+        assert_eq!(cpus, shard, "thread {name} left the shard's CPU: {threads:?}");
+    }
+
+    // --no-pin leaves every thread free: as free as this test is.
+    let all = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let free = Runner::start_with(&["--threads", "1", "--no-pin"]);
+    for (name, cpus) in free.thread_cpus() {
+        assert_eq!(cpus, all, "thread {name} is confined without pinning");
+    }
+}

@@ -59,7 +59,9 @@ pub struct RunnerArgs {
     #[arg(long, value_name = "HOST[:PORT]")]
     pub gluster_server: Option<String>,
     /// Let the kernel schedule the shards instead of pinning each to a core
-    /// (helps when clients run on the same few cores; see tuning.md).
+    /// (helps when clients run on the same few cores; see tuning.md). When
+    /// pinned, the runner's other threads (control, librados, libgfapi)
+    /// stay on the shards' cores too.
     #[arg(long)]
     pub no_pin: bool,
     /// Microseconds an idle shard spins for new work before it sleeps

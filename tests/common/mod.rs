@@ -89,6 +89,24 @@ impl Runner {
         self.child.id()
     }
 
+    /// Each of the daemon's threads as (name, the CPUs it may run on, as
+    /// the kernel prints them: "0-1", "3").
+    pub fn thread_cpus(&self) -> Vec<(String, String)> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        std::fs::read_dir(&tasks)
+            .unwrap()
+            .filter_map(|t| {
+                let dir = t.ok()?.path();
+                let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+                let status = std::fs::read_to_string(dir.join("status")).ok()?;
+                let cpus = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+                Some((name.trim().to_owned(), cpus.trim().to_owned()))
+            })
+            .collect()
+    }
+
     /// Panics if the daemon has exited.
     pub fn assert_alive(&mut self) {
         if let Some(status) = self.child.try_wait().unwrap() {

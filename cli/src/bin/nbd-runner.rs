@@ -28,6 +28,14 @@ fn run() -> Result<()> {
         .init();
 
     let threads = args.threads();
+    let shard_cpus = server::placement::shard_cpus(threads, !args.no_pin);
+    if let Some(cpus) = &shard_cpus {
+        // Before any thread starts: control threads and the backend
+        // libraries' own threads inherit this and stay on the shards' CPUs.
+        if let Err(e) = server::placement::confine_current_thread(cpus) {
+            tracing::warn!(?cpus, "cannot keep helper threads on the shards' CPUs: {e}");
+        }
+    }
     let table = Arc::new(ExportTable::new(threads));
     for spec in &args.exports {
         let backend = spec.open()?;
@@ -54,12 +62,15 @@ fn run() -> Result<()> {
     let addr = listener.local_addr().context("reading the bound address")?;
     let control = runner_control::start(&args, table.clone(), addr, threads, shutdown.flag())?;
     let rpc = control.tcp_addr;
-    tracing::info!(io = %addr, %rpc, threads, state_dir = %args.state_dir.display(), "nbd-runner started");
+    let cpus = shard_cpus
+        .as_ref()
+        .map_or("floating".to_owned(), |c| format!("{c:?}"));
+    tracing::info!(io = %addr, %rpc, threads, %cpus, state_dir = %args.state_dir.display(), "nbd-runner started");
     server::run(
         listener,
         EngineConfig {
             threads,
-            pin: !args.no_pin,
+            shard_cpus,
             spin_before_park: std::time::Duration::from_micros(args.spin_us),
             limits: Limits {
                 handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),

@@ -11,6 +11,7 @@
 mod budget;
 mod connection;
 mod outbox;
+pub mod placement;
 mod recvbuf;
 mod shard;
 
@@ -20,7 +21,7 @@ use crate::export::ExportTable;
 use futures_lite::future::or;
 use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::net::{AcceptedTcpStream, TcpListener};
-use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
+use glommio::LocalExecutorPoolBuilder;
 use shard::ShardCtx;
 use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
@@ -57,9 +58,10 @@ impl Default for Limits {
 pub struct EngineConfig {
     pub threads: usize,
     pub limits: Limits,
-    /// Pin each shard to its own core (the default). Unpinned shards follow
-    /// their clients around, which wins when clients share the cores.
-    pub pin: bool,
+    /// The CPU of each shard ([`placement::shard_cpus`]); `None` lets
+    /// shards follow their clients around, which wins when clients share
+    /// the cores.
+    pub shard_cpus: Option<Vec<usize>>,
     /// Spin this long for new work before an idle shard sleeps: trades CPU
     /// for latency when clients wait on each reply (QD1).
     pub spin_before_park: Duration,
@@ -122,11 +124,7 @@ pub fn run(
     let next_index = Arc::new(AtomicUsize::new(0));
     let load = ShardLoad::new(threads);
     let limits = config.limits;
-    let placement = if config.pin {
-        placement(threads)
-    } else {
-        PoolPlacement::Unbound(threads)
-    };
+    let placement = placement::pool_placement(threads, config.shard_cpus.as_deref());
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("nbd-shard")
         .spin_before_park(config.spin_before_park)
@@ -161,29 +159,6 @@ pub fn run(
         r.map_err(|e| EngineError::Executor(e.to_string()))?;
     }
     Ok(())
-}
-
-/// One core per shard, spread across packages and cores first; with more
-/// shards than cores, shards share cores round-robin rather than float.
-fn placement(threads: usize) -> PoolPlacement {
-    let Ok(online) = CpuSet::online() else {
-        return PoolPlacement::Unbound(threads);
-    };
-    let cpus: Vec<usize> = online.iter().map(|l| l.cpu).collect();
-    if cpus.is_empty() {
-        return PoolPlacement::Unbound(threads);
-    }
-    if threads <= cpus.len() {
-        return PoolPlacement::MaxSpread(threads, None);
-    }
-    PoolPlacement::Custom(
-        (0..threads)
-            .map(|i| {
-                let cpu = cpus[i % cpus.len()];
-                online.clone().filter(|l| l.cpu == cpu)
-            })
-            .collect(),
-    )
 }
 
 async fn watch_shutdown(shard: Rc<ShardCtx>, shutdown: Arc<Shutdown>) {

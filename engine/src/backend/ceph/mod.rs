@@ -198,7 +198,7 @@ impl CephBackend {
             "librbd aio, one image handle shared by all shards; FLUSH/FUA = rbd_aio_flush; \
              librbd cache {}; {}; object size {} KiB; block status from {}",
             match spec.cluster.rbd_cache {
-                None => "as ceph.conf says",
+                None => "per ceph.conf, writeback before the first FLUSH",
                 Some(true) => "on",
                 Some(false) => "off",
             },

@@ -166,6 +166,12 @@ impl Cluster {
         set("client_mount_timeout", &config.mount_timeout.to_string())?;
         set("rados_osd_op_timeout", &config.op_timeout.to_string())?;
         set("rados_mon_op_timeout", &config.op_timeout.to_string())?;
+        // NBD clients are told to FLUSH (we advertise SEND_FLUSH) and every
+        // FLUSH and FUA waits for librbd, so the cache need not stay in
+        // writethrough until the first flush: that default protects guests
+        // that never flush, and costs a synchronous OSD round trip per write
+        // until the client's first FLUSH.
+        set("rbd_cache_writethrough_until_flush", "false")?;
         if let Some(on) = config.rbd_cache {
             set("rbd_cache", if on { "true" } else { "false" })?;
         }

@@ -1,0 +1,120 @@
+//! Which CPUs the shards run on, and keeping the runner's other threads
+//! (control, and the threads librados and libgfapi start) on those same
+//! CPUs.
+//!
+//! Why confine the helpers: a backend library completes IO on its own
+//! threads, so every request hops shard → library thread → shard. When
+//! those threads float over every core they wake each other across cores
+//! (an IPI and a cold cache per hop) and compete with whatever else the box
+//! runs, a Ceph OSD or a gluster brick on small machines. Kept on the
+//! shards' cores, the hops stay local and the rest of the machine stays
+//! free: on the 2-core benchmark box, one shard with librbd's threads on
+//! its core served 20-25% more IOPS at a third less CPU per IO than with
+//! librbd's threads floating (tuning.md, "Ceph").
+
+use glommio::{CpuSet, PoolPlacement};
+
+/// The CPU for each shard, or `None` when shards float (`--no-pin`, or the
+/// topology is unreadable). Spread over packages and cores first; with
+/// more shards than CPUs, shards share CPUs round-robin.
+pub fn shard_cpus(threads: usize, pin: bool) -> Option<Vec<usize>> {
+    if !pin || threads == 0 {
+        return None;
+    }
+    let online: Vec<usize> = CpuSet::online().ok()?.iter().map(|l| l.cpu).collect();
+    if online.is_empty() {
+        return None;
+    }
+    if threads > online.len() {
+        return Some((0..threads).map(|i| online[i % online.len()]).collect());
+    }
+    let mut spread = PoolPlacement::MaxSpread(threads, None)
+        .generate_cpu_set()
+        .ok()?;
+    (0..threads)
+        .map(|_| spread.next().next().map(|l| l.cpu))
+        .collect()
+}
+
+/// glommio's placement for `shard_cpus`' answer.
+pub(super) fn pool_placement(threads: usize, cpus: Option<&[usize]>) -> PoolPlacement {
+    let (Some(cpus), Ok(online)) = (cpus, CpuSet::online()) else {
+        return PoolPlacement::Unbound(threads);
+    };
+    PoolPlacement::Custom(
+        cpus.iter()
+            .map(|&cpu| online.clone().filter(|l| l.cpu == cpu))
+            .collect(),
+    )
+}
+
+/// Confines the calling thread, and every thread it starts from now on, to
+/// `cpus`. Call it first thing in `main`, before anything spawns threads.
+pub fn confine_current_thread(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        // SAFETY: CPU_SET bounds-checks against the set's size.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: valid set for the calling thread (pid 0).
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The calling thread's allowed CPUs.
+pub fn current_affinity() -> std::io::Result<Vec<usize>> {
+    // SAFETY: as above; sched_getaffinity fills the set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: index within the set's size.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpinned_shards_float() {
+        assert_eq!(shard_cpus(4, false), None);
+    }
+
+    #[test]
+    fn pinned_shards_get_distinct_cpus_while_cpus_last() {
+        let online = CpuSet::online().unwrap().len();
+        let cpus = shard_cpus(online, true).unwrap();
+        let mut distinct = cpus.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), online, "{cpus:?}");
+        // More shards than CPUs: round-robin, each CPU used.
+        let more = shard_cpus(online * 2 + 1, true).unwrap();
+        assert_eq!(more.len(), online * 2 + 1);
+        assert_eq!(more[0], more[online]);
+    }
+
+    #[test]
+    fn confinement_is_inherited_by_new_threads() {
+        // On a thread of its own, so the test harness thread keeps its CPUs.
+        std::thread::spawn(|| {
+            let first = current_affinity().unwrap()[0];
+            confine_current_thread(&[first]).unwrap();
+            let child = std::thread::spawn(|| current_affinity().unwrap())
+                .join()
+                .unwrap();
+            assert_eq!(child, vec![first]);
+        })
+        .join()
+        .unwrap();
+    }
+}
