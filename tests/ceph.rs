@@ -530,7 +530,90 @@ fn librados_threads_run_on_the_shards_cpus() {
         .collect();
     assert!(!ceph.is_empty(), "no librados threads: {threads:?}");
     for (name, cpus) in ceph {
-        assert_eq!(cpus, &shard, "{name} is not on the shard's CPU: {threads:?}");
+        assert_eq!(
+            cpus, &shard,
+            "{name} is not on the shard's CPU: {threads:?}"
+        );
     }
     delete_when_idle(&r, &key);
+}
+
+#[test]
+fn cephx_failures_are_clear_and_other_backstores_keep_serving() {
+    let Some(conf) = ceph_conf() else { return };
+    if !std::fs::read_to_string(&conf)
+        .unwrap()
+        .contains("auth client required = cephx")
+    {
+        eprintln!("SKIP: the test cluster runs without cephx (tests/run.sh starts it with cephx)");
+        return;
+    }
+    let dir = scratch();
+    let r = runner(&conf, &["--export", "mem:side,size=1M"]);
+    let key = image("auth");
+    let keyring = |name: &str, entity: &str| {
+        let secret = run_ok("ceph-authtool", &["--gen-print-key"]);
+        let path = tmp_path(&dir, name);
+        write_file(
+            &path,
+            format!("[{entity}]\n\tkey = {}\n", secret.trim()).as_bytes(),
+        );
+        format!("keyring={}", path_str(&path))
+    };
+    // The right id with the wrong secret, and an id the cluster never heard of.
+    let wrong_secret = keyring("wrong.keyring", "client.admin");
+    let stranger = keyring("stranger.keyring", "client.stranger");
+    for opts in [
+        vec!["option", &wrong_secret],
+        vec!["option", "id=stranger", "option", &stranger],
+    ] {
+        let mut args = vec!["ceph", "create", &key, "size", "1M"];
+        args.extend(opts);
+        cli_fails(
+            &r,
+            &args,
+            "authentication failed; check the client id and its keyring",
+        );
+        assert_healthy(&r.addr, "side");
+    }
+    // A real user whose caps stop short of the pool: refused by the OSD.
+    let weak = tmp_path(&dir, "weak.keyring");
+    let o = run(
+        "ceph",
+        &[
+            "-c",
+            &conf,
+            "auth",
+            "get-or-create",
+            "client.nbd-weak",
+            "mon",
+            "allow r",
+            "-o",
+            path_str(&weak),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let weak_opt = format!("keyring={}", path_str(&weak));
+    cli_fails(
+        &r,
+        &[
+            "ceph",
+            "create",
+            &key,
+            "size",
+            "1M",
+            "option",
+            "id=nbd-weak",
+            "option",
+            &weak_opt,
+        ],
+        "caps do not allow this",
+    );
+    assert_healthy(&r.addr, "side");
+    // Nothing half-made was left behind, and the admin still gets through.
+    let list = cli_ok(&r, &["list"]);
+    assert!(!list.contains(&key), "{list}");
+    cli_ok(&r, &["ceph", "create", &key, "size", "1M"]);
+    delete_when_idle(&r, &key);
+    let _ = run("ceph", &["-c", &conf, "auth", "rm", "client.nbd-weak"]);
 }

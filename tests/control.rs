@@ -393,7 +393,10 @@ fn pinned_runners_keep_every_thread_on_the_shards_cpus() {
     );
     assert!(threads.len() > 3, "{threads:?}");
     for (name, cpus) in &threads {
-        assert_eq!(cpus, shard, "thread {name} left the shard's CPU: {threads:?}");
+        assert_eq!(
+            cpus, shard,
+            "thread {name} left the shard's CPU: {threads:?}"
+        );
     }
 
     // --no-pin leaves every thread free: as free as this test is.

@@ -44,15 +44,15 @@ else
 fi
 
 # ---- ceph ----------------------------------------------------------------------
-# A real Ceph cluster (mon+mgr+1 memstore OSD, pool "rbd") on loopback for
-# tests/ceph.rs; the script installs ceph-mon ceph-osd ceph-mgr ceph-common
+# A real Ceph cluster (mon+mgr+1 memstore OSD, pool "rbd", cephx auth as in
+# production) on loopback for tests/ceph.rs; the script installs ceph-mon ceph-osd ceph-mgr ceph-common
 # librbd-dev librados-dev when missing. Once it is up the ceph tests are
 # expected: a broken cluster fails them. Not root: skipped with a note (the
 # tests then skip themselves too). The cluster stays up for the next run.
 ceph_features=()
 if [ "$(id -u)" = 0 ] && [ "${NBD_TEST_CEPH:-1}" != 0 ]; then
-  NBD_TEST_CEPH_DIR=${NBD_TEST_CEPH_DIR:-/var/tmp/nbd-runner-ceph}
-  tests/ceph/start-ceph.sh "$NBD_TEST_CEPH_DIR" >/dev/null
+  NBD_TEST_CEPH_DIR=${NBD_TEST_CEPH_DIR:-/var/tmp/nbd-runner-cephx}
+  CEPH_AUTH=cephx tests/ceph/start-ceph.sh "$NBD_TEST_CEPH_DIR" >/dev/null
   export NBD_TEST_CEPH_CONF=$NBD_TEST_CEPH_DIR/ceph.conf
   ceph_features=(--features nbd-cli/ceph)
 else

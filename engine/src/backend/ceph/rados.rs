@@ -36,7 +36,11 @@ impl ClusterConfig {
             .conf
             .as_ref()
             .map_or("the default ceph.conf".into(), |p| p.display().to_string());
-        format!("{conf} as client.{}", self.id.as_deref().unwrap_or("admin"))
+        let who = format!("{conf} as client.{}", self.id.as_deref().unwrap_or("admin"));
+        match &self.keyring {
+            Some(k) => format!("{who} with keyring {}", k.display()),
+            None => who,
+        }
     }
 }
 
@@ -69,6 +73,9 @@ fn hint(op: Op, errno: i32) -> &'static str {
             " (authentication failed; check the client id and its keyring)"
         }
         (Op::Connect, libc::ENOENT) => " (ceph.conf or keyring not found or unreadable)",
+        (_, libc::EACCES | libc::EPERM) => {
+            " (the client's caps do not allow this; see `ceph auth get client.ID`)"
+        }
         (Op::Pool, libc::ENOENT) => " (no such pool)",
         (Op::Open, libc::ENOENT) => " (no such image)",
         (Op::Create, libc::EEXIST) => " (the image already exists)",
