@@ -3,7 +3,9 @@
 //! nbd-runner plus the nbd-attach example (nbd_cli::kernel) map, use,
 //! unmap, reattach after kill -9 (RECONFIGURE) and map read-only; then
 //! tests/vm/guest-cli.sh does the operator's flow with nbd-cli, and with the
-//! gluster feature tests/vm/guest-gluster.sh maps a gluster backstore.
+//! gluster feature tests/vm/guest-gluster.sh maps a gluster backstore; with
+//! the ceph feature tests/vm/guest-ceph.sh maps a ceph backstore and resizes
+//! it under the kernel.
 //!
 //! The guest sees the host's / read-only, so it runs the binaries of this
 //! build at their host paths. The test skips (prints `SKIP: ...`) only when
@@ -170,6 +172,23 @@ fn kernel_attach_in_vm() {
             &[
                 "GUEST-GLUSTER-OK",
                 "GLUSTER: 20 MiB file identical after unmap and map",
+            ],
+        ));
+    }
+    // Ceph in the guest, the same way: its own mon and memstore OSD.
+    if cfg!(feature = "ceph") && std::env::var_os("NBD_TEST_CEPH_CONF").is_some() {
+        runs.push((
+            "guest-ceph.sh",
+            format!(
+                "NBD_RUNNER='{}' NBD_CLI='{}' REPO='{}'",
+                runner.display(),
+                cli.display(),
+                repo().display()
+            ),
+            &[
+                "GUEST-CEPH-OK",
+                "CEPH: the kernel sees 128 MiB after resize, data intact",
+                "CEPH: the kernel sees 96 MiB after shrink",
             ],
         ));
     }
