@@ -14,7 +14,6 @@ MNT=/tmp/mnt
 export RUST_LOG=${RUST_LOG:-warn} NO_COLOR=1
 T0=$(date +%s.%N)
 t() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN {printf "%6.2f", b - a}'; }
-step() { echo "[$(t)s] --- $*"; }
 fail() {
   echo "FAIL: $*"
   echo "--- runner log:"; tail -30 /tmp/runner.log 2>/dev/null || true
@@ -23,21 +22,11 @@ fail() {
 }
 trap 'fail "line $LINENO: $BASH_COMMAND (exit $?)"' ERR
 
-RP=
-start_runner() {
-  : >/tmp/runner.out
-  "$RUNNER" --iohost 127.0.0.1 --ioport 24111 --rpcport 0 --threads 2 --state-dir /tmp/st \
-    --export file:$EXPORT,size=256M >/tmp/runner.out 2>>/tmp/runner.log &
-  RP=$!
-  for _ in $(seq 300); do
-    grep -q '^nbd-runner ready' /tmp/runner.out && return 0
-    kill -0 $RP 2>/dev/null || fail "nbd-runner exited at start"
-    sleep 0.1
-  done
-  fail "nbd-runner not ready after 30 s"
-}
+. "$(dirname "$0")/guest-lib.sh"
+# Timestamped steps here: this script's timings are read from the output.
+step() { echo "[$(t)s] --- $*"; }
+start_file_runner() { start_runner --ioport 24111 --rpcport 0 --export file:$EXPORT,size=256M; }
 sysfs() { cat "/sys/block/nbd$1/$2"; }
-expect_eq() { [ "$1" = "$2" ] || fail "$3: got '$1', expected '$2'"; }
 
 echo "kernel $(uname -r); nbd module: $(grep -c '^nbd ' /proc/modules) loaded"
 rm -rf /tmp/st $EXPORT $MNT /tmp/runner.log
@@ -45,7 +34,7 @@ mkdir -p $MNT
 head -c 20M /dev/urandom >/tmp/rand.bin
 
 step "start nbd-runner"
-start_runner
+start_file_runner
 
 step "connect, 2 connections"
 DEV=$("$ATTACH" connect $ADDR $EXPORT 2)
@@ -91,7 +80,7 @@ echo "kernel: $(dmesg | grep "nbd$N:" | grep -v reconnected | tail -2 | sed 's/^
 expect_eq "$("$ATTACH" status "$N")" connected "status with dead connections (config held)"
 
 step "restart nbd-runner; reconfigure with a wrong cookie is refused"
-start_runner
+start_file_runner
 if out=$(NBD_ATTACH_COOKIE=someone-else "$ATTACH" reconfigure "$N" $ADDR $EXPORT 2 2>&1); then
   fail "reconfigure with a wrong cookie succeeded"
 fi

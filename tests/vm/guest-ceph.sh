@@ -21,7 +21,7 @@ fail() {
   exit 1
 }
 trap 'fail "line $LINENO: $BASH_COMMAND (exit $?)"' ERR
-step() { echo "--- $*"; }
+. "$(dirname "$0")/guest-lib.sh"
 MiB=$((1 << 20))
 size_of() { echo $(( $(cat "/sys/block/$(basename "$1")/size") * 512 )); }
 
@@ -33,11 +33,7 @@ CEPH_WITH_MGR=0 CEPH_OSD_BYTES=$((1 << 30)) CEPH_WAIT_TIMEOUT=240 \
   bash "$REPO/tests/ceph/start-ceph.sh" $CEPH 2>&1 | tail -2
 
 step "runner, create 64M, map with 2 connections"
-"$RUNNER" --iohost 127.0.0.1 --threads 2 --state-dir /tmp/st --ceph-conf $CEPH/ceph.conf \
-  >/tmp/runner.out 2>>/tmp/runner.log &
-RP=$!
-for _ in $(seq 300); do grep -q '^nbd-runner ready' /tmp/runner.out && break; sleep 0.1; done
-grep -q '^nbd-runner ready' /tmp/runner.out || fail "nbd-runner not ready"
+start_runner --ceph-conf $CEPH/ceph.conf
 "$CLI" ceph create $KEY size 64M
 DEV=$("$CLI" ceph map $KEY connections 2)
 echo "mapped $DEV"

@@ -18,22 +18,9 @@ fail() {
   exit 1
 }
 trap 'fail "line $LINENO: $BASH_COMMAND (exit $?)"' ERR
-step() { echo "--- $*"; }
-expect_eq() { [ "$1" = "$2" ] || fail "$3: got '$1', expected '$2'"; }
+. "$(dirname "$0")/guest-lib.sh"
 state_of() { "$CLI" info "$KEY" --json | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p'; }
 
-RP=
-start_runner() {
-  : >/tmp/runner.out
-  "$RUNNER" --iohost 127.0.0.1 --threads 2 --state-dir /tmp/st >/tmp/runner.out 2>>/tmp/runner.log &
-  RP=$!
-  for _ in $(seq 300); do
-    grep -q '^nbd-runner ready' /tmp/runner.out && return 0
-    kill -0 $RP 2>/dev/null || fail "nbd-runner exited at start"
-    sleep 0.1
-  done
-  fail "nbd-runner not ready after 30 s"
-}
 
 rm -rf /tmp/st $KEY $MNT /tmp/runner.log
 mkdir -p $MNT

@@ -22,7 +22,7 @@ fail() {
 }
 trap 'fail "line $LINENO: $BASH_COMMAND (exit $?)"' ERR
 
-step() { echo "--- $*"; }
+. "$(dirname "$0")/guest-lib.sh"
 step "glusterd and a tmpfs brick inside the guest"
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd   # bash process substitution needs it
 # The host's glusterd state is visible through the overlay; start from nothing.
@@ -38,11 +38,7 @@ GLUSTER_NO_PROBE=1 GLUSTER_STATE_DIR=/tmp/gluster-vm GLUSTER_TIMEOUT=120 \
 
 step "runner, create, map with 2 connections"
 mkdir -p $MNT
-"$RUNNER" --iohost 127.0.0.1 --threads 2 --state-dir /tmp/st --gluster-server 127.0.0.1 \
-  >/tmp/runner.out 2>>/tmp/runner.log &
-RP=$!
-for _ in $(seq 300); do grep -q '^nbd-runner ready' /tmp/runner.out && break; sleep 0.1; done
-grep -q '^nbd-runner ready' /tmp/runner.out || fail "nbd-runner not ready"
+start_runner --gluster-server 127.0.0.1
 "$CLI" gluster create $KEY size 256M
 DEV=$("$CLI" gluster map $KEY connections 2)
 echo "mapped $DEV"
