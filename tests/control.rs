@@ -372,7 +372,7 @@ fn connections_spread_over_shards_despite_short_lived_probes() {
 }
 
 #[test]
-fn pinned_runners_keep_every_thread_on_the_shards_cpus() {
+fn pinned_runners_keep_every_thread_on_the_shards_cpus_and_batch_scheduled() {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     if online < 2 {
         eprintln!("SKIP: one CPU, nothing to confine to");
@@ -397,6 +397,15 @@ fn pinned_runners_keep_every_thread_on_the_shards_cpus() {
             cpus, shard,
             "thread {name} left the shard's CPU: {threads:?}"
         );
+    }
+
+    // Every thread runs SCHED_BATCH unless told otherwise.
+    for t in r.threads() {
+        assert_eq!(t.policy, 3, "{t:?} is not SCHED_BATCH");
+    }
+    let normal = Runner::start_with(&["--threads", "1", "--sched", "normal"]);
+    for t in normal.threads() {
+        assert_eq!(t.policy, 0, "{t:?} is not SCHED_OTHER with --sched normal");
     }
 
     // --no-pin leaves every thread free: as free as this test is.

@@ -6,6 +6,22 @@ use nbd_engine::export::ExportSpec;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+/// `--sched`; see [`nbd_engine::server::placement::SchedPolicy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sched {
+    Batch,
+    Normal,
+}
+
+impl From<Sched> for nbd_engine::server::placement::SchedPolicy {
+    fn from(s: Sched) -> Self {
+        match s {
+            Sched::Batch => Self::Batch,
+            Sched::Normal => Self::Normal,
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nbd-runner",
@@ -64,6 +80,12 @@ pub struct RunnerArgs {
     /// stay on the shards' cores too.
     #[arg(long)]
     pub no_pin: bool,
+    /// How the runner's threads are scheduled: `batch` (SCHED_BATCH: a
+    /// woken runner thread does not preempt the one running, so shards and
+    /// library threads sharing a core hand over whole bursts) or `normal`
+    /// (SCHED_OTHER). See tuning.md.
+    #[arg(long, value_enum, default_value_t = Sched::Batch)]
+    pub sched: Sched,
     /// Microseconds an idle shard spins for new work before it sleeps
     /// (0: sleep at once). Lowers QD1 latency at the cost of CPU; see tuning.md.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]

@@ -9,6 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// One thread of a runner, from /proc.
+#[derive(Debug)]
+pub struct ThreadInfo {
+    pub name: String,
+    pub cpus: String,
+    /// SCHED_OTHER 0, SCHED_BATCH 3.
+    pub policy: u32,
+}
+
 /// A running nbd-runner, killed when dropped.
 pub struct Runner {
     pub child: Child,
@@ -92,6 +101,14 @@ impl Runner {
     /// Each of the daemon's threads as (name, the CPUs it may run on, as
     /// the kernel prints them: "0-1", "3").
     pub fn thread_cpus(&self) -> Vec<(String, String)> {
+        self.threads()
+            .into_iter()
+            .map(|t| (t.name, t.cpus))
+            .collect()
+    }
+
+    /// Each of the daemon's threads: name, allowed CPUs, scheduling policy.
+    pub fn threads(&self) -> Vec<ThreadInfo> {
         let tasks = format!("/proc/{}/task", self.pid());
         std::fs::read_dir(&tasks)
             .unwrap()
@@ -102,7 +119,16 @@ impl Runner {
                 let cpus = status
                     .lines()
                     .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
-                Some((name.trim().to_owned(), cpus.trim().to_owned()))
+                // stat's 41st field; the name (2nd) may hold spaces, so count
+                // from after its closing parenthesis.
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                let after = &stat[stat.rfind(')')? + 2..];
+                let policy = after.split_whitespace().nth(41 - 3)?.parse().ok()?;
+                Some(ThreadInfo {
+                    name: name.trim().to_owned(),
+                    cpus: cpus.trim().to_owned(),
+                    policy,
+                })
             })
             .collect()
     }

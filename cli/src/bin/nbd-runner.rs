@@ -28,10 +28,14 @@ fn run() -> Result<()> {
         .init();
 
     let threads = args.threads();
+    // Before any thread starts: every thread inherits both settings below.
+    if let Err(e) = server::placement::set_sched_policy(args.sched.into()) {
+        tracing::warn!(sched = ?args.sched, "cannot set the scheduling policy: {e}");
+    }
     let shard_cpus = server::placement::shard_cpus(threads, !args.no_pin);
     if let Some(cpus) = &shard_cpus {
-        // Before any thread starts: control threads and the backend
-        // libraries' own threads inherit this and stay on the shards' CPUs.
+        // Control threads and the backend libraries' own threads stay on
+        // the shards' CPUs.
         if let Err(e) = server::placement::confine_current_thread(cpus) {
             tracing::warn!(?cpus, "cannot keep helper threads on the shards' CPUs: {e}");
         }
@@ -65,7 +69,7 @@ fn run() -> Result<()> {
     let cpus = shard_cpus
         .as_ref()
         .map_or("floating".to_owned(), |c| format!("{c:?}"));
-    tracing::info!(io = %addr, %rpc, threads, %cpus, state_dir = %args.state_dir.display(), "nbd-runner started");
+    tracing::info!(io = %addr, %rpc, threads, %cpus, sched = ?args.sched, state_dir = %args.state_dir.display(), "nbd-runner started");
     server::run(
         listener,
         EngineConfig {
