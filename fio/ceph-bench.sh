@@ -15,6 +15,8 @@
 #   QUICK=1 fio/ceph-bench.sh         2 s runs, 1 repetition
 # Environment: RT, REPS, QD=32, BS=4k, CEPH_DIR=/var/tmp/nbd-runner-ceph,
 #   RUNNER_THREADS=$(nproc), NBD_RUNNER / NBD_CLI (given: no cargo build),
+#   FIO_RBD_CPUS (e.g. 1: confine the fio-rbd side, librbd's threads
+#   included, to those CPUs, as --threads 1 confines the runner),
 #   RESULTS=fio/results
 # Prints a markdown table (median IOPS per side, ratio, and nbd-runner's CPU
 # per IO from /proc/PID/stat) and keeps fio's JSON under RESULTS/ceph-DATE/.
@@ -57,7 +59,7 @@ fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 "${co
 side_fio() {  # side job-options...
   local side=$1; shift
   if [[ $side == nbd-runner ]]; then fio "$@" --ioengine=nbd --uri="$URI"
-  else fio "$@" "${RBD[@]}"; fi
+  else ${FIO_RBD_CPUS:+taskset -c "$FIO_RBD_CPUS"} fio "$@" "${RBD[@]}"; fi
 }
 bench_compare nbd-runner fio-rbd
 "$NBD_CLI" --host "$RPC" ceph delete "$KEY" >/dev/null
