@@ -421,3 +421,29 @@ fn pinned_runners_keep_every_thread_on_the_shards_cpus_and_batch_scheduled() {
         assert_eq!(cpus, all, "thread {name} is confined without pinning");
     }
 }
+
+#[test]
+fn startup_exports_are_listed_as_static_and_refuse_map_and_delete() {
+    let r = Runner::start(&["mem:boot,size=1M"]);
+    cli_ok(&r, &["mem", "create", "made", "size", "1M"]);
+    let list = cli_ok(&r, &["list"]);
+    let boot = list
+        .lines()
+        .find(|l| l.contains("boot"))
+        .unwrap_or_else(|| panic!("no boot in {list}"));
+    assert!(boot.contains("static"), "{list}");
+    let info = json(&cli_ok(&r, &["info", "boot", "--json"]));
+    assert_eq!(info["state"], "static", "{info}");
+    assert_eq!(info["size"], 1 << 20, "{info}");
+    // Traffic shows up in stats like any backstore's.
+    qemu_io(&r.uri("boot"), &["write -P 7 0 64k"], 0);
+    let stats = cli_ok(&r, &["stats", "boot"]);
+    assert!(stats.contains("write"), "{stats}");
+    cli_fails(&r, &["mem", "map", "boot"], "--export");
+    cli_fails(&r, &["mem", "delete", "boot"], "--export");
+    cli_fails(&r, &["mem", "create", "boot", "size", "1M"], "--export");
+    // Filters: a static export has no device.
+    assert!(cli_ok(&r, &["list", "unmap"]).contains("boot"));
+    assert!(!cli_ok(&r, &["list", "map"]).contains("boot"));
+    assert_healthy(&r.addr, "boot");
+}

@@ -87,6 +87,9 @@ pub enum State {
     Mapped,
     Unmapping,
     Dead,
+    /// Served from the runner's `--export` flags: listed, never mapped,
+    /// deleted or saved by the control plane.
+    Static,
 }
 
 impl State {
@@ -97,6 +100,7 @@ impl State {
             State::Mapped => "live",
             State::Unmapping => "unmapping",
             State::Dead => "dead",
+            State::Static => "static",
         }
     }
 
@@ -238,17 +242,17 @@ mod tests {
     #[test]
     fn list_filters_follow_the_seed() {
         use State::*;
-        let all = [Created, Mapping, Mapped, Unmapping, Dead];
+        let all = [Created, Mapping, Mapped, Unmapping, Dead, Static];
         let pick = |f: &str| -> Vec<State> {
             let f: ListFilter = f.parse().unwrap();
             all.into_iter().filter(|s| f.matches(*s)).collect()
         };
         assert_eq!(pick("map"), vec![Mapped, Unmapping, Dead]);
-        assert_eq!(pick("unmap"), vec![Created, Mapping]);
+        assert_eq!(pick("unmap"), vec![Created, Mapping, Static]);
         assert_eq!(pick("create"), vec![Created]);
         assert_eq!(pick("dead"), vec![Dead]);
         assert_eq!(pick("live"), vec![Mapped]);
-        assert_eq!(pick("all").len(), 5);
+        assert_eq!(pick("all").len(), 6);
         assert!("mapped".parse::<ListFilter>().is_err());
     }
 }

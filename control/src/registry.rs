@@ -52,6 +52,8 @@ pub struct Registry {
     store: StateStore,
     defaults: HandlerDefaults,
     entries: BTreeMap<String, Entry>,
+    /// The runner's `--export` exports, there before the registry.
+    statics: BTreeMap<String, Arc<Export>>,
     table: Arc<ExportTable>,
     io: IoRoute,
 }
@@ -66,10 +68,16 @@ impl Registry {
         io: IoRoute,
         defaults: HandlerDefaults,
     ) -> Result<Registry, CtlError> {
+        let statics = table
+            .all()
+            .into_iter()
+            .map(|x| (x.name.clone(), x))
+            .collect();
         let mut reg = Registry {
             store,
             defaults,
             entries: BTreeMap::new(),
+            statics,
             table,
             io,
         };
@@ -143,6 +151,16 @@ impl Registry {
 
     fn entry(&self, handler: Option<Handler>, key: &str) -> Result<&Entry, CtlError> {
         let Some(e) = self.entries.get(key) else {
+            if self.statics.contains_key(key) {
+                return fail(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "{key:?} is served from the runner's --export flag: nbd-cli lists it \
+                         but does not map, delete or resize it (attach it with any NBD client, \
+                         or create it as a backstore instead)"
+                    ),
+                );
+            }
             return fail(ErrorCode::NotFound, format!("no backstore {key:?}"));
         };
         match handler {
@@ -485,22 +503,32 @@ impl Registry {
     }
 
     pub fn list(&self, handler: Option<Handler>, filter: ListFilter) -> Vec<BackstoreInfo> {
-        self.entries
+        let mut all: Vec<BackstoreInfo> = self
+            .entries
             .values()
-            .filter(|e| handler.is_none_or(|h| h == e.saved.handler))
-            .filter(|e| filter.matches(e.saved.state))
             .map(describe)
-            .collect()
+            .chain(self.statics.values().map(|x| describe_static(x)))
+            .filter(|b| handler.is_none_or(|h| h == b.handler))
+            .filter(|b| filter.matches(b.state))
+            .collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all
     }
 
     pub fn info(&self, key: &str) -> Result<BackstoreInfo, CtlError> {
+        if let Some(x) = self.statics.get(key) {
+            return Ok(describe_static(x));
+        }
         Ok(describe(self.entry(None, key)?))
     }
 
     pub fn stats(&self, key: &str) -> Result<StatsReport, CtlError> {
-        let entry = self.entry(None, key)?;
-        let Some(export) = &entry.export else {
-            return fail(ErrorCode::Backend, format!("{key:?} is not open"));
+        let export = match self.statics.get(key) {
+            Some(x) => x,
+            None => match &self.entry(None, key)?.export {
+                Some(x) => x,
+                None => return fail(ErrorCode::Backend, format!("{key:?} is not open")),
+            },
         };
         let uptime = export.opened.elapsed().as_secs_f64().max(1e-9);
         let snap = export.stats.snapshot();
@@ -573,6 +601,24 @@ fn describe(e: &Entry) -> BackstoreInfo {
     }
 }
 
+fn describe_static(x: &Export) -> BackstoreInfo {
+    let caps = x.backend.capabilities();
+    BackstoreInfo {
+        key: x.name.clone(),
+        // Startup exports come from the handlers the control plane knows.
+        handler: x.backend.handler().parse().unwrap_or(Handler::File),
+        size: x.backend.size(),
+        state: State::Static,
+        device: None,
+        read_only: caps.read_only,
+        flags: caps.transmission_flags(),
+        mode: x.backend.mode(),
+        error: None,
+        connections: connections(x),
+        options: BTreeMap::new(),
+    }
+}
+
 /// The kernel's BACKEND_IDENTIFIER for a backstore.
 fn cookie(s: &SavedBackstore) -> String {
     format!("nbd-runner:{}", s.id)
@@ -607,6 +653,37 @@ mod tests {
             Default::default(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn startup_exports_are_listed_as_static_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cfg) = StateStore::open(dir.path()).unwrap();
+        let table = Arc::new(ExportTable::new(2));
+        let mem = nbd_engine::backend::MemBackend::new(1 << 20, false).unwrap();
+        table.add("boot", Arc::new(mem)).unwrap();
+        let io = IoRoute {
+            host: String::new(),
+            port: 24111,
+            shards: 2,
+        };
+        let mut reg = Registry::load(store, cfg, table, io, Default::default()).unwrap();
+        create(&mut reg, Handler::Mem, "made", 4096).unwrap();
+        let list = reg.list(None, ListFilter::All);
+        let keys: Vec<_> = list.iter().map(|b| (b.key.as_str(), b.state)).collect();
+        assert_eq!(keys, [("boot", State::Static), ("made", State::Created)]);
+        assert_eq!(list[0].handler, Handler::Mem);
+        assert_eq!(list[0].size, 1 << 20);
+        assert!(reg.list(None, ListFilter::Map).is_empty());
+        assert_eq!(reg.info("boot").unwrap().state, State::Static);
+        assert!(reg.stats("boot").is_ok());
+        let refused = reg.map_begin(Handler::Mem, "boot").unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidArgument);
+        assert!(refused.message.contains("--export"), "{}", refused.message);
+        assert!(reg.delete(Handler::Mem, "boot").is_err());
+        // Never saved: the flag brings it back, not the state file.
+        let saved = std::fs::read_to_string(dir.path().join("saveconfig.json")).unwrap();
+        assert!(!saved.contains("boot"), "{saved}");
     }
 
     fn create(

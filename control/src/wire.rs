@@ -14,7 +14,7 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"NBDR";
 /// Bumped on any change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest frame either side accepts; real messages are a few KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 const MAX_TOKEN: usize = 4096;
