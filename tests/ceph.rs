@@ -617,3 +617,133 @@ fn cephx_failures_are_clear_and_other_backstores_keep_serving() {
     delete_when_idle(&r, &key);
     let _ = run("ceph", &["-c", &conf, "auth", "rm", "client.nbd-weak"]);
 }
+
+/// A throw-away cluster of its own (mon + memstore OSD, no mgr) for tests
+/// that stop its daemons; stopped and removed on drop.
+struct OwnCluster {
+    dir: tempfile::TempDir,
+}
+
+impl OwnCluster {
+    fn start() -> OwnCluster {
+        let dir = scratch();
+        let o = std::process::Command::new("bash")
+            .arg(scripts().join("start-ceph.sh"))
+            .arg(dir.path().join("c"))
+            .env("CEPH_WITH_MGR", "0")
+            .env("CEPH_OSD_BYTES", (512u64 << 20).to_string())
+            .output()
+            .expect("run start-ceph.sh");
+        assert!(
+            o.status.success(),
+            "start-ceph.sh: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        OwnCluster { dir }
+    }
+
+    fn conf(&self) -> String {
+        path_str(&self.dir.path().join("c/ceph.conf")).to_owned()
+    }
+
+    fn osd_pid(&self) -> i32 {
+        std::fs::read_to_string(self.dir.path().join("c/run/osd.0.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on the OSD this test started; it may be stopped.
+        unsafe { libc::kill(self.osd_pid(), libc::SIGCONT) };
+        let _ = std::process::Command::new("bash")
+            .arg(scripts().join("stop-ceph.sh"))
+            .arg(self.dir.path().join("c"))
+            .output();
+    }
+}
+
+fn scripts() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/ceph")
+}
+
+#[test]
+fn a_hung_osd_fails_requests_with_eio_after_op_timeout_and_service_resumes() {
+    if ceph_conf().is_none() {
+        return;
+    }
+    let cluster = OwnCluster::start();
+    let conf = cluster.conf();
+    let r = runner(&conf, &["--export", "mem:side,size=1M"]);
+    let key = "rbd/hung";
+    cli_ok(
+        &r,
+        &[
+            "ceph",
+            "create",
+            key,
+            "size",
+            "16M",
+            "option",
+            "op_timeout=3",
+        ],
+    );
+    let mut s = negotiate(&r.addr, key);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let data = pattern(64 << 10, 11);
+    assert_eq!(write_at(&mut s, 0, &data), 0);
+    assert_eq!(call(&mut s, CMD_FLUSH, 0, 0, &[]), 0);
+
+    // The OSD stops answering (SIGSTOP: a hung host, not a refused connection).
+    // SAFETY: plain kill(2) on the OSD this test started.
+    assert_eq!(unsafe { libc::kill(cluster.osd_pid(), libc::SIGSTOP) }, 0);
+    let started = Instant::now();
+    // A read of written data (librbd answers unwritten ranges from its object
+    // map without asking the OSD).
+    assert_eq!(
+        read_at(&mut s, 0, 4096).map(|v| v.len()),
+        Err(5),
+        "a read must fail with EIO"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(15),
+        "EIO after {waited:?}, op_timeout is 3 s"
+    );
+    // A write is acknowledged by librbd's cache; its FLUSH must not be.
+    assert_eq!(write_at(&mut s, 4 << 20, &data), 0);
+    assert_eq!(
+        call(&mut s, CMD_FLUSH, 0, 0, &[]),
+        5,
+        "FLUSH must fail with EIO"
+    );
+    // Other exports and the control route do not wait on the cluster.
+    assert_healthy(&r.addr, "side");
+    cli_ok(&r, &["list"]);
+
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(cluster.osd_pid(), libc::SIGCONT) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match read_at(&mut s, 0, data.len() as u32) {
+            Ok(back) => {
+                assert!(back == data, "data written before the outage changed");
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "still failing ({e}) after SIGCONT"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The connection survived the outage; new writes are durable again.
+    assert_eq!(write_at(&mut s, 4 << 20, &data), 0);
+    assert_eq!(call(&mut s, CMD_FLUSH, 0, 0, &[]), 0);
+    assert!(read_at(&mut s, 4 << 20, data.len() as u32) == Ok(data));
+    drop(s);
+    delete_when_idle(&r, key);
+}
