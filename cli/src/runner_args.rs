@@ -207,6 +207,8 @@ mod tests {
         assert_eq!(a.rpchost.to_string(), "127.0.0.1");
         assert_eq!(a.state_dir, PathBuf::from("/etc/nbd-runner"));
         assert!(a.threads() >= 1);
+        assert_eq!(a.sched, Sched::Batch);
+        assert!(!a.no_pin);
     }
 
     #[test]
@@ -283,5 +285,11 @@ mod tests {
         assert!(parse(&["nbd-runner", "threads", "0"]).is_err());
         assert!(parse(&["nbd-runner", "--iohost", "not-an-ip"]).is_err());
         assert!(parse(&["nbd-runner", "bogus"]).is_err());
+        let e = parse(&["nbd-runner", "--sched", "fifo"]).unwrap_err();
+        assert!(e.to_string().contains("batch"), "{e}");
+        assert_eq!(
+            parse(&["nbd-runner", "--sched", "normal"]).unwrap().sched,
+            Sched::Normal
+        );
     }
 }
