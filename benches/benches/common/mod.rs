@@ -1,4 +1,5 @@
 //! Helpers shared by the bench files (each includes this with `mod common;`).
+#![allow(dead_code)] // each bench file uses its own subset
 
 use criterion::Criterion;
 use std::time::Duration;
