@@ -22,7 +22,16 @@ pub fn start(
     shards: usize,
     stop: Arc<AtomicBool>,
 ) -> Result<ControlServer> {
-    let (store, cfg) = StateStore::open(&args.state_dir)?;
+    let (store, cfg) = StateStore::open(&args.state_dir).map_err(|e| {
+        if e.permission_denied() {
+            anyhow::anyhow!(
+                "{e}: the state directory is not writable by this user; run nbd-runner as \
+                 root (the default is /etc/nbd-runner) or give it --state-dir DIR"
+            )
+        } else {
+            e.into()
+        }
+    })?;
     let path = store.path().to_owned();
     let count = cfg.backstores.len();
     let route = IoRoute {

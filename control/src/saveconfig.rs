@@ -23,12 +23,13 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, Error)]
 pub enum PersistError {
-    #[error("{path}: {op}: {source}")]
+    // The io error is part of the message, not a `source`: anyhow's `{:#}`
+    // would print it twice.
+    #[error("{path}: {op}: {error}")]
     Io {
         path: PathBuf,
         op: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{path} is unreadable: {reason}; fix or move it aside (nbd-runner will not overwrite it)"
@@ -40,9 +41,17 @@ pub enum PersistError {
     Locked(PathBuf),
 }
 
+impl PersistError {
+    /// The state directory or a file in it is not ours to write.
+    pub fn permission_denied(&self) -> bool {
+        matches!(self, PersistError::Io { error, .. }
+            if error.kind() == std::io::ErrorKind::PermissionDenied)
+    }
+}
+
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> PersistError {
     let path = path.to_owned();
-    move |source| PersistError::Io { path, op, source }
+    move |error| PersistError::Io { path, op, error }
 }
 
 /// One backstore as stored.
