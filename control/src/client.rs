@@ -36,21 +36,7 @@ impl Endpoint {
             return Ok(Endpoint::Unix(s.into()));
         }
         let bad = || format!("bad host {s:?} (HOST, HOST:PORT or [IPV6]:PORT)");
-        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (h, tail) = rest.split_once(']').ok_or_else(bad)?;
-            match tail.strip_prefix(':') {
-                Some(p) => (h, Some(p)),
-                None if tail.is_empty() => (h, None),
-                None => return Err(bad()),
-            }
-        } else if s.matches(':').count() > 1 {
-            (s, None) // a bare IPv6 address
-        } else {
-            match s.split_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (s, None),
-            }
-        };
+        let (host, port) = nbd_engine::hostport::split_host_port(s).map_err(|_| bad())?;
         if host.is_empty() {
             return Err(bad());
         }

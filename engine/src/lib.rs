@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod completion;
 pub mod export;
+pub mod hostport;
 pub mod protocol;
 pub mod server;
 pub mod size;

@@ -47,17 +47,7 @@ impl FromStr for VolfileServer {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("bad gluster server {s:?}: {why} (expected HOST[:PORT])");
-        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (h, after) = rest.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
-            (h, after.strip_prefix(':'))
-        } else if s.matches(':').count() > 1 {
-            (s, None) // a bare IPv6 address
-        } else {
-            match s.split_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (s, None),
-            }
-        };
+        let (host, port) = crate::hostport::split_host_port(s).map_err(bad)?;
         if host.is_empty() || host.contains(['/', ' ', '\0']) {
             return Err(bad("empty or invalid host"));
         }
