@@ -74,23 +74,7 @@ fn qemu_io_patterns_discard_and_write_zeroes() {
     let dir = scratch();
     let (mut runner, uris, _) = both_backends(&dir);
     for uri in &uris {
-        let script = [
-            "write -P 0xab 0 2M",
-            "read -P 0xab 0 2M",
-            "write -P 0xcd -f 3M 64k", // FUA
-            "read -P 0xcd 3M 64k",
-            "discard 0 1M",
-            "read -P 0 0 1M",
-            "read -P 0xab 1M 1M",
-            "write -z 1M 512k",       // WRITE_ZEROES, NO_HOLE
-            "write -z -u 1536k 512k", // WRITE_ZEROES, may punch
-            "read -P 0 1M 1M",
-            "write -P 0x5a 5000 3000", // unaligned
-            "read -P 0x5a 5000 3000",
-            "read -P 0 8000 192",
-            "flush",
-        ];
-        qemu_io(uri, &script, 7);
+        qemu_io_patterns(uri);
     }
     runner.assert_alive();
 }

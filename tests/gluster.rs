@@ -111,21 +111,7 @@ fn qemu_io_nbdcopy_and_fio_through_the_io_route() {
     create(&runner, &key, "16M");
     let uri = runner.uri(&key);
 
-    let script = [
-        "write -P 0xab 0 2M",
-        "read -P 0xab 0 2M",
-        "write -P 0xcd -f 3M 64k", // FUA
-        "read -P 0xcd 3M 64k",
-        "discard 0 1M",
-        "read -P 0 0 1M",
-        "write -z 1M 512k",       // WRITE_ZEROES, NO_HOLE: zerofill
-        "write -z -u 1536k 512k", // may punch: discard
-        "read -P 0 1M 1M",
-        "write -P 0x5a 5000 3000", // unaligned
-        "read -P 0x5a 5000 3000",
-        "flush",
-    ];
-    qemu_io(&uri, &script, 5);
+    qemu_io_patterns(&uri);
 
     // nbdcopy in and out: same checksum, and zero stretches become holes.
     let dir = scratch();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct ThreadInfo {
     pub name: String,
+    /// The CPUs it may run on, as the kernel prints them: "0-1", "3".
     pub cpus: String,
     /// SCHED_OTHER 0, SCHED_BATCH 3.
     pub policy: u32,
@@ -98,13 +99,13 @@ impl Runner {
         self.child.id()
     }
 
-    /// Each of the daemon's threads as (name, the CPUs it may run on, as
-    /// the kernel prints them: "0-1", "3").
-    pub fn thread_cpus(&self) -> Vec<(String, String)> {
+    /// The CPUs the (first) shard thread may run on.
+    pub fn shard_cpus(&self) -> String {
         self.threads()
             .into_iter()
-            .map(|t| (t.name, t.cpus))
-            .collect()
+            .find(|t| t.name.starts_with("nbd-shard"))
+            .expect("a shard thread")
+            .cpus
     }
 
     /// Each of the daemon's threads: name, allowed CPUs, scheduling policy.
@@ -454,6 +455,31 @@ pub fn fio_verify(uri: &str) {
 
 /// Runs a qemu-io script (one `-c` per command) on a raw NBD export,
 /// asserting that no command failed and that `reads` pattern reads ran.
+/// The qemu-io script every zero-capable export must pass (needs 8 MiB):
+/// patterns, FUA, discard and both WRITE_ZEROES forms reading back zeroes,
+/// unaligned IO and a flush. `qemu_io_patterns` runs it.
+pub const QEMU_IO_PATTERNS: [&str; 15] = [
+    "write -P 0xab 0 2M",
+    "read -P 0xab 0 2M",
+    "write -P 0xcd -f 3M 64k", // FUA
+    "read -P 0xcd 3M 64k",
+    "discard 0 1M",
+    "read -P 0 0 1M",
+    "read -P 0xab 1M 1M",
+    "write -z 1M 512k",       // WRITE_ZEROES, NO_HOLE
+    "write -z -u 1536k 512k", // WRITE_ZEROES, may punch
+    "read -P 0 1M 1M",
+    "write -P 0x5a 5000 3000", // unaligned
+    "read -P 0x5a 5000 3000",
+    "read -P 0 8000 192",
+    "flush",
+    "read -P 0xcd 3M 64k",
+];
+
+pub fn qemu_io_patterns(uri: &str) -> String {
+    qemu_io(uri, &QEMU_IO_PATTERNS, 8)
+}
+
 pub fn qemu_io(uri: &str, script: &[&str], reads: usize) -> String {
     let mut args = vec!["-f", "raw", uri];
     for c in script {
