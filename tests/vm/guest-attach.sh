@@ -49,11 +49,7 @@ expect_eq "$(ls /sys/block/nbd"$N"/pid >/dev/null && echo yes)" yes "pid attribu
 echo "size $(sysfs "$N" size) sectors, backend $(sysfs "$N" backend), status connected"
 
 step "mkfs.ext4, mount, write 20 MiB, sync, umount"
-mkfs.ext4 -q -F "$DEV"
-mount "$DEV" $MNT
-cp /tmp/rand.bin $MNT/f
-sync
-umount $MNT
+ext4_store "$DEV"
 
 step "disconnect"
 "$ATTACH" disconnect "$N"
@@ -64,8 +60,7 @@ step "connect again, mount, compare"
 DEV=$("$ATTACH" connect $ADDR $EXPORT 2)
 N=${DEV#/dev/nbd}
 echo "mapped $DEV"
-mount "$DEV" $MNT
-cmp /tmp/rand.bin $MNT/f || fail "data differs after reconnect"
+ext4_same "$DEV" "after reconnect"
 echo "20 MiB file identical after disconnect/connect"
 
 step "kill -9 nbd-runner with the filesystem mounted"
@@ -110,8 +105,7 @@ if dd if=/dev/zero of="$DEV" bs=4096 count=1 oflag=direct 2>/tmp/dd.err; then
   fail "dd to a read-only device succeeded"
 fi
 echo "dd refused: $(head -1 /tmp/dd.err)"
-mount -o ro "$DEV" $MNT
-cmp /tmp/rand.bin $MNT/f || fail "data differs on the read-only mapping"
+ext4_same "$DEV" "on the read-only mapping" ro
 expect_eq "$(cat $MNT/g)" after-reconfigure "file written after reconfigure"
 if touch $MNT/h 2>/dev/null; then fail "write to a read-only mount succeeded"; fi
 umount $MNT

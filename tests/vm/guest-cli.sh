@@ -40,11 +40,7 @@ expect_eq "$("$CLI" info $KEY | awk '/^connections/ {print $2}')" 2 "IO connecti
 "$CLI" info $KEY | grep -E 'state|device|connections'
 
 step "ext4: mkfs, mount, write 20 MiB, sync, umount, unmap"
-mkfs.ext4 -q -F "$DEV"
-mount "$DEV" $MNT
-cp /tmp/rand.bin $MNT/f
-sync
-umount $MNT
+ext4_store "$DEV"
 "$CLI" file unmap "$DEV"
 expect_eq "$(state_of)" created "state after unmap"
 [ ! -e /sys/block/nbd"$N"/backend ] || fail "device still attached after unmap"
@@ -52,8 +48,7 @@ expect_eq "$(state_of)" created "state after unmap"
 step "map again and read back"
 DEV=$("$CLI" file map $KEY connections 2)
 N=${DEV#/dev/nbd}
-mount "$DEV" $MNT
-cmp /tmp/rand.bin $MNT/f || fail "data differs after map/unmap/map"
+ext4_same "$DEV" "after map/unmap/map"
 echo "CLI: 20 MiB file identical after unmap and map"
 
 step "kill -9 the runner while mapped and mounted, restart it"
@@ -91,8 +86,7 @@ expect_eq "$(cat /sys/block/nbd"$N"/ro)" 1 "ro"
 if dd if=/dev/zero of="$DEV" bs=4096 count=1 oflag=direct 2>/tmp/dd.err; then
   fail "dd to a read-only mapping succeeded"
 fi
-mount -o ro "$DEV" $MNT
-cmp /tmp/rand.bin $MNT/f || fail "data differs on the read-only mapping"
+ext4_same "$DEV" "on the read-only mapping" ro
 expect_eq "$(cat $MNT/g)" after-reattach "file written after reattach"
 umount $MNT
 "$CLI" file unmap "$DEV"

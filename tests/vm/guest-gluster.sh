@@ -46,15 +46,10 @@ echo "mapped $DEV"
 
 step "ext4 round trip through gluster"
 head -c 20M /dev/urandom >/tmp/rand.bin
-mkfs.ext4 -q -F "$DEV"
-mount "$DEV" $MNT
-cp /tmp/rand.bin $MNT/f
-sync
-umount $MNT
+ext4_store "$DEV"
 "$CLI" gluster unmap "$DEV"
 DEV=$("$CLI" gluster map $KEY)
-mount "$DEV" $MNT
-cmp /tmp/rand.bin $MNT/f || fail "data differs after unmap and map"
+ext4_same "$DEV" "after unmap and map"
 umount $MNT
 echo "GLUSTER: 20 MiB file identical after unmap and map"
 "$CLI" gluster unmap $KEY

@@ -1,5 +1,5 @@
 # Sourced by the guest-*.sh scripts inside the VM. They define fail() and
-# set RUNNER first.
+# set RUNNER (and MNT, for the ext4 helpers) first.
 
 step() { echo "--- $*"; }
 expect_eq() { [ "$1" = "$2" ] || fail "$3: got '$1', expected '$2'"; }
@@ -18,4 +18,20 @@ start_runner() {
     sleep 0.1
   done
   fail "nbd-runner not ready after 30 s"
+}
+
+# ext4_store DEV: a fresh ext4 on DEV holding /tmp/rand.bin as f, unmounted.
+ext4_store() {
+  mkfs.ext4 -q -F "$1"
+  mount "$1" "$MNT"
+  cp /tmp/rand.bin "$MNT/f"
+  sync
+  umount "$MNT"
+}
+
+# ext4_same DEV WHEN [MOUNT_OPTS]: mounts DEV and checks f is /tmp/rand.bin;
+# stays mounted.
+ext4_same() {
+  mount ${3:+-o "$3"} "$1" "$MNT"
+  cmp /tmp/rand.bin "$MNT/f" || fail "data differs $2"
 }
