@@ -515,25 +515,17 @@ fn librados_threads_run_on_the_shards_cpus() {
     let r = Runner::start_with(&["--threads", "1", "--ceph-conf", &conf]);
     let key = image("affinity");
     cli_ok(&r, &["ceph", "create", &key, "size", "16M"]);
-    let threads = r.thread_cpus();
-    let shard = threads
-        .iter()
-        .find(|(n, _)| n.starts_with("nbd-shard"))
-        .expect("a shard thread")
-        .1
-        .clone();
+    let shard = r.shard_cpus();
     // librados' messenger and librbd's completion threads carry the IO;
     // they must share the shard's CPU, not float over the machine.
+    let threads = r.threads();
     let ceph: Vec<_> = threads
         .iter()
-        .filter(|(n, _)| n.starts_with("msgr-worker") || n.starts_with("io_context"))
+        .filter(|t| t.name.starts_with("msgr-worker") || t.name.starts_with("io_context"))
         .collect();
     assert!(!ceph.is_empty(), "no librados threads: {threads:?}");
-    for (name, cpus) in ceph {
-        assert_eq!(
-            cpus, &shard,
-            "{name} is not on the shard's CPU: {threads:?}"
-        );
+    for t in ceph {
+        assert_eq!(t.cpus, shard, "{t:?} is not on the shard's CPU");
     }
     delete_when_idle(&r, &key);
 }

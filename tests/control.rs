@@ -381,28 +381,18 @@ fn pinned_runners_keep_every_thread_on_the_shards_cpus_and_batch_scheduled() {
     let r = Runner::start_with(&["--threads", "1"]);
     // The control route starts threads of its own; touch it first.
     cli_ok(&r, &["list"]);
-    let threads = r.thread_cpus();
-    let shard = &threads
-        .iter()
-        .find(|(n, _)| n.starts_with("nbd-shard"))
-        .expect("a shard thread")
-        .1;
+    let shard = r.shard_cpus();
     assert!(
         shard.parse::<usize>().is_ok(),
-        "the shard is pinned to one CPU: {threads:?}"
+        "the shard is pinned to one CPU: {shard}"
     );
+    let threads = r.threads();
     assert!(threads.len() > 3, "{threads:?}");
-    for (name, cpus) in &threads {
-        assert_eq!(
-            cpus, shard,
-            "thread {name} left the shard's CPU: {threads:?}"
-        );
-    }
-
-    // Every thread runs SCHED_BATCH unless told otherwise.
-    for t in r.threads() {
+    for t in &threads {
+        assert_eq!(t.cpus, shard, "{t:?} left the shard's CPU");
         assert_eq!(t.policy, 3, "{t:?} is not SCHED_BATCH");
     }
+    // --sched normal: every thread SCHED_OTHER.
     let normal = Runner::start_with(&["--threads", "1", "--sched", "normal"]);
     for t in normal.threads() {
         assert_eq!(t.policy, 0, "{t:?} is not SCHED_OTHER with --sched normal");
@@ -417,8 +407,8 @@ fn pinned_runners_keep_every_thread_on_the_shards_cpus_and_batch_scheduled() {
         .trim()
         .to_owned();
     let free = Runner::start_with(&["--threads", "1", "--no-pin"]);
-    for (name, cpus) in free.thread_cpus() {
-        assert_eq!(cpus, all, "thread {name} is confined without pinning");
+    for t in free.threads() {
+        assert_eq!(t.cpus, all, "{t:?} is confined without pinning");
     }
 }
 

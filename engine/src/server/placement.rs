@@ -97,23 +97,23 @@ pub fn set_sched_policy(policy: SchedPolicy) -> std::io::Result<()> {
     }
 }
 
-/// The calling thread's allowed CPUs.
-pub fn current_affinity() -> std::io::Result<Vec<usize>> {
-    // SAFETY: as above; sched_getaffinity fills the set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((0..libc::CPU_SETSIZE as usize)
-        // SAFETY: index within the set's size.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The calling thread's allowed CPUs.
+    fn current_affinity() -> std::io::Result<Vec<usize>> {
+        // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            // SAFETY: index within the set's size.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect())
+    }
 
     #[test]
     fn unpinned_shards_float() {
