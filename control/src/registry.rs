@@ -16,6 +16,8 @@ use thiserror::Error;
 
 /// A map that never finished (the CLI died) may be retried after this.
 const STALE_MAPPING: Duration = Duration::from_secs(60);
+/// How long `delete` waits for closing NBD connections before refusing.
+const DELETE_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("{message}")]
@@ -254,19 +256,27 @@ impl Registry {
                 format!("{key:?} is {} ({dev}); unmap it first", entry.saved.state),
             );
         }
-        let clients = entry.export.as_ref().map_or(0, |e| total(&connections(e)));
-        if clients > 0 {
-            return fail(
-                ErrorCode::WrongState,
-                format!("{key:?} has {clients} open NBD connection(s)"),
-            );
+        // Out of the table first, so no new connection can reach it, then
+        // give connections that are going away a moment to finish.
+        if let Some(export) = entry.export.clone() {
+            self.table.remove(key);
+            if !export.stats.wait_idle(DELETE_GRACE) {
+                let clients = export.stats.connections();
+                self.table.restore(export);
+                return fail(
+                    ErrorCode::WrongState,
+                    format!("{key:?} has {clients} open NBD connection(s)"),
+                );
+            }
         }
         let entry = self.entries.remove(key).expect("checked");
         if let Err(e) = self.save() {
+            if let Some(export) = entry.export.clone() {
+                self.table.restore(export);
+            }
             self.entries.insert(key.to_owned(), entry);
             return Err(e);
         }
-        self.table.remove(key);
         // Close the storage before removing it (an open rbd image has a watcher).
         let Entry { saved, export, .. } = entry;
         drop(export);

@@ -74,6 +74,19 @@ impl ExportTable {
         Ok(export)
     }
 
+    /// Serves an export again that [`remove`](Self::remove) took out.
+    pub fn restore(&self, export: Arc<Export>) {
+        let mut map = self.exports.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(export.name.clone()).or_insert(export);
+    }
+
+    /// True while `export` is the one served under its name.
+    pub fn serves(&self, export: &Arc<Export>) -> bool {
+        let map = self.exports.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&export.name)
+            .is_some_and(|x| Arc::ptr_eq(x, export))
+    }
+
     pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
         self.exports
             .write()

@@ -5,8 +5,8 @@
 
 use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -78,6 +78,8 @@ struct ShardSlot {
 
 pub struct ExportStats {
     shards: Vec<ShardSlot>,
+    /// Signalled on every close, for [`ExportStats::wait_idle`].
+    closed: (Mutex<()>, Condvar),
 }
 
 /// Merged view: per-op stats plus live connections per shard.
@@ -95,6 +97,7 @@ impl ExportStats {
                     connections: AtomicU64::new(0),
                 })
                 .collect(),
+            closed: (Mutex::new(()), Condvar::new()),
         }
     }
 
@@ -114,20 +117,52 @@ impl ExportStats {
     pub fn connection_opened(&self, shard: usize) {
         self.shards[shard % self.shards.len()]
             .connections
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn connection_closed(&self, shard: usize) {
         self.shards[shard % self.shards.len()]
             .connections
-            .fetch_sub(1, Ordering::Relaxed);
+            .fetch_sub(1, Ordering::SeqCst);
+        // Taking the lock orders this wakeup after a waiter's check.
+        let _g = self.closed.0.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.1.notify_all();
+    }
+
+    /// Live connections across all shards.
+    pub fn connections(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.connections.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Waits up to `timeout` for every connection to close; true if none is left.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.closed.0.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.connections() == 0 {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .closed
+                .1
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Live connections per shard.
     pub fn snapshot_connections(&self) -> Vec<u64> {
         self.shards
             .iter()
-            .map(|s| s.connections.load(Ordering::Relaxed))
+            .map(|s| s.connections.load(Ordering::SeqCst))
             .collect()
     }
 
