@@ -5,7 +5,9 @@
 mod common;
 
 use common::*;
-use nbd_cli::kernel::negotiate::{connect_export, connect_export_many, NegotiateError};
+use nbd_cli::kernel::negotiate::{
+    connect_export, connect_export_many, ClientError, NegotiateError,
+};
 use nbd_engine::protocol::consts as c;
 use std::io::Write;
 use std::time::Duration;
@@ -68,7 +70,7 @@ fn unknown_export_is_a_clear_error() {
     let runner = Runner::start(&["mem:disk0,size=1M"]);
     let err = connect_export(&runner.addr, "nope", T).unwrap_err();
     assert!(
-        matches!(err, NegotiateError::NoSuchExport { .. }),
+        matches!(err, NegotiateError::Nbd(ClientError::NoSuchExport { .. })),
         "{err:?}"
     );
     assert!(

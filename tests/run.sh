@@ -59,4 +59,9 @@ else
   echo "tests/run.sh: not root (or NBD_TEST_CEPH=0): ceph tests skipped" >&2
 fi
 
+# The fuzz crate lives outside the workspace; type-check it with the cfg
+# cargo-fuzz sets, so its targets cannot rot.
+RUSTFLAGS="--cfg fuzzing -D warnings" CARGO_TARGET_DIR=target/fuzz-check \
+  cargo check --manifest-path fuzz/Cargo.toml --bins --quiet
+
 exec cargo test --workspace --all-targets --no-fail-fast "${gluster_features[@]}" "${ceph_features[@]}" "$@"

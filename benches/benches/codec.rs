@@ -6,8 +6,10 @@ mod common;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nbd_engine::backend::{Backend, MemBackend, DATA, HOLE};
 use nbd_engine::protocol::consts::*;
+use nbd_engine::protocol::transmission::Next;
 use nbd_engine::protocol::{
-    encode_extents, validate, Errno, Extent, ReplyHeader, RequestHeader, Session,
+    encode_extents, validate, Errno, Extent, HeaderMode, ReplyHeader, ReplyStyle, RequestHeader,
+    Session, Transmission,
 };
 use std::hint::black_box;
 
@@ -15,20 +17,20 @@ use std::hint::black_box;
 const BATCH: usize = 32;
 const EXPORT: u64 = 1 << 30;
 
-fn session(structured: bool) -> Session {
+fn session(style: ReplyStyle) -> Session {
     let backend = MemBackend::new(EXPORT, false).expect("mem backend");
     Session {
         size: EXPORT,
         flags: backend.capabilities().transmission_flags(),
-        structured,
-        base_allocation: structured,
+        style,
+        base_allocation: style.structured(),
     }
 }
 
 /// `BATCH` request headers back to back, as a pipelining client sends them
 /// (payloads left out): mostly 4 KiB reads and writes at random offsets, with
 /// a FUA write, a FLUSH and a BLOCK_STATUS mixed in.
-fn request_batch() -> Vec<u8> {
+fn request_batch(mode: HeaderMode) -> Vec<u8> {
     let mut offsets = common::Offsets::new(EXPORT, 4096);
     let mut wire = Vec::with_capacity(BATCH * REQUEST_LEN);
     for i in 0..BATCH {
@@ -39,10 +41,14 @@ fn request_batch() -> Vec<u8> {
             _ if i % 2 == 0 => (CMD_READ, 0, 4096),
             _ => (CMD_WRITE, 0, 4096),
         };
+        let flags = match mode {
+            HeaderMode::Extended if kind == CMD_WRITE => flags | CMD_FLAG_PAYLOAD_LEN,
+            _ => flags,
+        };
         let offset = if kind == CMD_FLUSH {
             0
         } else {
-            offsets.next_offset().min(EXPORT - length as u64)
+            offsets.next_offset().min(EXPORT - length)
         };
         let h = RequestHeader {
             flags,
@@ -51,37 +57,61 @@ fn request_batch() -> Vec<u8> {
             offset,
             length,
         };
-        wire.extend_from_slice(&h.encode());
+        wire.extend_from_slice(&h.to_bytes(mode));
     }
     wire
 }
 
 fn requests(c: &mut Criterion) {
-    let wire = request_batch();
-    let s = session(true);
     let mut g = c.benchmark_group("request");
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("parse_batch32", |b| {
-        b.iter(|| {
-            let mut sum = 0u64;
-            for raw in black_box(&wire).chunks_exact(REQUEST_LEN) {
-                let h = RequestHeader::parse(raw.try_into().unwrap()).unwrap();
-                sum = sum.wrapping_add(h.offset ^ h.payload_len() as u64);
-            }
-            sum
-        })
-    });
-    g.bench_function("parse_validate_batch32", |b| {
-        b.iter(|| {
-            let mut ok = 0u32;
-            for raw in black_box(&wire).chunks_exact(REQUEST_LEN) {
-                let h = RequestHeader::parse(raw.try_into().unwrap()).unwrap();
-                ok += validate(&h, black_box(&s)).is_ok() as u32;
-            }
-            assert_eq!(ok, BATCH as u32);
-            ok
-        })
-    });
+    for (name, mode, style) in [
+        ("", HeaderMode::Compact, ReplyStyle::Structured),
+        ("_extended", HeaderMode::Extended, ReplyStyle::Extended),
+    ] {
+        let wire = request_batch(mode);
+        let s = session(style);
+        let len = mode.request_len();
+        g.bench_function(format!("parse_batch32{name}"), |b| {
+            b.iter(|| {
+                let mut sum = 0u64;
+                for raw in black_box(&wire).chunks_exact(len) {
+                    let h = RequestHeader::parse(raw, mode).unwrap();
+                    sum = sum.wrapping_add(h.offset ^ h.payload_len(mode));
+                }
+                sum
+            })
+        });
+        g.bench_function(format!("parse_validate_batch32{name}"), |b| {
+            b.iter(|| {
+                let mut ok = 0u32;
+                for raw in black_box(&wire).chunks_exact(len) {
+                    let h = RequestHeader::parse(raw, mode).unwrap();
+                    ok += validate(&h, black_box(&s)).is_ok() as u32;
+                }
+                assert_eq!(ok, BATCH as u32);
+                ok
+            })
+        });
+        // What the connection does per request: the state machine's
+        // parse, reserve and decision.
+        let t = Transmission::for_bench(s);
+        g.bench_function(format!("transmission_batch32{name}"), |b| {
+            b.iter(|| {
+                let mut started = 0u32;
+                for raw in black_box(&wire).chunks_exact(len) {
+                    let h = t.parse_header(raw).unwrap();
+                    black_box(t.reserve(&h));
+                    started += matches!(
+                        t.handle_header(&h, EXPORT),
+                        Next::Start(_) | Next::Payload { .. }
+                    ) as u32;
+                }
+                assert_eq!(started, BATCH as u32);
+                started
+            })
+        });
+    }
     g.finish();
 }
 
@@ -93,19 +123,22 @@ fn replies(c: &mut Criterion) {
     g.throughput(Throughput::Elements(BATCH as u64));
     // Each case builds BATCH headers and touches their bytes, as the writer does
     // when it points an iovec at them.
-    let cases: [(&str, BuildReply); 5] = [
+    let cases: [(&str, BuildReply); 6] = [
         ("simple_ok", |c| ReplyHeader::simple(c, None)),
         ("read_data_simple", |c| {
-            ReplyHeader::read_data(c, c << 12, 4096, false)
+            ReplyHeader::read_data(ReplyStyle::Simple, c, c << 12, 4096)
         }),
         ("read_data_structured", |c| {
-            ReplyHeader::read_data(c, c << 12, 4096, true)
+            ReplyHeader::read_data(ReplyStyle::Structured, c, c << 12, 4096)
+        }),
+        ("read_data_extended", |c| {
+            ReplyHeader::read_data(ReplyStyle::Extended, c, c << 12, 4096)
         }),
         ("error_simple", |c| {
-            ReplyHeader::error(c, Errno::Inval, false)
+            ReplyHeader::error(ReplyStyle::Simple, c, 0, Errno::Inval)
         }),
         ("error_structured", |c| {
-            ReplyHeader::error(c, Errno::Inval, true)
+            ReplyHeader::error(ReplyStyle::Structured, c, 0, Errno::Inval)
         }),
     ];
     for (name, build) in cases {
@@ -140,7 +173,7 @@ fn extents(c: &mut Criterion) {
             flags: DATA,
         })
         .collect();
-    let limit = (N as u64 * chunk) as u32;
+    let limit = N as u64 * chunk;
     let mut g = c.benchmark_group("encode_extents");
     g.throughput(Throughput::Elements(N as u64));
     for (name, ext, req_one) in [
@@ -152,7 +185,13 @@ fn extents(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 out.clear();
-                encode_extents(black_box(ext), limit, req_one, &mut out)
+                encode_extents(
+                    black_box(ext),
+                    limit,
+                    req_one,
+                    HeaderMode::Compact,
+                    &mut out,
+                )
             })
         });
     }

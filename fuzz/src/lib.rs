@@ -1,8 +1,5 @@
-//! The fuzz drivers, shared with the engine's deterministic smoke test
-//! (`engine/src/protocol/fuzz_smoke_tests.rs`, included here by path) so that
-//! CI runs the very code the fuzz targets run.
+//! The fuzz drivers live in the engine (`nbd_engine::protocol::fuzzing`,
+//! built under `--cfg fuzzing`, which cargo-fuzz sets), where the engine's
+//! seeded smoke tests run the very same code in CI.
 
-pub use nbd_engine::protocol::*;
-
-#[path = "../../engine/src/protocol/fuzz_smoke_tests.rs"]
-pub mod drive;
+pub use nbd_engine::protocol::fuzzing as drive;

@@ -244,17 +244,19 @@ pub fn tmp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
 }
 
 // ---- a raw NBD client, for what real clients never send ----
+// Bytes come from the engine's one codec (nbd_engine::protocol), so the
+// tests never spell a magic or a layout of their own.
 
-pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-pub const REQUEST_MAGIC: u32 = 0x2560_9513;
-pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
+#[allow(unused_imports)] // each test binary uses its own share
+pub use nbd_engine::protocol::codec::Codec;
+#[allow(unused_imports)]
+pub use nbd_engine::protocol::consts::{
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, OPT_GO,
+};
+use nbd_engine::protocol::msgs::{
+    Greeting, GreetingKind, InfoRequest, OptionHeader, OptionReplyHeader, ReplyHead,
+};
+use nbd_engine::protocol::{HeaderMode, RequestHeader};
 
 pub const EPERM: u32 = 1;
 pub const EINVAL: u32 = 22;
@@ -265,46 +267,46 @@ pub const ESHUTDOWN: u32 = 108;
 pub fn connect(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut greeting = [0u8; 18];
+    let mut greeting = [0u8; Greeting::LEN];
     s.read_exact(&mut greeting).unwrap();
-    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    let g = Greeting::from_bytes(&greeting).unwrap();
+    assert_eq!(g.kind(), GreetingKind::Newstyle);
     s
 }
 
 pub fn option(code: u32, data: &[u8]) -> Vec<u8> {
-    let mut opt = Vec::with_capacity(16 + data.len());
-    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    opt.extend_from_slice(&code.to_be_bytes());
-    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    opt.extend_from_slice(data);
-    opt
+    OptionHeader::with_data(code, data)
+}
+
+/// An option header claiming `len` bytes of data (which may never come).
+pub fn option_header(code: u32, len: u32) -> Vec<u8> {
+    OptionHeader { option: code, len }.to_bytes()
 }
 
 /// One option reply: (option, reply type, body); None if the server closed.
 pub fn read_option_reply(s: &mut TcpStream) -> Option<(u32, u32, Vec<u8>)> {
-    let mut h = [0u8; 20];
+    let mut h = [0u8; OptionReplyHeader::LEN];
     s.read_exact(&mut h).ok()?;
-    assert_eq!(
-        u64::from_be_bytes(h[..8].try_into().unwrap()),
-        0x3e889045565a9
-    );
-    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-    let mut body = vec![0u8; len];
+    let h = OptionReplyHeader::from_bytes(&h).expect("option reply magic");
+    let mut body = vec![0u8; h.len as usize];
     s.read_exact(&mut body).ok()?;
-    Some((opt, kind, body))
+    Some((h.option, h.kind, body))
+}
+
+/// NBD_OPT_GO's data for `name`, asking for no extra information.
+pub fn go_data(name: &str) -> Vec<u8> {
+    InfoRequest {
+        name: name.into(),
+        infos: vec![],
+    }
+    .to_bytes()
 }
 
 /// Fixed newstyle + NBD_OPT_GO on `name`, simple replies only.
 pub fn negotiate(addr: &str, name: &str) -> TcpStream {
     let mut s = connect(addr);
     s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
-    let mut data = Vec::new();
-    data.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    data.extend_from_slice(name.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&option(7, &data)).unwrap();
+    s.write_all(&option(OPT_GO, &go_data(name))).unwrap();
     loop {
         let (_, kind, _) = read_option_reply(&mut s).expect("server closed during GO");
         assert!(kind < 0x8000_0000, "GO refused: {kind:#x}");
@@ -315,27 +317,24 @@ pub fn negotiate(addr: &str, name: &str) -> TcpStream {
 }
 
 pub fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(28);
-    b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
+    RequestHeader {
+        flags,
+        kind,
+        cookie,
+        offset,
+        length: len.into(),
+    }
+    .to_bytes(HeaderMode::Compact)
 }
 
 /// (cookie, error) of the next simple reply; None once the server has closed.
 pub fn read_simple_reply(s: &mut TcpStream) -> Option<(u64, u32)> {
     let mut h = [0u8; 16];
     s.read_exact(&mut h).ok()?;
-    assert_eq!(
-        u32::from_be_bytes(h[0..4].try_into().unwrap()),
-        SIMPLE_REPLY_MAGIC,
-        "garbled reply"
-    );
-    let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-    Some((u64::from_be_bytes(h[8..16].try_into().unwrap()), err))
+    match ReplyHead::read(&mut nbd_engine::protocol::codec::Reader::new(&h)) {
+        Some(ReplyHead::Simple { error, cookie }) => Some((cookie, error)),
+        other => panic!("garbled reply: {other:?}"),
+    }
 }
 
 /// A READ on a negotiated simple-reply connection; Err(errno) on failure.

@@ -2,6 +2,12 @@
 //! server thread per test.
 
 use super::*;
+use nbd_engine::protocol::codec::Codec;
+use nbd_engine::protocol::consts as c;
+use nbd_engine::protocol::msgs::{
+    ExportNameReply, Greeting, InfoBlock, InfoRequest, OptionHeader, OptionReplyHeader,
+};
+use nbd_engine::protocol::{HeaderMode, RequestHeader};
 use std::net::TcpListener;
 use std::thread::JoinHandle;
 
@@ -24,11 +30,7 @@ where
 }
 
 fn greeting(s: &mut TcpStream, flags: u16) {
-    let mut g = Vec::new();
-    g.extend_from_slice(&c::NBDMAGIC.to_be_bytes());
-    g.extend_from_slice(&c::IHAVEOPT.to_be_bytes());
-    g.extend_from_slice(&flags.to_be_bytes());
-    s.write_all(&g).unwrap();
+    s.write_all(&Greeting::newstyle(flags).to_bytes()).unwrap();
 }
 
 fn read_u32(s: &mut TcpStream) -> u32 {
@@ -39,51 +41,36 @@ fn read_u32(s: &mut TcpStream) -> u32 {
 
 /// Reads one option request: (option, data).
 fn read_option(s: &mut TcpStream) -> (u32, Vec<u8>) {
-    let mut h = [0u8; 16];
+    let mut h = [0u8; OptionHeader::LEN];
     s.read_exact(&mut h).unwrap();
-    assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), c::IHAVEOPT);
-    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-    let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
-    let mut data = vec![0u8; len];
+    let h = OptionHeader::from_bytes(&h).expect("an option header");
+    let mut data = vec![0u8; h.len as usize];
     s.read_exact(&mut data).unwrap();
-    (opt, data)
+    (h.option, data)
 }
 
 fn reply(s: &mut TcpStream, opt: u32, kind: u32, body: &[u8]) {
-    let mut r = Vec::new();
-    r.extend_from_slice(&c::OPT_REPLY_MAGIC.to_be_bytes());
-    r.extend_from_slice(&opt.to_be_bytes());
-    r.extend_from_slice(&kind.to_be_bytes());
-    r.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    r.extend_from_slice(body);
-    s.write_all(&r).unwrap();
+    s.write_all(&OptionReplyHeader::with_body(opt, kind, body))
+        .unwrap();
 }
 
 fn info_export(size: u64, flags: u16) -> Vec<u8> {
-    let mut b = c::INFO_EXPORT.to_be_bytes().to_vec();
-    b.extend_from_slice(&size.to_be_bytes());
-    b.extend_from_slice(&flags.to_be_bytes());
-    b
+    InfoBlock::Export { size, flags }.to_bytes()
 }
 
-fn info_block(min: u32, pref: u32, max: u32) -> Vec<u8> {
-    let mut b = c::INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-    for v in [min, pref, max] {
-        b.extend_from_slice(&v.to_be_bytes());
+fn info_block(min: u32, preferred: u32, max: u32) -> Vec<u8> {
+    InfoBlock::BlockSize {
+        min,
+        preferred,
+        max,
     }
-    b
+    .to_bytes()
 }
 
 /// Parses NBD_OPT_GO data: (name, info requests).
 fn parse_go(data: &[u8]) -> (String, Vec<u16>) {
-    let n = u32::from_be_bytes(data[0..4].try_into().unwrap()) as usize;
-    let name = String::from_utf8(data[4..4 + n].to_vec()).unwrap();
-    let count = u16::from_be_bytes([data[4 + n], data[5 + n]]) as usize;
-    let reqs = (0..count)
-        .map(|i| u16::from_be_bytes([data[6 + n + 2 * i], data[7 + n + 2 * i]]))
-        .collect();
-    assert_eq!(data.len(), 6 + n + 2 * count, "GO data length");
-    (name, reqs)
+    let r = InfoRequest::from_bytes(data).expect("well-formed GO data");
+    (r.name, r.infos)
 }
 
 /// Greeting, client flags and the GO request, checked; returns the name.
@@ -113,15 +100,14 @@ fn go_with_block_sizes() {
     let (addr, t) = fake_server(|mut s| {
         assert_eq!(accept_go(&mut s, BOTH, 3), "disk0");
         reply(&mut s, GO, c::REP_INFO, &info_export(1 << 30, FLAGS));
-        let mut name = c::INFO_NAME.to_be_bytes().to_vec();
-        name.extend_from_slice(b"disk0");
+        let name = InfoBlock::Name("disk0".into()).to_bytes();
         reply(&mut s, GO, c::REP_INFO, &name); // ignored
         reply(&mut s, GO, c::REP_INFO, &info_block(512, 4096, 1 << 25));
         reply(&mut s, GO, c::REP_ACK, &[]);
         // Transmission phase: the next bytes are a 28-byte request.
         let mut req = [0u8; 28];
         s.read_exact(&mut req).unwrap();
-        assert_eq!(&req[0..4], &c::REQUEST_MAGIC.to_be_bytes());
+        assert!(RequestHeader::parse(&req, HeaderMode::Compact).is_ok());
     });
     let (mut s, info) = dial(&addr, "disk0").unwrap();
     assert_eq!(
@@ -175,7 +161,7 @@ fn unknown_export_is_no_such_export() {
     });
     let err = dial(&addr, "/nope").unwrap_err();
     assert!(
-        matches!(err, NegotiateError::NoSuchExport { .. }),
+        matches!(err, NegotiateError::Nbd(ClientError::NoSuchExport { .. })),
         "{err:?}"
     );
     let msg = err.to_string();
@@ -190,7 +176,7 @@ fn other_refusals_name_the_reason() {
         (c::REP_ERR_POLICY, "policy"),
         (c::REP_ERR_TLS_REQD, "TLS"),
         (c::REP_ERR_SHUTDOWN, "shutting down"),
-        (REP_ERR + 77, "unknown error"),
+        (c::REP_ERR + 77, "unknown error"),
     ] {
         let (addr, t) = fake_server(move |mut s| {
             accept_go(&mut s, BOTH, 3);
@@ -198,7 +184,7 @@ fn other_refusals_name_the_reason() {
         });
         let err = dial(&addr, "x").unwrap_err();
         match &err {
-            NegotiateError::Refused { code: got, .. } => assert_eq!(*got, code),
+            NegotiateError::Nbd(ClientError::Refused { code: got, .. }) => assert_eq!(*got, code),
             e => panic!("{e:?}"),
         }
         assert!(err.to_string().contains(words), "{err}");
@@ -215,10 +201,10 @@ fn bad_greeting_magic() {
     assert!(
         matches!(
             err,
-            NegotiateError::BadMagic {
+            NegotiateError::Nbd(ClientError::BadMagic {
                 what: "greeting",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -236,10 +222,10 @@ fn bad_option_reply_magic() {
     assert!(
         matches!(
             err,
-            NegotiateError::BadMagic {
+            NegotiateError::Nbd(ClientError::BadMagic {
                 what: "option reply",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -255,9 +241,9 @@ fn short_greeting_is_closed() {
     assert!(
         matches!(
             err,
-            NegotiateError::Closed {
+            NegotiateError::Nbd(ClientError::Closed {
                 during: "the greeting"
-            }
+            })
         ),
         "{err:?}"
     );
@@ -276,7 +262,10 @@ fn short_reply_body_is_closed() {
         s.write_all(&r).unwrap();
     });
     let err = dial(&addr, "x").unwrap_err();
-    assert!(matches!(err, NegotiateError::Closed { .. }), "{err:?}");
+    assert!(
+        matches!(err, NegotiateError::Nbd(ClientError::Closed { .. })),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("closed the connection"), "{err}");
     t.join().unwrap();
 }
@@ -310,7 +299,7 @@ fn not_fixed_newstyle() {
     });
     let err = dial(&addr, "x").unwrap_err();
     assert!(
-        matches!(err, NegotiateError::NotFixedNewstyle(0)),
+        matches!(err, NegotiateError::Nbd(ClientError::NotFixedNewstyle(0))),
         "{err:?}"
     );
     t.join().unwrap();
@@ -319,10 +308,11 @@ fn not_fixed_newstyle() {
 #[test]
 fn oldstyle_server_is_explained() {
     let (addr, t) = fake_server(|mut s| {
-        let mut g = c::NBDMAGIC.to_be_bytes().to_vec();
-        g.extend_from_slice(&0x0000_4202_8186_1253u64.to_be_bytes());
-        g.extend_from_slice(&[0; 2]);
-        s.write_all(&g).unwrap();
+        let g = Greeting {
+            style: c::OLDSTYLE_MAGIC,
+            ..Greeting::newstyle(0)
+        };
+        s.write_all(&g.to_bytes()).unwrap();
     });
     let err = dial(&addr, "x").unwrap_err();
     assert!(err.to_string().contains("oldstyle"), "{err}");
@@ -340,7 +330,10 @@ fn huge_reply_length_is_refused_without_allocating() {
         s.write_all(&r).unwrap();
     });
     let err = dial(&addr, "x").unwrap_err();
-    assert!(matches!(err, NegotiateError::Protocol(_)), "{err:?}");
+    assert!(
+        matches!(err, NegotiateError::Nbd(ClientError::Protocol(_))),
+        "{err:?}"
+    );
     t.join().unwrap();
 }
 
@@ -362,7 +355,10 @@ fn reply_for_another_option_is_an_error() {
         reply(&mut s, c::OPT_LIST, c::REP_ACK, &[]);
     });
     let err = dial(&addr, "x").unwrap_err();
-    assert!(matches!(err, NegotiateError::Protocol(_)), "{err:?}");
+    assert!(
+        matches!(err, NegotiateError::Nbd(ClientError::Protocol(_))),
+        "{err:?}"
+    );
     t.join().unwrap();
 }
 
@@ -377,7 +373,10 @@ fn malformed_info_lengths_are_errors() {
             reply(&mut s, GO, c::REP_INFO, &body);
         });
         let err = dial(&addr, "x").unwrap_err();
-        assert!(matches!(err, NegotiateError::Protocol(_)), "{err:?}");
+        assert!(
+            matches!(err, NegotiateError::Nbd(ClientError::Protocol(_))),
+            "{err:?}"
+        );
         t.join().unwrap();
     }
 }
@@ -409,11 +408,12 @@ fn falls_back_to_export_name_when_go_is_unsupported() {
             let (opt, data) = read_option(&mut s);
             assert_eq!(opt, c::OPT_EXPORT_NAME);
             assert_eq!(data, b"old");
-            let mut r = (7u64 << 20).to_be_bytes().to_vec();
-            r.extend_from_slice(&c::TF_HAS_FLAGS.to_be_bytes());
-            if cflags == 1 {
-                r.extend_from_slice(&[0; 124]);
+            let mut r = Vec::new();
+            ExportNameReply {
+                size: 7 << 20,
+                flags: c::TF_HAS_FLAGS,
             }
+            .put(&mut r, cflags == 3);
             s.write_all(&r).unwrap();
         });
         let (_s, info) = dial(&addr, "old").unwrap();
@@ -431,7 +431,7 @@ fn export_name_refusal_is_a_hang_up() {
     });
     let err = dial(&addr, "gone").unwrap_err();
     assert!(
-        matches!(err, NegotiateError::NoSuchExport { .. }),
+        matches!(err, NegotiateError::Nbd(ClientError::NoSuchExport { .. })),
         "{err:?}"
     );
     t.join().unwrap();
@@ -472,7 +472,10 @@ fn many_connections_need_multi_conn() {
 fn overlong_export_name_is_refused_locally() {
     let mut pipe = std::io::Cursor::new(Vec::new());
     let err = handshake(&mut pipe, &"x".repeat(c::MAX_STRING + 1)).unwrap_err();
-    assert!(matches!(err, NegotiateError::Protocol(_)), "{err:?}");
+    assert!(
+        matches!(err, NegotiateError::Nbd(ClientError::Protocol(_))),
+        "{err:?}"
+    );
 }
 
 #[test]

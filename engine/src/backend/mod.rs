@@ -88,7 +88,7 @@ pub struct Capabilities {
     pub cache: bool,
     pub block_status: bool,
     /// Writes acknowledged on any connection are covered by a flush on any
-    /// other (DESIGN §4).
+    /// other (docs/ARCHITECTURE.md, "Durability").
     pub multi_conn: bool,
     pub rotational: bool,
     pub block: BlockSizes,

@@ -5,8 +5,12 @@
 //! [`Handshake::take_output`] returns. No sockets, so every state is unit-tested
 //! and fuzzed.
 
+use super::codec::Codec;
 use super::consts::*;
-use super::wire::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
+use super::msgs::{
+    ExportNameReply, Greeting, HeaderMode, InfoBlock, InfoRequest, MetaContextReply,
+    MetaContextRequest, OptionHeader, OptionReplyHeader, ServerEntry,
+};
 use thiserror::Error;
 
 /// Longest option payload we accept. Real options are far smaller (a name is
@@ -14,8 +18,6 @@ use thiserror::Error;
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Options per handshake before we give up on the client.
 pub const MAX_OPTIONS: u32 = 256;
-/// Meta-context queries per option.
-const MAX_QUERIES: u32 = 128;
 
 /// What the handshake needs to know about an export. Opening the backend
 /// waits until the handshake is over (nbdkit CVE-2019-14850).
@@ -47,6 +49,8 @@ pub struct Negotiated {
     /// Context id for base:allocation, if the client selected it.
     pub base_allocation: Option<u32>,
     pub no_zeroes: bool,
+    /// Extended (32-byte, 64-bit length) headers, which imply structured replies.
+    pub headers: HeaderMode,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -61,6 +65,8 @@ pub enum HandshakeError {
     OptionTooBig(u32),
     #[error("more than {MAX_OPTIONS} options")]
     TooManyOptions,
+    #[error("NBD_OPT_EXPORT_NAME after extended headers were negotiated")]
+    ExportNameAfterExtended,
     #[error("client asked for unknown export {0:?}")]
     UnknownExport(String),
     #[error("client aborted the handshake")]
@@ -89,6 +95,7 @@ pub struct Handshake {
     out: Vec<u8>,
     no_zeroes: bool,
     structured: bool,
+    headers: HeaderMode,
     /// Resolved export name base:allocation was selected for.
     meta_export: Option<String>,
     options_seen: u32,
@@ -106,14 +113,13 @@ impl Handshake {
     /// A new handshake whose output already holds the server greeting.
     pub fn new() -> Self {
         let mut out = Vec::with_capacity(256);
-        put_u64(&mut out, NBDMAGIC);
-        put_u64(&mut out, IHAVEOPT);
-        put_u16(&mut out, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        Greeting::newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).encode(&mut out);
         Handshake {
             state: State::ClientFlags,
             out,
             no_zeroes: false,
             structured: false,
+            headers: HeaderMode::Compact,
             meta_export: None,
             options_seen: 0,
             shutting_down: false,
@@ -130,7 +136,7 @@ impl Handshake {
     pub fn want(&self) -> usize {
         match self.state {
             State::ClientFlags => 4,
-            State::OptionHeader => 16,
+            State::OptionHeader => OptionHeader::LEN,
             State::OptionData { len, .. } => len as usize,
             State::Done | State::Closed => 0,
         }
@@ -191,7 +197,10 @@ impl Handshake {
     }
 
     fn on_client_flags(&mut self, input: &[u8]) -> Result<(), HandshakeError> {
-        let flags = get_u32(input, 0);
+        let flags = u32::from_bytes(input).ok_or(HandshakeError::WrongInput {
+            want: 4,
+            got: input.len(),
+        })?;
         if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
             return Err(HandshakeError::BadClientFlags(flags));
         }
@@ -204,16 +213,14 @@ impl Handshake {
     }
 
     fn on_option_header(&mut self, input: &[u8]) -> Result<(), HandshakeError> {
-        let magic = get_u64(input, 0);
-        if magic != IHAVEOPT {
+        let Some(OptionHeader { option, len }) = OptionHeader::from_bytes(input) else {
+            let magic = u64::from_bytes(&input[..8]).unwrap_or_default();
             return Err(HandshakeError::BadOptionMagic(magic));
-        }
+        };
         self.options_seen += 1;
         if self.options_seen > MAX_OPTIONS {
             return Err(HandshakeError::TooManyOptions);
         }
-        let option = get_u32(input, 8);
-        let len = get_u32(input, 12);
         if len > MAX_OPTION_LEN {
             // Answer, then close: skipping gigabytes would only feed the attacker.
             // EXPORT_NAME has no error reply: the only refusal is hanging up.
@@ -252,10 +259,11 @@ impl Handshake {
                     return Ok(());
                 }
                 for (name, _) in catalog.list() {
-                    let mut body = Vec::with_capacity(4 + name.len());
-                    put_u32(&mut body, name.len() as u32);
-                    body.extend_from_slice(name.as_bytes());
-                    self.reply(option, REP_SERVER, &body);
+                    let entry = ServerEntry {
+                        name,
+                        description: String::new(),
+                    };
+                    self.reply(option, REP_SERVER, &entry.to_bytes());
                 }
                 self.reply(option, REP_ACK, &[]);
                 Ok(())
@@ -263,7 +271,24 @@ impl Handshake {
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     self.reply_error(option, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
+                } else if self.headers == HeaderMode::Extended {
+                    // Extended headers cannot be downgraded.
+                    self.reply_error(
+                        option,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated",
+                    );
                 } else {
+                    self.structured = true;
+                    self.reply(option, REP_ACK, &[]);
+                }
+                Ok(())
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    self.reply_error(option, REP_ERR_INVALID, "EXTENDED_HEADERS takes no data");
+                } else {
+                    self.headers = HeaderMode::Extended;
                     self.structured = true;
                     self.reply(option, REP_ACK, &[]);
                 }
@@ -290,6 +315,9 @@ impl Handshake {
         data: &[u8],
         catalog: &dyn ExportCatalog,
     ) -> Result<(), HandshakeError> {
+        if self.headers == HeaderMode::Extended {
+            return Err(HandshakeError::ExportNameAfterExtended);
+        }
         let name = String::from_utf8_lossy(data).into_owned();
         // The spec leaves no way to refuse EXPORT_NAME but to hang up.
         let Some(export) = (data.len() <= MAX_STRING)
@@ -298,11 +326,11 @@ impl Handshake {
         else {
             return Err(HandshakeError::UnknownExport(name));
         };
-        put_u64(&mut self.out, export.size);
-        put_u16(&mut self.out, export.flags);
-        if !self.no_zeroes {
-            self.out.extend_from_slice(&[0u8; 124]);
+        ExportNameReply {
+            size: export.size,
+            flags: export.flags,
         }
+        .put(&mut self.out, self.no_zeroes);
         self.finish(export);
         Ok(())
     }
@@ -313,44 +341,43 @@ impl Handshake {
         data: &[u8],
         catalog: &dyn ExportCatalog,
     ) -> Result<(), HandshakeError> {
-        let Some((name, requests)) = parse_info_request(data) else {
+        let Some(InfoRequest { name, infos }) = InfoRequest::from_bytes(data) else {
             self.reply_error(option, REP_ERR_INVALID, "malformed INFO/GO request");
             return Ok(());
         };
-        let Some(export) = catalog.lookup(&name) else {
+        let Some(mut export) = catalog.lookup(&name) else {
             self.reply_error(option, REP_ERR_UNKNOWN, "no such export");
             return Ok(());
         };
-        let mut info = Vec::with_capacity(12);
-        put_u16(&mut info, INFO_EXPORT);
-        put_u64(&mut info, export.size);
-        put_u16(&mut info, export.flags);
-        self.reply(option, REP_INFO, &info);
-        for req in requests.iter().copied() {
+        if self.headers == HeaderMode::Extended {
+            export.flags |= TF_BLOCK_STATUS_PAYLOAD;
+        }
+        self.info(
+            option,
+            InfoBlock::Export {
+                size: export.size,
+                flags: export.flags,
+            },
+        );
+        for req in infos {
             match req {
-                INFO_NAME => {
-                    let mut body = Vec::with_capacity(2 + export.name.len());
-                    put_u16(&mut body, INFO_NAME);
-                    body.extend_from_slice(export.name.as_bytes());
-                    self.reply(option, REP_INFO, &body);
-                }
+                INFO_NAME => self.info(option, InfoBlock::Name(export.name.clone())),
                 INFO_DESCRIPTION if !export.description.is_empty() => {
-                    let mut body = Vec::with_capacity(2 + export.description.len());
-                    put_u16(&mut body, INFO_DESCRIPTION);
-                    body.extend_from_slice(export.description.as_bytes());
-                    self.reply(option, REP_INFO, &body);
+                    self.info(option, InfoBlock::Description(export.description.clone()))
                 }
                 _ => {}
             }
         }
         // Always sent: clients that did not ask may ignore it, and the ones
         // that did (qemu, libnbd, the kernel via nbd-cli) need it.
-        let mut body = Vec::with_capacity(14);
-        put_u16(&mut body, INFO_BLOCK_SIZE);
-        put_u32(&mut body, export.min_block);
-        put_u32(&mut body, export.preferred_block);
-        put_u32(&mut body, export.max_block);
-        self.reply(option, REP_INFO, &body);
+        self.info(
+            option,
+            InfoBlock::BlockSize {
+                min: export.min_block,
+                preferred: export.preferred_block,
+                max: export.max_block,
+            },
+        );
         self.reply(option, REP_ACK, &[]);
         if option == OPT_GO {
             self.finish(export);
@@ -371,7 +398,8 @@ impl Handshake {
             );
             return;
         }
-        let Some((name, queries)) = parse_meta_request(data) else {
+        let Some(MetaContextRequest { name, queries }) = MetaContextRequest::from_bytes(data)
+        else {
             self.reply_error(option, REP_ERR_INVALID, "malformed meta context request");
             return;
         };
@@ -393,11 +421,12 @@ impl Handshake {
             self.meta_export = matches.then_some(export.name);
         }
         if matches {
-            let mut body = Vec::with_capacity(4 + META_BASE_ALLOCATION.len());
-            // The id in LIST replies is reserved and should be zero.
-            put_u32(&mut body, if list { 0 } else { META_ID_BASE_ALLOCATION });
-            body.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-            self.reply(option, REP_META_CONTEXT, &body);
+            let reply = MetaContextReply {
+                // The id in LIST replies is reserved and should be zero.
+                id: if list { 0 } else { META_ID_BASE_ALLOCATION },
+                name: META_BASE_ALLOCATION.to_owned(),
+            };
+            self.reply(option, REP_META_CONTEXT, &reply.to_bytes());
         }
         self.reply(option, REP_ACK, &[]);
     }
@@ -412,71 +441,22 @@ impl Handshake {
             structured_replies: self.structured,
             base_allocation,
             no_zeroes: self.no_zeroes,
+            headers: self.headers,
         });
         self.state = State::Done;
     }
 
     fn reply(&mut self, option: u32, kind: u32, body: &[u8]) {
-        put_u64(&mut self.out, OPT_REPLY_MAGIC);
-        put_u32(&mut self.out, option);
-        put_u32(&mut self.out, kind);
-        put_u32(&mut self.out, body.len() as u32);
-        self.out.extend_from_slice(body);
+        OptionReplyHeader::put(&mut self.out, option, kind, body);
+    }
+
+    fn info(&mut self, option: u32, block: InfoBlock) {
+        self.reply(option, REP_INFO, &block.to_bytes());
     }
 
     fn reply_error(&mut self, option: u32, kind: u32, message: &str) {
         self.reply(option, kind, message.as_bytes());
     }
-}
-
-/// INFO/GO payload: u32 name length, name, u16 count, count × u16.
-fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
-    if data.len() < 6 {
-        return None;
-    }
-    let name_len = get_u32(data, 0) as usize;
-    if name_len > MAX_STRING || name_len > data.len() - 6 {
-        return None;
-    }
-    let name = std::str::from_utf8(&data[4..4 + name_len]).ok()?.to_owned();
-    let count = get_u16(data, 4 + name_len) as usize;
-    let rest = &data[6 + name_len..];
-    if rest.len() != count * 2 {
-        return None;
-    }
-    let requests = (0..count).map(|i| get_u16(rest, i * 2)).collect();
-    Some((name, requests))
-}
-
-/// META_CONTEXT payload: u32 name length, name, u32 count, count × (u32 length, query).
-fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
-    if data.len() < 8 {
-        return None;
-    }
-    let name_len = get_u32(data, 0) as usize;
-    if name_len > MAX_STRING || name_len > data.len() - 8 {
-        return None;
-    }
-    let name = std::str::from_utf8(&data[4..4 + name_len]).ok()?.to_owned();
-    let count = get_u32(data, 4 + name_len);
-    if count > MAX_QUERIES {
-        return None;
-    }
-    let mut pos = 8 + name_len;
-    let mut queries = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        if data.len() - pos < 4 {
-            return None;
-        }
-        let len = get_u32(data, pos) as usize;
-        pos += 4;
-        if len > MAX_STRING || len > data.len() - pos {
-            return None;
-        }
-        queries.push(std::str::from_utf8(&data[pos..pos + len]).ok()?.to_owned());
-        pos += len;
-    }
-    (pos == data.len()).then_some((name, queries))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 use super::*;
-use crate::protocol::fuzz_smoke_tests::{
-    info_request, meta_request, option_header, parse_replies, Reply, TestCatalog as Catalog,
-    DISK_FLAGS, DISK_SIZE, RO_FLAGS, RO_SIZE,
+use crate::protocol::fuzzing::{
+    get_u16, get_u32, info_request, meta_request, option_header, parse_replies, Reply,
+    TestCatalog as Catalog, DISK_FLAGS, DISK_SIZE, RO_FLAGS, RO_SIZE,
 };
 
 fn kinds(replies: &[Reply]) -> Vec<u32> {
@@ -502,16 +502,8 @@ fn meta_context_errors_continue() {
 #[test]
 fn unsupported_options_get_unsup_and_stay_in_sync() {
     let mut hs = fixed();
-    // STARTTLS, the withdrawn PEEK_EXPORT, EXTENDED_HEADERS and made-up ones.
-    let options = [
-        OPT_STARTTLS,
-        4,
-        OPT_EXTENDED_HEADERS,
-        0,
-        12,
-        0x1234_5678,
-        u32::MAX,
-    ];
+    // STARTTLS, the withdrawn PEEK_EXPORT and made-up ones.
+    let options = [OPT_STARTTLS, 4, 0, 12, 0x1234_5678, u32::MAX];
     for option in options {
         // The payload looks like an option header: it must be skipped, not parsed.
         send_refused(&mut hs, option, &option_header(OPT_GO, 0), REP_ERR_UNSUP);
@@ -652,4 +644,62 @@ fn receive_after_done_or_closed_is_finished() {
     }
     assert!(done.is_done() && !done.is_closed());
     assert!(closed.is_closed() && !closed.is_done());
+}
+
+fn extended() -> Handshake {
+    let mut hs = fixed();
+    assert_eq!(kinds(&send(&mut hs, OPT_EXTENDED_HEADERS, &[])), [REP_ACK]);
+    hs
+}
+
+#[test]
+fn extended_headers_imply_structured_replies_and_payload_block_status() {
+    let mut hs = extended();
+    // base:allocation needs no separate STRUCTURED_REPLY.
+    let replies = send(
+        &mut hs,
+        OPT_SET_META_CONTEXT,
+        &meta_request(b"disk", &[META_BASE_ALLOCATION.as_bytes()]),
+    );
+    assert_eq!(kinds(&replies), [REP_META_CONTEXT, REP_ACK]);
+    let n = go(&mut hs, "disk");
+    assert_eq!(n.headers, HeaderMode::Extended);
+    assert!(n.structured_replies);
+    assert_eq!(n.base_allocation, Some(META_ID_BASE_ALLOCATION));
+    assert_eq!(n.export.flags, DISK_FLAGS | TF_BLOCK_STATUS_PAYLOAD);
+}
+
+#[test]
+fn extended_headers_info_advertises_block_status_payload() {
+    let mut hs = extended();
+    let replies = send(&mut hs, OPT_INFO, &info_request(b"disk", &[]));
+    assert_eq!(replies[0].info_type(), INFO_EXPORT);
+    assert_eq!(
+        get_u16(&replies[0].body, 10),
+        DISK_FLAGS | TF_BLOCK_STATUS_PAYLOAD
+    );
+    // Compact sessions never see the flag.
+    let mut hs = structured();
+    let replies = send(&mut hs, OPT_INFO, &info_request(b"disk", &[]));
+    assert_eq!(get_u16(&replies[0].body, 10), DISK_FLAGS);
+}
+
+#[test]
+fn extended_headers_refusals() {
+    let mut hs = fixed();
+    send_refused(&mut hs, OPT_EXTENDED_HEADERS, &[1], REP_ERR_INVALID);
+    let mut hs = extended();
+    // Asking again is harmless; downgrading is not possible.
+    assert_eq!(kinds(&send(&mut hs, OPT_EXTENDED_HEADERS, &[])), [REP_ACK]);
+    send_refused(&mut hs, OPT_STRUCTURED_REPLY, &[], REP_ERR_EXT_HEADER_REQD);
+    // EXPORT_NAME is forbidden once extended headers are on: hang up.
+    let (result, out) = send_raw(&mut hs, OPT_EXPORT_NAME, b"disk");
+    assert_eq!(result, Err(HandshakeError::ExportNameAfterExtended));
+    assert!(out.is_empty() && hs.is_closed());
+    // Structured first, then extended: extended wins.
+    let mut hs = structured();
+    assert_eq!(kinds(&send(&mut hs, OPT_EXTENDED_HEADERS, &[])), [REP_ACK]);
+    assert_eq!(go(&mut hs, "disk").headers, HeaderMode::Extended);
+    // Without asking, compact.
+    assert_eq!(go(&mut fixed(), "disk").headers, HeaderMode::Compact);
 }

@@ -3,11 +3,38 @@
 //! Headers are built into a small fixed array so the hot path never
 //! allocates; payloads travel separately (see the engine's writer).
 
+use super::codec::{Codec, Sink};
 use super::consts::*;
 use super::errno::Errno;
+use super::msgs::{encode_simple_reply, ChunkHeader, Descriptor, ErrorChunk, HeaderMode};
 
-/// Longest header we emit: a structured ERROR chunk with no message.
-pub const MAX_HEADER: usize = CHUNK_HEADER_LEN + 8;
+/// Longest header we emit: an extended chunk header with 8 bytes of chunk
+/// payload (an error, a READ's offset, a block-status prefix).
+pub const MAX_HEADER: usize = EXT_CHUNK_HEADER_LEN + 8;
+
+/// The reply form a session negotiated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplyStyle {
+    #[default]
+    Simple,
+    /// NBD_OPT_STRUCTURED_REPLY: compact chunks.
+    Structured,
+    /// NBD_OPT_EXTENDED_HEADERS: 32-byte chunks, never simple replies.
+    Extended,
+}
+
+impl ReplyStyle {
+    pub fn headers(self) -> HeaderMode {
+        match self {
+            ReplyStyle::Extended => HeaderMode::Extended,
+            _ => HeaderMode::Compact,
+        }
+    }
+
+    pub fn structured(self) -> bool {
+        self != ReplyStyle::Simple
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplyHeader {
@@ -15,90 +42,123 @@ pub struct ReplyHeader {
     len: u8,
 }
 
+impl Sink for ReplyHeader {
+    fn put(&mut self, b: &[u8]) {
+        let at = self.len as usize;
+        self.bytes[at..at + b.len()].copy_from_slice(b);
+        self.len += b.len() as u8;
+    }
+}
+
 impl ReplyHeader {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
     }
 
-    fn build(parts: &[&[u8]]) -> Self {
-        let mut bytes = [0u8; MAX_HEADER];
-        let mut len = 0;
-        for p in parts {
-            bytes[len..len + p.len()].copy_from_slice(p);
-            len += p.len();
-        }
+    fn empty() -> Self {
         ReplyHeader {
-            bytes,
-            len: len as u8,
+            bytes: [0u8; MAX_HEADER],
+            len: 0,
         }
     }
 
     /// A simple reply (16 bytes); a successful READ's data follows it.
     pub fn simple(cookie: u64, error: Option<Errno>) -> Self {
-        let err = error.map_or(0, Errno::wire);
-        Self::build(&[
-            &SIMPLE_REPLY_MAGIC.to_be_bytes(),
-            &err.to_be_bytes(),
-            &cookie.to_be_bytes(),
-        ])
+        let mut h = Self::empty();
+        encode_simple_reply(&mut h, cookie, error.map_or(0, Errno::wire));
+        h
     }
 
-    /// A structured chunk header announcing `payload_len` bytes.
-    pub fn chunk(cookie: u64, flags: u16, kind: u16, payload_len: u32) -> Self {
-        Self::build(&[
-            &STRUCTURED_REPLY_MAGIC.to_be_bytes(),
-            &flags.to_be_bytes(),
-            &kind.to_be_bytes(),
-            &cookie.to_be_bytes(),
-            &payload_len.to_be_bytes(),
-        ])
+    /// A chunk header announcing `payload_len` bytes, compact unless the
+    /// style is extended.
+    pub fn chunk(
+        style: ReplyStyle,
+        cookie: u64,
+        offset: u64,
+        flags: u16,
+        kind: u16,
+        payload_len: u64,
+    ) -> Self {
+        let mut h = Self::empty();
+        ChunkHeader {
+            flags,
+            kind,
+            cookie,
+            offset,
+            len: payload_len,
+        }
+        .encode_mode(style.headers(), &mut h);
+        h
     }
 
     /// Header for a successful READ of `len` bytes at `offset`: the data follows.
-    pub fn read_data(cookie: u64, offset: u64, len: u32, structured: bool) -> Self {
-        if !structured {
+    pub fn read_data(style: ReplyStyle, cookie: u64, offset: u64, len: u32) -> Self {
+        if style == ReplyStyle::Simple {
             return Self::simple(cookie, None);
         }
         if len == 0 {
-            return Self::chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
+            // OFFSET_DATA must carry a byte, and a structured READ gets no
+            // simple reply: a lone NONE chunk.
+            return Self::chunk(style, cookie, offset, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
         }
-        let mut h = Self::chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, len + 8);
-        h.append(&offset.to_be_bytes());
+        let mut h = Self::chunk(
+            style,
+            cookie,
+            offset,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            len as u64 + 8,
+        );
+        offset.encode(&mut h);
         h
     }
 
     /// Success for anything but READ and BLOCK_STATUS.
-    pub fn done(cookie: u64) -> Self {
-        Self::simple(cookie, None)
+    pub fn done(style: ReplyStyle, cookie: u64, offset: u64) -> Self {
+        match style {
+            // Extended headers allow no simple replies.
+            ReplyStyle::Extended => {
+                Self::chunk(style, cookie, offset, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
+            }
+            _ => Self::simple(cookie, None),
+        }
     }
 
     /// An error for any command, in the form the session expects.
-    pub fn error(cookie: u64, errno: Errno, structured: bool) -> Self {
-        if !structured {
+    pub fn error(style: ReplyStyle, cookie: u64, offset: u64, errno: Errno) -> Self {
+        if style == ReplyStyle::Simple {
             return Self::simple(cookie, Some(errno));
         }
-        let mut h = Self::chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6);
-        h.append(&errno.wire().to_be_bytes());
-        h.append(&0u16.to_be_bytes());
+        let mut h = Self::chunk(style, cookie, offset, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6);
+        ErrorChunk {
+            error: errno.wire(),
+            message: String::new(),
+        }
+        .encode(&mut h);
         h
     }
 
-    /// Header of a BLOCK_STATUS chunk; `descriptors` bytes of (u32 len, u32 flags) follow.
-    pub fn block_status(cookie: u64, context_id: u32, descriptors: u32) -> Self {
-        let mut h = Self::chunk(
-            cookie,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            4 + descriptors * 8,
-        );
-        h.append(&context_id.to_be_bytes());
+    /// Header of a BLOCK_STATUS chunk; `descriptors` descriptors of the
+    /// style's size follow.
+    pub fn block_status(
+        style: ReplyStyle,
+        cookie: u64,
+        offset: u64,
+        context_id: u32,
+        descriptors: u32,
+    ) -> Self {
+        let each = Descriptor::wire_len(style.headers()) as u64;
+        let (kind, prefix) = match style {
+            ReplyStyle::Extended => (REPLY_TYPE_BLOCK_STATUS_EXT, 8),
+            _ => (REPLY_TYPE_BLOCK_STATUS, 4),
+        };
+        let len = prefix + descriptors as u64 * each;
+        let mut h = Self::chunk(style, cookie, offset, REPLY_FLAG_DONE, kind, len);
+        context_id.encode(&mut h);
+        if style == ReplyStyle::Extended {
+            descriptors.encode(&mut h);
+        }
         h
-    }
-
-    fn append(&mut self, b: &[u8]) {
-        let at = self.len as usize;
-        self.bytes[at..at + b.len()].copy_from_slice(b);
-        self.len += b.len() as u8;
     }
 }
 
@@ -111,36 +171,58 @@ pub struct Extent {
 }
 
 /// Encodes extents covering at most `limit` bytes from the request offset as
-/// block descriptors. Extents longer than a u32 are split; adjacent equal ones
-/// merged; `req_one` keeps only the first. Returns the descriptor count.
-pub fn encode_extents(extents: &[Extent], limit: u32, req_one: bool, out: &mut Vec<u8>) -> u32 {
-    let mut remaining = limit as u64;
+/// block descriptors of `mode`'s size. Extents longer than a compact
+/// descriptor holds are split; adjacent equal ones merged; `req_one` keeps
+/// only the first. Returns the descriptor count.
+pub fn encode_extents(
+    extents: &[Extent],
+    limit: u64,
+    req_one: bool,
+    mode: HeaderMode,
+    out: &mut Vec<u8>,
+) -> u32 {
+    let longest = match mode {
+        HeaderMode::Compact => u32::MAX as u64,
+        HeaderMode::Extended => u64::MAX,
+    };
+    let mut remaining = limit;
     let mut count = 0u32;
     let mut pending: Option<Extent> = None;
     let mut emit = |e: Extent, out: &mut Vec<u8>| {
-        out.extend_from_slice(&(e.len as u32).to_be_bytes());
-        out.extend_from_slice(&e.flags.to_be_bytes());
+        Descriptor {
+            len: e.len,
+            flags: e.flags as u64,
+        }
+        .encode_mode(mode, out);
         count += 1;
     };
     for e in extents.iter().filter(|e| e.len > 0) {
         if remaining == 0 {
             break;
         }
-        let len = e.len.min(remaining);
+        let mut len = e.len.min(remaining);
         remaining -= len;
-        match pending.as_mut() {
-            Some(p) if p.flags == e.flags && p.len + len <= u32::MAX as u64 => p.len += len,
-            _ => {
-                if let Some(p) = pending.take() {
-                    emit(p, out);
-                    if req_one {
-                        return 1;
-                    }
+        while len > 0 {
+            match pending.as_mut() {
+                Some(p) if p.flags == e.flags && p.len < longest => {
+                    let add = len.min(longest - p.len);
+                    p.len += add;
+                    len -= add;
                 }
-                pending = Some(Extent {
-                    len,
-                    flags: e.flags,
-                });
+                _ => {
+                    if let Some(p) = pending.take() {
+                        emit(p, out);
+                        if req_one {
+                            return 1;
+                        }
+                    }
+                    let take = len.min(longest);
+                    pending = Some(Extent {
+                        len: take,
+                        flags: e.flags,
+                    });
+                    len -= take;
+                }
             }
         }
     }

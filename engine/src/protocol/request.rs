@@ -3,58 +3,11 @@
 
 use super::consts::*;
 use super::errno::Errno;
-use super::wire::{get_u16, get_u32, get_u64};
+use super::msgs::RequestHeader;
+use super::reply::ReplyStyle;
 
 /// Largest READ/WRITE payload we take; advertised as the maximum block size.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RequestHeader {
-    pub flags: u16,
-    pub kind: u16,
-    pub cookie: u64,
-    pub offset: u64,
-    pub length: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BadMagic(pub u32);
-
-impl RequestHeader {
-    pub fn parse(b: &[u8; REQUEST_LEN]) -> Result<Self, BadMagic> {
-        let magic = get_u32(b, 0);
-        if magic != REQUEST_MAGIC {
-            return Err(BadMagic(magic));
-        }
-        Ok(RequestHeader {
-            flags: get_u16(b, 4),
-            kind: get_u16(b, 6),
-            cookie: get_u64(b, 8),
-            offset: get_u64(b, 16),
-            length: get_u32(b, 24),
-        })
-    }
-
-    pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let mut b = [0u8; REQUEST_LEN];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
-        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.length.to_be_bytes());
-        b
-    }
-
-    /// Bytes of payload that follow this header on the wire, whatever its validity.
-    pub fn payload_len(&self) -> u32 {
-        if self.kind == CMD_WRITE {
-            self.length
-        } else {
-            0
-        }
-    }
-}
 
 /// A request that passed every check: ranges are inside the export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,23 +24,23 @@ pub enum Command {
     Flush,
     Trim {
         offset: u64,
-        len: u32,
+        len: u64,
         fua: bool,
     },
     WriteZeroes {
         offset: u64,
-        len: u32,
+        len: u64,
         fua: bool,
         no_hole: bool,
         fast: bool,
     },
     Cache {
         offset: u64,
-        len: u32,
+        len: u64,
     },
     BlockStatus {
         offset: u64,
-        len: u32,
+        len: u64,
         req_one: bool,
     },
     Disconnect,
@@ -98,7 +51,8 @@ pub enum Command {
 pub struct Session {
     pub size: u64,
     pub flags: u16,
-    pub structured: bool,
+    /// Simple, structured or extended: also says which request header.
+    pub style: ReplyStyle,
     pub base_allocation: bool,
 }
 
@@ -108,9 +62,26 @@ impl Session {
     }
 }
 
-/// Checks a header against the session (DESIGN §7). On error, the caller
-/// still has to consume `payload_len()` bytes to stay in sync.
+/// Checks a header against the session (docs/ARCHITECTURE.md, "Hostile
+/// input"). On error, the caller still has to consume `payload_len()` bytes
+/// to stay in sync. A BLOCK_STATUS with a payload comes back with the
+/// header's length; [`block_status_payload`] gives its effect length.
 pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Errno> {
+    let extended = s.style == ReplyStyle::Extended;
+    let payload = h.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    // PAYLOAD_LEN only with extended headers: on WRITE (which carries its
+    // data with or without it, see `payload_len`) and on BLOCK_STATUS when
+    // we offered the payload form.
+    let payload_ok = !payload
+        || extended
+            && match h.kind {
+                CMD_WRITE => true,
+                CMD_BLOCK_STATUS => s.has(TF_BLOCK_STATUS_PAYLOAD),
+                _ => false,
+            };
+    if !payload_ok {
+        return Err(Errno::Inval);
+    }
     // FUA is valid on every command once SEND_FUA is advertised (the spec:
     // "the server MUST accept all commands with this bit set"); commands
     // that write nothing ignore it.
@@ -122,14 +93,14 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Errno> {
             CMD_WRITE | CMD_TRIM | CMD_FLUSH | CMD_CACHE | CMD_DISC => 0,
             _ => return Err(Errno::Inval),
         };
-    if h.flags & !allowed != 0 {
+    if h.flags & !(allowed | CMD_FLAG_PAYLOAD_LEN) != 0 {
         return Err(Errno::Inval);
     }
     let fua = h.flags & CMD_FLAG_FUA != 0;
     if fua && !s.has(TF_SEND_FUA) {
         return Err(Errno::Inval);
     }
-    if h.flags & CMD_FLAG_DF != 0 && !(s.structured && s.has(TF_SEND_DF)) {
+    if h.flags & CMD_FLAG_DF != 0 && !(s.style.structured() && s.has(TF_SEND_DF)) {
         return Err(Errno::Inval);
     }
     let writes = matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
@@ -138,7 +109,7 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Errno> {
     }
     let in_range = h
         .offset
-        .checked_add(h.length as u64)
+        .checked_add(h.length)
         .is_some_and(|end| end <= s.size);
     let range_err = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
         Errno::NoSpc
@@ -155,12 +126,13 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Errno> {
             Ok(Command::Flush)
         }
         CMD_READ | CMD_WRITE => {
-            if len > MAX_PAYLOAD {
+            if len > MAX_PAYLOAD as u64 {
                 return Err(Errno::Inval);
             }
             if !in_range {
                 return Err(range_err);
             }
+            let len = len as u32;
             Ok(if h.kind == CMD_READ {
                 Command::Read { offset, len }
             } else {
@@ -203,7 +175,9 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Errno> {
             Ok(Command::Cache { offset, len })
         }
         CMD_BLOCK_STATUS => {
-            if !s.base_allocation || len == 0 || !in_range {
+            // With a payload the length is the payload's: its effect
+            // length is checked once the payload is read.
+            if !s.base_allocation || len == 0 || !payload && !in_range {
                 return Err(Errno::Inval);
             }
             let req_one = h.flags & CMD_FLAG_REQ_ONE != 0;
@@ -215,6 +189,43 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Errno> {
         }
         _ => Err(Errno::Inval),
     }
+}
+
+/// Longest BLOCK_STATUS payload that can make sense: the effect length
+/// and each of our contexts once (we have one).
+pub const MAX_BLOCK_STATUS_PAYLOAD: u64 = 8 + 4;
+
+/// The payload form of BLOCK_STATUS (extended headers): a u64 effect
+/// length, then the context ids wanted. Every id must be one we gave,
+/// once; the effect length must be inside the export.
+pub fn block_status_payload(
+    cmd: Command,
+    payload: &[u8],
+    context_id: u32,
+    s: &Session,
+) -> Result<Command, Errno> {
+    use super::codec::{Codec, Reader};
+    let Command::BlockStatus {
+        offset, req_one, ..
+    } = cmd
+    else {
+        return Err(Errno::Inval);
+    };
+    let mut r = Reader::new(payload);
+    let len = u64::read(&mut r).ok_or(Errno::Inval)?;
+    // We have one context: the list must be exactly its id.
+    if u32::from_bytes(r.rest()) != Some(context_id) {
+        return Err(Errno::Inval);
+    }
+    let in_range = offset.checked_add(len).is_some_and(|end| end <= s.size);
+    if len == 0 || !in_range {
+        return Err(Errno::Inval);
+    }
+    Ok(Command::BlockStatus {
+        offset,
+        len,
+        req_one,
+    })
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::protocol::msgs::{BadMagic, HeaderMode};
 use Command::*;
 
 const SIZE: u64 = 1 << 30;
@@ -21,7 +22,7 @@ fn full() -> Session {
     Session {
         size: SIZE,
         flags: ALL,
-        structured: true,
+        style: ReplyStyle::Structured,
         base_allocation: true,
     }
 }
@@ -42,7 +43,7 @@ fn read_only() -> Session {
 
 fn simple_replies() -> Session {
     Session {
-        structured: false,
+        style: ReplyStyle::Simple,
         base_allocation: false,
         ..full()
     }
@@ -58,7 +59,7 @@ fn req(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
         kind,
         cookie: 0x0123_4567_89ab_cdef,
         offset,
-        length,
+        length: length as u64,
     }
 }
 
@@ -69,7 +70,7 @@ macro_rules! assert_spec {
     };
 }
 
-/// Every number in consts.rs, as doc/proto.md gives it (DESIGN.md section 5).
+/// Every number in consts.rs, as doc/proto.md gives it.
 #[test]
 fn consts_match_spec() {
     assert_spec! {
@@ -138,8 +139,8 @@ fn parse_reads_big_endian_fields_and_encode_writes_them_back() {
         offset: 0x1_0000_1000,
         length: 0x1_0000,
     };
-    assert_eq!(RequestHeader::parse(&wire), Ok(want));
-    assert_eq!(want.encode(), wire);
+    assert_eq!(RequestHeader::parse(&wire, HeaderMode::Compact), Ok(want));
+    assert_eq!(want.to_bytes(HeaderMode::Compact), wire);
 }
 
 #[test]
@@ -153,11 +154,14 @@ fn encode_then_parse_round_trips() {
             kind: u16::MAX,
             cookie: u64::MAX,
             offset: u64::MAX,
-            length: u32::MAX,
+            length: u32::MAX as u64,
         },
     ];
     for h in table {
-        assert_eq!(RequestHeader::parse(&h.encode()), Ok(h));
+        assert_eq!(
+            RequestHeader::parse(&h.to_bytes(HeaderMode::Compact), HeaderMode::Compact),
+            Ok(h)
+        );
     }
 }
 
@@ -172,10 +176,10 @@ fn bad_magic_is_refused() {
         u32::MAX,
     ];
     for magic in magics {
-        let mut wire = req(CMD_READ, 0, 0, 512).encode();
+        let mut wire = req(CMD_READ, 0, 0, 512).to_bytes(HeaderMode::Compact);
         wire[..4].copy_from_slice(&magic.to_be_bytes());
         assert_eq!(
-            RequestHeader::parse(&wire),
+            RequestHeader::parse(&wire, HeaderMode::Compact),
             Err(BadMagic(magic)),
             "{magic:#x}"
         );
@@ -186,10 +190,10 @@ fn bad_magic_is_refused() {
 fn only_writes_carry_a_payload() {
     for kind in (0..=7).chain(UNKNOWN_KINDS) {
         for length in [0, 1, MAX_PAYLOAD + 1, u32::MAX] {
-            let want = if kind == CMD_WRITE { length } else { 0 };
+            let want = if kind == CMD_WRITE { length as u64 } else { 0 };
             // Whatever validate() will say: the caller skips this much.
             assert_eq!(
-                req(kind, u16::MAX, 0, length).payload_len(),
+                req(kind, u16::MAX, 0, length).payload_len(HeaderMode::Compact),
                 want,
                 "kind {kind}"
             );
@@ -238,7 +242,7 @@ fn flags_allowed_per_command() {
     }
 }
 
-fn zeroes(offset: u64, len: u32, fua: bool, no_hole: bool, fast: bool) -> Result<Command, Errno> {
+fn zeroes(offset: u64, len: u64, fua: bool, no_hole: bool, fast: bool) -> Result<Command, Errno> {
     Ok(WriteZeroes {
         offset,
         len,
@@ -257,7 +261,7 @@ fn validate_outcomes() {
     let end = SIZE - 4096;
     let big = sized(1 << 40);
     let no_base = Session { base_allocation: false, ..full() };
-    let minimal = Session { size: 0, flags: TF_HAS_FLAGS, structured: false, base_allocation: false };
+    let minimal = Session { size: 0, flags: TF_HAS_FLAGS, style: ReplyStyle::Simple, base_allocation: false };
     let cases: Vec<(&str, Session, RequestHeader, Result<Command, Errno>)> = vec![
         ("read", full(), req(CMD_READ, 0, 0, 4096), Ok(Read { offset: 0, len: 4096 })),
         ("read last block", full(), req(CMD_READ, 0, end, 4096), Ok(Read { offset: end, len: 4096 })),
@@ -292,7 +296,7 @@ fn validate_outcomes() {
         ("trim, read-only", read_only(), req(CMD_TRIM, 0, 0, 1), PERM),
         ("trim past end", full(), req(CMD_TRIM, 0, end, 4097), INVAL),
         ("trim wrapping u64", full(), req(CMD_TRIM, 0, u64::MAX, u32::MAX), INVAL),
-        ("trim beyond max payload", big, req(CMD_TRIM, 0, 0, u32::MAX), Ok(Trim { offset: 0, len: u32::MAX, fua: false })),
+        ("trim beyond max payload", big, req(CMD_TRIM, 0, 0, u32::MAX), Ok(Trim { offset: 0, len: u32::MAX as u64, fua: false })),
 
         ("zero", full(), req(CMD_WRITE_ZEROES, 0, 0, 1), zeroes(0, 1, false, false, false)),
         ("zero NO_HOLE", full(), req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1), zeroes(0, 1, false, true, false)),
@@ -305,7 +309,7 @@ fn validate_outcomes() {
         ("zero, read-only", read_only(), req(CMD_WRITE_ZEROES, 0, 0, 1), PERM),
         ("zero past end", full(), req(CMD_WRITE_ZEROES, 0, end, 4097), NOSPC),
         ("zero wrapping u64", full(), req(CMD_WRITE_ZEROES, 0, u64::MAX, 1), NOSPC),
-        ("zero beyond max payload", big, req(CMD_WRITE_ZEROES, 0, 0, u32::MAX), zeroes(0, u32::MAX, false, false, false)),
+        ("zero beyond max payload", big, req(CMD_WRITE_ZEROES, 0, 0, u32::MAX), zeroes(0, u32::MAX as u64, false, false, false)),
 
         ("flush", full(), req(CMD_FLUSH, 0, 0, 0), Ok(Flush)),
         ("flush FUA", full(), req(CMD_FLUSH, FUA, 0, 0), Ok(Flush)),
@@ -318,7 +322,7 @@ fn validate_outcomes() {
         ("cache past end", full(), req(CMD_CACHE, 0, end, 4097), INVAL),
         ("cache wrapping u64", full(), req(CMD_CACHE, 0, u64::MAX, 2), INVAL),
 
-        ("status", big, req(CMD_BLOCK_STATUS, 0, 0, u32::MAX), Ok(BlockStatus { offset: 0, len: u32::MAX, req_one: false })),
+        ("status", big, req(CMD_BLOCK_STATUS, 0, 0, u32::MAX), Ok(BlockStatus { offset: 0, len: u32::MAX as u64, req_one: false })),
         ("status REQ_ONE", full(), req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, end, 4096), Ok(BlockStatus { offset: end, len: 4096, req_one: true })),
         ("status, read-only", read_only(), req(CMD_BLOCK_STATUS, 0, 0, 1), Ok(BlockStatus { offset: 0, len: 1, req_one: false })),
         ("status without base:allocation", no_base, req(CMD_BLOCK_STATUS, 0, 0, 1), INVAL),

@@ -10,15 +10,15 @@ use super::recvbuf::Reader;
 use super::shard::ShardCtx;
 use crate::backend::{BackendError, BackendIo, ReadBuf, ZeroFlags};
 use crate::export::Export;
-use crate::protocol::consts::{CMD_READ, CMD_WRITE, REQUEST_LEN};
+use crate::protocol::transmission::{self, Next, Outcome};
 use crate::protocol::{
-    encode_extents, validate, Command, Errno, Extent, Handshake, Negotiated, ReplyHeader,
-    RequestHeader, Session, MAX_PAYLOAD,
+    Command, Extent, Handshake, Negotiated, ReplyHeader, RequestHeader, Transmission,
 };
 use crate::stats::Op;
 use futures_lite::future::poll_once;
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
+use std::cell::RefCell;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
@@ -59,6 +59,12 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
     let Some(export) = shard.table.get(&negotiated.export.name) else {
         return; // removed while we negotiated
     };
+    // Counted before the check, so a delete that took the export out of the
+    // table either sees this connection or is seen by it.
+    let _attached = Attached::new(export.clone(), shard.index);
+    if !shard.table.serves(&export) {
+        return;
+    }
     let io = match shard.backend_for(&export).await {
         Ok(io) => io,
         Err(e) => {
@@ -67,7 +73,6 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
         }
     };
     tracing::debug!(%peer, export = %export.name, shard = shard.index, "client attached");
-    export.stats.connection_opened(shard.index);
     let outbox = Rc::new(Outbox::default());
     let writer = glommio::spawn_local({
         let outbox = outbox.clone();
@@ -75,13 +80,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
         async move { outbox.run(fd, stream).await }
     });
     let conn = Rc::new(Conn {
-        session: Session {
-            size: negotiated.export.size,
-            flags: negotiated.export.flags,
-            structured: negotiated.structured_replies,
-            base_allocation: negotiated.base_allocation.is_some(),
-        },
-        context_id: negotiated.base_allocation.unwrap_or(0),
+        protocol: RefCell::new(Transmission::new(&negotiated)),
         budget: Budget::new(shard.limits.conn_requests, shard.limits.conn_bytes),
         shard: shard.clone(),
         export: export.clone(),
@@ -95,8 +94,26 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
     conn.budget.drained().await;
     outbox.close();
     writer.await;
-    export.stats.connection_closed(shard.index);
     tracing::debug!(%peer, "client detached");
+}
+
+/// Counts a connection on its export for as long as it lives.
+struct Attached {
+    export: Arc<Export>,
+    shard: usize,
+}
+
+impl Attached {
+    fn new(export: Arc<Export>, shard: usize) -> Self {
+        export.stats.connection_opened(shard);
+        Attached { export, shard }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.export.stats.connection_closed(self.shard);
+    }
 }
 
 /// Runs the handshake; None when the client left or was refused.
@@ -136,8 +153,7 @@ async fn negotiate(
 }
 
 struct Conn {
-    session: Session,
-    context_id: u32,
+    protocol: RefCell<Transmission>,
     budget: Rc<Budget>,
     shard: Rc<ShardCtx>,
     export: Arc<Export>,
@@ -153,60 +169,57 @@ enum Done {
 }
 
 impl Conn {
+    /// Reads requests and acts on what the protocol decides, until the
+    /// client leaves or the protocol hangs up.
     async fn transmit(self: &Rc<Self>, inbuf: &mut Reader) -> io::Result<()> {
+        let header_len = self.protocol.borrow().header_len();
         loop {
-            if self.outbox.failed() || !inbuf.ensure(REQUEST_LEN).await? {
+            if self.outbox.failed() || !inbuf.ensure(header_len).await? {
                 return Ok(());
             }
-            let raw: [u8; REQUEST_LEN] = inbuf.data()[..REQUEST_LEN].try_into().unwrap();
-            inbuf.consume(REQUEST_LEN);
-            let hdr = match RequestHeader::parse(&raw) {
+            let parsed = self
+                .protocol
+                .borrow()
+                .parse_header(&inbuf.data()[..header_len]);
+            inbuf.consume(header_len);
+            let hdr = match parsed {
                 Ok(h) => h,
-                Err(bad) => {
-                    tracing::info!(magic = bad.0, "bad request magic; closing connection");
+                Err(why) => {
+                    tracing::info!(%why, "closing connection");
                     return Ok(());
                 }
             };
             let started = Instant::now();
-            let payload = hdr.payload_len() as usize;
-            let reserve = match hdr.kind {
-                CMD_READ | CMD_WRITE => hdr.length.min(MAX_PAYLOAD) as u64,
-                _ => 0,
-            };
+            let reserve = self.protocol.borrow().reserve(&hdr);
             let permit = Permit::acquire(&self.budget, &self.shard.budget, reserve).await;
-            // The backend's size now, not the handshake's: after a resize the
-            // connected clients (the kernel after RECONFIGURE) reach the new range.
-            let session = Session {
-                size: self.export.backend.size(),
-                ..self.session
-            };
-            let cmd = match validate(&hdr, &session) {
-                Ok(Command::Disconnect) => return Ok(()),
-                Ok(_) if self.shard.is_closing() => Err(Errno::Shutdown),
-                other => other,
-            };
-            let cmd = match cmd {
-                Ok(cmd) => cmd,
-                Err(errno) => {
-                    let oversized = payload > MAX_PAYLOAD as usize;
-                    self.reply_error(hdr.cookie, errno, permit);
-                    if oversized {
-                        // Never buffer it, and skipping gigabytes only helps an attacker.
-                        tracing::info!(len = payload, "oversized write; closing connection");
-                        return Ok(());
-                    }
-                    inbuf.skip(payload).await?;
-                    continue;
-                }
-            };
-            let data = if let Command::Write { len, .. } = cmd {
+            if self.shard.is_closing() {
+                self.protocol.borrow_mut().begin_shutdown();
+            }
+            let size = self.export.backend.size();
+            let mut next = self.protocol.borrow().handle_header(&hdr, size);
+            if let Next::Payload { len, cmd } = next {
                 let mut v = self.outbox.pool.get(len as usize);
                 inbuf.read_payload(&mut v, len as usize).await?;
-                Some(v)
-            } else {
-                None
-            };
-            self.start(hdr, cmd, data, permit, started).await;
+                if let Command::Write { .. } = cmd {
+                    self.start(hdr, cmd, Some(v), permit, started).await;
+                    continue;
+                }
+                next = self.protocol.borrow().handle_payload(&hdr, cmd, &v, size);
+            }
+            match next {
+                Next::Start(cmd) => self.start(hdr, cmd, None, permit, started).await,
+                Next::Payload { .. } => unreachable!("payloads are read above"),
+                Next::Refuse { reply, skip } => {
+                    self.send(reply, Body::None, permit);
+                    inbuf.skip(skip as usize).await?;
+                }
+                Next::RefuseAndClose { reply, why } => {
+                    self.send(reply, Body::None, permit);
+                    tracing::info!(%why, "closing connection");
+                    return Ok(());
+                }
+                Next::Disconnect => return Ok(()),
+            }
         }
     }
 
@@ -225,12 +238,12 @@ impl Conn {
         };
         let mut fut = Box::pin(execute(self.io.clone(), cmd, data, lend));
         match poll_once(&mut fut).await {
-            Some(result) => self.complete(hdr.cookie, cmd, result, permit, started),
+            Some(result) => self.complete(hdr, cmd, result, permit, started),
             None => {
                 let conn = self.clone();
                 glommio::spawn_local(async move {
                     let result = fut.await;
-                    conn.complete(hdr.cookie, cmd, result, permit, started);
+                    conn.complete(hdr, cmd, result, permit, started);
                 })
                 .detach();
             }
@@ -239,84 +252,57 @@ impl Conn {
 
     fn complete(
         &self,
-        cookie: u64,
+        hdr: RequestHeader,
         cmd: Command,
         result: Result<Done, BackendError>,
         permit: Permit,
         started: Instant,
     ) {
-        let structured = self.session.structured;
         let (op, len) = op_of(&cmd);
-        let (header, body, ok) = match result {
-            Ok(Done::Data(buf)) if buf.len() == len as usize => {
-                let Command::Read { offset, .. } = cmd else {
-                    unreachable!()
-                };
-                (
-                    ReplyHeader::read_data(cookie, offset, len, structured),
-                    Body::Read(buf),
-                    true,
-                )
-            }
+        let mut descriptors = Vec::new();
+        let outcome = match &result {
+            Ok(Done::Data(buf)) => Outcome::Read { got: buf.len() },
             Ok(Done::Extents(extents)) => {
-                let Command::BlockStatus { req_one, .. } = cmd else {
-                    unreachable!()
-                };
-                let mut v = self.outbox.pool.get(64);
-                match encode_extents(&extents, len, req_one, &mut v) {
-                    0 => (
-                        ReplyHeader::error(cookie, Errno::Io, structured),
-                        Body::None,
-                        false,
-                    ),
-                    n => (
-                        ReplyHeader::block_status(cookie, self.context_id, n),
-                        Body::Bytes(v),
-                        true,
-                    ),
-                }
+                descriptors = self.outbox.pool.get(64);
+                Outcome::Extents(extents)
             }
-            Ok(Done::Empty) => (ReplyHeader::done(cookie), Body::None, true),
-            Ok(Done::Data(_)) => {
-                tracing::error!(export = %self.export.name, "backend returned a short read");
-                (
-                    ReplyHeader::error(cookie, Errno::Io, structured),
-                    Body::None,
-                    false,
-                )
-            }
+            Ok(Done::Empty) => Outcome::Done,
             Err(e) => {
                 tracing::warn!(export = %self.export.name, op = op.name(), error = %e, "backend error");
-                (
-                    ReplyHeader::error(cookie, e.errno(), structured),
-                    Body::None,
-                    false,
-                )
+                Outcome::Failed(e.errno())
             }
+        };
+        let (done, anomaly) =
+            self.protocol
+                .borrow()
+                .complete(&hdr, &cmd, outcome, &mut descriptors);
+        if let Some(a) = anomaly {
+            tracing::error!(export = %self.export.name, op = op.name(), anomaly = ?a, "backend bug");
+        }
+        let body = match (done.body, result) {
+            (transmission::Body::Data, Ok(Done::Data(buf))) => Body::Read(buf),
+            (transmission::Body::Descriptors, _) => Body::Bytes(descriptors),
+            _ => Body::None,
         };
         self.export
             .stats
-            .record(self.shard.index, op, started.elapsed(), len as u64, ok);
+            .record(self.shard.index, op, started.elapsed(), len, done.ok);
+        self.send(done.reply, body, permit);
+    }
+
+    fn send(&self, header: ReplyHeader, body: Body, permit: Permit) {
         self.outbox.push(Reply {
             header,
             body,
             _permit: Some(permit),
         });
     }
-
-    fn reply_error(&self, cookie: u64, errno: Errno, permit: Permit) {
-        self.outbox.push(Reply {
-            header: ReplyHeader::error(cookie, errno, self.session.structured),
-            body: Body::None,
-            _permit: Some(permit),
-        });
-    }
 }
 
-fn op_of(cmd: &Command) -> (Op, u32) {
+fn op_of(cmd: &Command) -> (Op, u64) {
     match *cmd {
-        Command::Read { len, .. } => (Op::Read, len),
-        Command::Write { len, .. } => (Op::Write, len),
+        Command::Read { len, .. } => (Op::Read, len as u64),
+        Command::Write { len, .. } => (Op::Write, len as u64),
         Command::Flush | Command::Disconnect => (Op::Flush, 0),
         Command::Trim { len, .. } => (Op::Trim, len),
         Command::WriteZeroes { len, .. } => (Op::WriteZeroes, len),
@@ -342,7 +328,7 @@ async fn execute(
             Done::Empty
         }
         Command::Trim { offset, len, fua } => {
-            io.trim(offset, len as u64, fua).await?;
+            io.trim(offset, len, fua).await?;
             Done::Empty
         }
         Command::WriteZeroes {
@@ -352,17 +338,15 @@ async fn execute(
             no_hole,
             fast,
         } => {
-            io.write_zeroes(offset, len as u64, ZeroFlags { fua, no_hole, fast })
+            io.write_zeroes(offset, len, ZeroFlags { fua, no_hole, fast })
                 .await?;
             Done::Empty
         }
         Command::Cache { offset, len } => {
-            io.cache(offset, len as u64).await?;
+            io.cache(offset, len).await?;
             Done::Empty
         }
-        Command::BlockStatus { offset, len, .. } => {
-            Done::Extents(io.extents(offset, len as u64).await?)
-        }
+        Command::BlockStatus { offset, len, .. } => Done::Extents(io.extents(offset, len).await?),
         Command::Disconnect => Done::Empty,
     })
 }

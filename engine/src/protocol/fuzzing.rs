@@ -1,15 +1,29 @@
 //! Fuzz drivers for the sans-IO protocol, and a deterministic smoke test.
 //!
-//! The cargo-fuzz targets in `fuzz/` include this file by path and call
-//! [`drive_handshake`] and [`drive_request`] on libFuzzer's input; the
+//! Built for tests and under `--cfg fuzzing` (cargo-fuzz sets it), so the
+//! targets in `fuzz/` call [`drive_handshake`], [`drive_client`] and
+//! [`drive_request`] through `nbd_engine::protocol::fuzzing`; the
 //! `smoke` tests below feed the same drivers a few hundred thousand inputs
 //! from a seeded xorshift generator, so CI runs these code paths without
 //! cargo-fuzz. A driver panics when the protocol breaks one of its rules.
 
+use super::codec::{Codec, Reader};
 use super::consts::*;
 use super::handshake::{MAX_OPTIONS, MAX_OPTION_LEN};
-use super::wire::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
+use super::msgs::{Descriptor, ExportNameReply, Greeting, OptionHeader, OptionReplyHeader};
+use super::transmission::{Body, Close, Next, Outcome};
 use super::*;
+
+// Big-endian reads at fixed offsets, through the codec; callers checked lengths.
+pub fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::read(&mut Reader::new(&b[at..])).expect("length checked")
+}
+pub fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::read(&mut Reader::new(&b[at..])).expect("length checked")
+}
+pub fn get_u64(b: &[u8], at: usize) -> u64 {
+    u64::read(&mut Reader::new(&b[at..])).expect("length checked")
+}
 
 pub const DISK_SIZE: u64 = 1 << 30;
 pub const DISK_FLAGS: u16 = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM;
@@ -64,39 +78,36 @@ impl Reply {
 }
 
 /// Splits server output into option replies, panicking on bad framing.
-pub fn parse_replies(mut out: &[u8]) -> Vec<Reply> {
+pub fn parse_replies(out: &[u8]) -> Vec<Reply> {
+    let mut r = Reader::new(out);
     let mut replies = Vec::new();
-    while !out.is_empty() {
-        assert!(out.len() >= 20, "truncated reply header: {out:02x?}");
-        assert_eq!(get_u64(out, 0), OPT_REPLY_MAGIC);
-        let len = get_u32(out, 16) as usize;
-        assert!(out.len() - 20 >= len, "truncated reply body");
+    while r.any_left() {
+        let h = r
+            .take(OptionReplyHeader::LEN)
+            .and_then(OptionReplyHeader::from_bytes)
+            .unwrap_or_else(|| panic!("bad reply header in {out:02x?}"));
+        let body = r.take(h.len as usize).expect("truncated reply body");
         replies.push(Reply {
-            option: get_u32(out, 8),
-            kind: get_u32(out, 12),
-            body: out[20..20 + len].to_vec(),
+            option: h.option,
+            kind: h.kind,
+            body: body.to_vec(),
         });
-        out = &out[20 + len..];
     }
     replies
 }
 
 pub fn option_header(option: u32, len: u32) -> Vec<u8> {
-    let mut h = Vec::with_capacity(16);
-    put_u64(&mut h, IHAVEOPT);
-    put_u32(&mut h, option);
-    put_u32(&mut h, len);
-    h
+    OptionHeader { option, len }.to_bytes()
 }
 
-/// INFO/GO payload.
+/// INFO/GO payload; the name as raw bytes, so tests can send bad UTF-8.
 pub fn info_request(name: &[u8], infos: &[u16]) -> Vec<u8> {
     let mut d = Vec::new();
-    put_u32(&mut d, name.len() as u32);
+    (name.len() as u32).encode(&mut d);
     d.extend_from_slice(name);
-    put_u16(&mut d, infos.len() as u16);
-    for &i in infos {
-        put_u16(&mut d, i);
+    (infos.len() as u16).encode(&mut d);
+    for i in infos {
+        i.encode(&mut d);
     }
     d
 }
@@ -104,11 +115,11 @@ pub fn info_request(name: &[u8], infos: &[u16]) -> Vec<u8> {
 /// LIST/SET_META_CONTEXT payload.
 pub fn meta_request(name: &[u8], queries: &[&[u8]]) -> Vec<u8> {
     let mut d = Vec::new();
-    put_u32(&mut d, name.len() as u32);
+    (name.len() as u32).encode(&mut d);
     d.extend_from_slice(name);
-    put_u32(&mut d, queries.len() as u32);
+    (queries.len() as u32).encode(&mut d);
     for q in queries {
-        put_u32(&mut d, q.len() as u32);
+        (q.len() as u32).encode(&mut d);
         d.extend_from_slice(q);
     }
     d
@@ -146,8 +157,7 @@ pub fn drive_handshake(data: &[u8]) -> HandshakeOutcome {
     };
     let shutdown_at = (ctl & 0x80 != 0).then_some(u32::from(ctl & 0x7f));
     let mut hs = Handshake::new();
-    let mut greeting = b"NBDMAGICIHAVEOPT".to_vec();
-    put_u16(&mut greeting, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    let greeting = Greeting::newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_bytes();
     assert_eq!(hs.take_output(), greeting);
 
     let mut outcome = HandshakeOutcome::default();
@@ -193,7 +203,9 @@ pub fn drive_handshake(data: &[u8]) -> HandshakeOutcome {
     outcome.negotiated = hs.negotiated().cloned();
     assert_eq!(outcome.negotiated.is_some(), hs.is_done());
     if let Some(n) = &outcome.negotiated {
-        assert_eq!(TestCatalog.lookup(&n.export.name).as_ref(), Some(&n.export));
+        let mut served = n.export.clone();
+        served.flags &= !TF_BLOCK_STATUS_PAYLOAD; // added for extended headers
+        assert_eq!(TestCatalog.lookup(&n.export.name).as_ref(), Some(&served));
         assert!(n.base_allocation.is_none() || n.structured_replies, "{n:?}");
         assert!(matches!(
             n.base_allocation,
@@ -220,7 +232,7 @@ fn check_option_header(
     hs: &Handshake,
 ) -> Phase {
     let (magic, option, len) = (get_u64(chunk, 0), get_u32(chunk, 8), get_u32(chunk, 12));
-    let want = if magic != IHAVEOPT {
+    let want = if OptionHeader::from_bytes(chunk).is_none() {
         Err(HandshakeError::BadOptionMagic(magic))
     } else if options > MAX_OPTIONS {
         Err(HandshakeError::TooManyOptions)
@@ -258,17 +270,18 @@ fn check_option_replies(
         // No option replies here: either the export, or hang up in silence.
         match hs.negotiated() {
             Some(n) => {
-                let zeroes = if n.no_zeroes { 0 } else { 124 };
-                assert_eq!(out.len(), 10 + zeroes);
-                assert_eq!(get_u64(out, 0), n.export.size);
-                assert_eq!(get_u16(out, 8), n.export.flags);
+                assert_eq!(out.len(), ExportNameReply::len(n.no_zeroes));
+                let reply = ExportNameReply::from_bytes(out).unwrap();
+                assert_eq!((reply.size, reply.flags), (n.export.size, n.export.flags));
                 assert!(out[10..].iter().all(|&b| b == 0));
             }
             None => {
                 assert!(out.is_empty(), "EXPORT_NAME refused with output");
                 assert!(matches!(
                     result,
-                    Err(HandshakeError::UnknownExport(_) | HandshakeError::ShuttingDown)
+                    Err(HandshakeError::UnknownExport(_)
+                        | HandshakeError::ShuttingDown
+                        | HandshakeError::ExportNameAfterExtended)
                 ));
             }
         }
@@ -301,6 +314,10 @@ fn check_option_replies(
             .unwrap();
         assert_eq!(get_u64(&export.body, 2), n.export.size);
         assert_eq!(get_u16(&export.body, 10), n.export.flags);
+        if n.headers == HeaderMode::Extended {
+            assert!(n.structured_replies);
+            assert!(n.export.flags & TF_BLOCK_STATUS_PAYLOAD != 0);
+        }
     }
     bits
 }
@@ -334,51 +351,75 @@ fn check_reply_body(option: u32, r: &Reply) {
     }
 }
 
-/// Bytes [`drive_request`] reads before the extents.
-pub const REQUEST_INPUT_LEN: usize = REQUEST_LEN + 11;
+/// Bytes [`drive_request`] reads before the extents: the session, then
+/// room for an extended header.
+pub const REQUEST_INPUT_LEN: usize = SESSION_INPUT_LEN + EXT_REQUEST_LEN;
+const SESSION_INPUT_LEN: usize = 11;
 
 /// What one driven request came to.
 #[derive(Debug)]
 pub struct RequestOutcome {
     pub result: Result<Command, Errno>,
     pub descriptors: u32,
+    pub style: ReplyStyle,
 }
 
-/// Drives request parsing and validation. `data` is a 28-byte request header
-/// (a bad magic is checked, then patched), a session (u64 size, u16 flags, a
-/// byte whose bits 0 and 1 are structured replies and base:allocation), then
-/// extents of 9 bytes (u64 length, u8 flags) for encode_extents.
+/// Drives the transmission phase on one request. `data` is a session (u64
+/// size, u16 flags, a byte whose bits 0, 1 and 2 are structured replies,
+/// base:allocation and extended headers), a 28- or 32-byte request header
+/// (a bad magic is checked, then patched), then extents of 9 bytes (u64
+/// length, u8 flags) for encode_extents.
 pub fn drive_request(data: &[u8]) -> Option<RequestOutcome> {
     if data.len() < REQUEST_INPUT_LEN {
         return None;
     }
-    let mut raw: [u8; REQUEST_LEN] = data[..REQUEST_LEN].try_into().unwrap();
-    if let Err(BadMagic(magic)) = RequestHeader::parse(&raw) {
-        assert_eq!(magic, get_u32(&raw, 0));
-        assert_ne!(magic, REQUEST_MAGIC);
-        raw[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    }
-    let h = RequestHeader::parse(&raw).expect("magic is right");
-    assert_eq!(h.encode(), raw);
-    assert_eq!(
-        h.payload_len(),
-        if h.kind == CMD_WRITE { h.length } else { 0 }
-    );
-
-    let s = &data[REQUEST_LEN..];
+    let (s, rest) = data.split_at(SESSION_INPUT_LEN);
+    let style = match (s[10] & 4 != 0, s[10] & 1 != 0) {
+        (true, _) => ReplyStyle::Extended,
+        (false, true) => ReplyStyle::Structured,
+        (false, false) => ReplyStyle::Simple,
+    };
     let session = Session {
         size: get_u64(s, 0),
         flags: get_u16(s, 8),
-        structured: s[10] & 1 != 0,
+        style,
         base_allocation: s[10] & 2 != 0,
     };
+    let mode = style.headers();
+    let t = Transmission::with_session(session, META_ID_BASE_ALLOCATION);
+    assert_eq!(t.header_len(), mode.request_len());
+    let mut raw = rest[..mode.request_len()].to_vec();
+    if let Err(Close::BadMagic(magic)) = t.parse_header(&raw) {
+        assert_eq!(magic, get_u32(&raw, 0));
+        let magic_bytes = RequestHeader {
+            flags: 0,
+            kind: 0,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        }
+        .to_bytes(mode);
+        raw[..4].copy_from_slice(&magic_bytes[..4]);
+    }
+    let h = t.parse_header(&raw).expect("magic is right");
+    assert_eq!(h.to_bytes(mode), raw);
+    let payload = h.payload_len(mode);
+    let flagged = mode == HeaderMode::Extended && h.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    let want = if h.kind == CMD_WRITE || flagged {
+        h.length
+    } else {
+        0
+    };
+    assert_eq!(payload, want);
+
     let result = validate(&h, &session);
     match result {
         Ok(cmd) => check_command(&h, &session, cmd),
         Err(errno) => check_refusal(&h, &session, errno),
     }
+    check_next(&t, &h, &result, payload, session.size);
 
-    let extents: Vec<Extent> = data[REQUEST_INPUT_LEN..]
+    let extents: Vec<Extent> = data[SESSION_INPUT_LEN + mode.request_len()..]
         .chunks_exact(9)
         .map(|e| Extent {
             len: get_u64(e, 0),
@@ -386,27 +427,117 @@ pub fn drive_request(data: &[u8]) -> Option<RequestOutcome> {
         })
         .collect();
     let req_one = h.flags & CMD_FLAG_REQ_ONE != 0;
-    let descriptors = check_extents(&extents, h.length, req_one);
-    if let Ok(Command::BlockStatus { .. }) = result {
-        if descriptors > 0 {
-            let header = ReplyHeader::block_status(h.cookie, META_ID_BASE_ALLOCATION, descriptors);
-            assert_eq!(get_u32(header.as_bytes(), 16), 4 + 8 * descriptors);
+    let descriptors = check_extents(&extents, h.length, req_one, mode);
+    if let Ok(cmd @ Command::BlockStatus { len, .. }) = result {
+        let mut out = Vec::new();
+        let (done, anomaly) = t.complete(&h, &cmd, Outcome::Extents(&extents), &mut out);
+        assert_eq!(anomaly.is_some(), !done.ok);
+        if done.ok {
+            assert_eq!(done.body, Body::Descriptors);
+            let n = (out.len() / Descriptor::wire_len(mode)) as u64;
+            assert!(n > 0 && len > 0);
+            let want_len = match mode {
+                HeaderMode::Compact => 4 + 8 * n,
+                HeaderMode::Extended => 8 + 16 * n,
+            };
+            let got = match mode {
+                HeaderMode::Compact => get_u32(done.reply.as_bytes(), 16) as u64,
+                HeaderMode::Extended => get_u64(done.reply.as_bytes(), 24),
+            };
+            assert_eq!(got, want_len);
         }
     }
     Some(RequestOutcome {
         result,
         descriptors,
+        style,
     })
+}
+
+/// What the state machine does with a header must follow from validate().
+fn check_next(
+    t: &Transmission,
+    h: &RequestHeader,
+    result: &Result<Command, Errno>,
+    payload: u64,
+    size: u64,
+) {
+    let next = t.handle_header(h, size);
+    match (result, next) {
+        (Ok(Command::Disconnect), Next::Disconnect) => {}
+        (Ok(cmd @ Command::Write { len, .. }), Next::Payload { len: l, cmd: c }) => {
+            assert_eq!((*len as u64, *cmd), (payload, c));
+            assert_eq!(l, *len);
+        }
+        (Ok(Command::BlockStatus { .. }), Next::Payload { len, .. }) => {
+            assert_eq!(len as u64, payload);
+            assert!(payload > 0 && payload <= request::MAX_BLOCK_STATUS_PAYLOAD);
+        }
+        (Ok(Command::BlockStatus { .. }), Next::Refuse { skip, .. }) => {
+            assert!(payload > request::MAX_BLOCK_STATUS_PAYLOAD);
+            assert_eq!(skip, payload);
+        }
+        (Ok(Command::BlockStatus { .. }), Next::RefuseAndClose { why, .. }) => {
+            assert_eq!(why, Close::Oversized(payload));
+            assert!(payload > MAX_PAYLOAD as u64);
+        }
+        (Ok(cmd), Next::Start(c)) => {
+            assert_eq!(*cmd, c);
+            assert_eq!(payload, 0, "{cmd:?} started with a payload to read");
+        }
+        (Err(errno), Next::Refuse { reply, skip }) => {
+            assert_eq!(skip, payload);
+            assert!(payload <= MAX_PAYLOAD as u64);
+            check_error_reply(t.style(), reply.as_bytes(), *errno);
+        }
+        (Err(errno), Next::RefuseAndClose { reply, why }) => {
+            assert_eq!(why, Close::Oversized(payload));
+            assert!(payload > MAX_PAYLOAD as u64);
+            check_error_reply(t.style(), reply.as_bytes(), *errno);
+        }
+        (r, n) => panic!("validate gave {r:?} but the state machine {n:?}"),
+    }
+    // Once shutting down, only DISC goes through.
+    let mut closing = t.clone();
+    closing.begin_shutdown();
+    match (result, closing.handle_header(h, size)) {
+        (Ok(Command::Disconnect), Next::Disconnect) => {}
+        (Ok(_), Next::Refuse { reply, .. } | Next::RefuseAndClose { reply, .. }) => {
+            check_error_reply(t.style(), reply.as_bytes(), Errno::Shutdown)
+        }
+        (Err(_), Next::Refuse { .. } | Next::RefuseAndClose { .. }) => {}
+        (r, n) => panic!("shutting down: validate gave {r:?} but the state machine {n:?}"),
+    }
+}
+
+fn check_error_reply(style: ReplyStyle, b: &[u8], errno: Errno) {
+    match style {
+        ReplyStyle::Simple => {
+            assert_eq!(b.len(), SIMPLE_REPLY_LEN);
+            assert_eq!(get_u32(b, 4), errno.wire());
+        }
+        ReplyStyle::Structured => {
+            assert_eq!(get_u16(b, 6), REPLY_TYPE_ERROR);
+            assert_eq!(get_u32(b, CHUNK_HEADER_LEN), errno.wire());
+        }
+        ReplyStyle::Extended => {
+            assert_eq!(get_u16(b, 6), REPLY_TYPE_ERROR);
+            assert_eq!(get_u64(b, 24), 6);
+            assert_eq!(get_u32(b, EXT_CHUNK_HEADER_LEN), errno.wire());
+        }
+    }
 }
 
 fn check_command(h: &RequestHeader, s: &Session, cmd: Command) {
     let has = |flag: u16| s.flags & flag != 0;
     let flag = |f: u16| h.flags & f != 0;
     let (offset, len, fua) = (h.offset, h.length, flag(CMD_FLAG_FUA));
+    let extended = s.style == ReplyStyle::Extended;
+    let short = len as u32;
     #[rustfmt::skip]
     let (want, advertised) = match h.kind {
-        CMD_READ => (Command::Read { offset, len }, TF_HAS_FLAGS),
-        CMD_WRITE => (Command::Write { offset, len, fua }, TF_HAS_FLAGS),
+        CMD_READ => (Command::Read { offset, len: short }, TF_HAS_FLAGS),
+        CMD_WRITE => (Command::Write { offset, len: short, fua }, TF_HAS_FLAGS),
         CMD_TRIM => (Command::Trim { offset, len, fua }, TF_SEND_TRIM),
         CMD_WRITE_ZEROES => {
             let (no_hole, fast) = (flag(CMD_FLAG_NO_HOLE), flag(CMD_FLAG_FAST_ZERO));
@@ -429,33 +560,46 @@ fn check_command(h: &RequestHeader, s: &Session, cmd: Command) {
         "{cmd:?} not advertised"
     );
     assert!(
-        h.flags & !0x1f == 0,
+        h.flags & !0x3f == 0,
         "unknown flags {:#x} accepted",
         h.flags
     );
+    // PAYLOAD_LEN: optional on an extended WRITE, else only on an extended
+    // BLOCK_STATUS of a server that said so.
+    match (h.kind, extended) {
+        (CMD_WRITE, true) => {}
+        (CMD_BLOCK_STATUS, true) => {
+            assert!(!flag(CMD_FLAG_PAYLOAD_LEN) || has(TF_BLOCK_STATUS_PAYLOAD))
+        }
+        _ => assert!(!flag(CMD_FLAG_PAYLOAD_LEN)),
+    }
     assert!(!fua || has(TF_SEND_FUA));
-    assert!(!flag(CMD_FLAG_DF) || h.kind == CMD_READ && s.structured && has(TF_SEND_DF));
+    assert!(!flag(CMD_FLAG_DF) || h.kind == CMD_READ && s.style.structured() && has(TF_SEND_DF));
     if matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
         assert!(!has(TF_READ_ONLY), "write on a read-only export");
     }
-    if !matches!(cmd, Command::Flush | Command::Disconnect) {
-        assert!(offset
-            .checked_add(len.into())
-            .is_some_and(|end| end <= s.size));
+    let payload_form = h.kind == CMD_BLOCK_STATUS && flag(CMD_FLAG_PAYLOAD_LEN);
+    if !matches!(cmd, Command::Flush | Command::Disconnect) && !payload_form {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= s.size));
     }
     if matches!(h.kind, CMD_READ | CMD_WRITE) {
-        assert!(len <= MAX_PAYLOAD);
+        assert!(len <= MAX_PAYLOAD as u64);
     }
-    let data = ReplyHeader::read_data(h.cookie, offset, len.min(MAX_PAYLOAD), s.structured);
+    if !extended {
+        assert!(len <= u32::MAX as u64);
+    }
+    let data = ReplyHeader::read_data(s.style, h.cookie, offset, short.min(MAX_PAYLOAD));
     assert!(data.as_bytes().len() <= reply::MAX_HEADER);
-    assert_eq!(
-        ReplyHeader::done(h.cookie).as_bytes().len(),
-        SIMPLE_REPLY_LEN
-    );
+    let done = ReplyHeader::done(s.style, h.cookie, offset);
+    let want_len = match s.style {
+        ReplyStyle::Extended => EXT_CHUNK_HEADER_LEN,
+        _ => SIMPLE_REPLY_LEN,
+    };
+    assert_eq!(done.as_bytes().len(), want_len);
 }
 
 fn check_refusal(h: &RequestHeader, s: &Session, errno: Errno) {
-    let end = h.offset.checked_add(h.length.into());
+    let end = h.offset.checked_add(h.length);
     let out_of_range = end.is_none() || end > Some(s.size);
     match errno {
         Errno::Inval => {}
@@ -468,44 +612,90 @@ fn check_refusal(h: &RequestHeader, s: &Session, errno: Errno) {
         }
         other => panic!("validate() returned {other}"),
     }
-    let simple = ReplyHeader::error(h.cookie, errno, false);
-    assert_eq!(simple.as_bytes().len(), SIMPLE_REPLY_LEN);
-    let chunk = ReplyHeader::error(h.cookie, errno, true);
-    assert_eq!(get_u32(chunk.as_bytes(), CHUNK_HEADER_LEN), errno.wire());
+    for style in [
+        ReplyStyle::Simple,
+        ReplyStyle::Structured,
+        ReplyStyle::Extended,
+    ] {
+        let reply = ReplyHeader::error(style, h.cookie, h.offset, errno);
+        check_error_reply(style, reply.as_bytes(), errno);
+    }
 }
 
 /// Runs encode_extents and checks its output; returns the descriptor count.
-fn check_extents(extents: &[Extent], limit: u32, req_one: bool) -> u32 {
+fn check_extents(extents: &[Extent], limit: u64, req_one: bool, mode: HeaderMode) -> u32 {
     let mut out = Vec::new();
-    let n = encode_extents(extents, limit, req_one, &mut out);
-    assert_eq!(out.len(), 8 * n as usize);
-    let descriptors: Vec<(u32, u32)> = out
-        .chunks_exact(8)
-        .map(|d| (get_u32(d, 0), get_u32(d, 4)))
+    let n = encode_extents(extents, limit, req_one, mode, &mut out);
+    let each = Descriptor::wire_len(mode);
+    assert_eq!(out.len(), each * n as usize);
+    let mut r = Reader::new(&out);
+    let descriptors: Vec<Descriptor> = (0..n)
+        .map(|_| Descriptor::read_mode(&mut r, mode).unwrap())
         .collect();
-    let sum: u64 = descriptors.iter().map(|&(len, _)| u64::from(len)).sum();
+    let sum: u128 = descriptors.iter().map(|d| u128::from(d.len)).sum();
     let total: u128 = extents.iter().map(|e| u128::from(e.len)).sum();
     let first = extents.iter().find(|e| e.len > 0);
-    assert!(descriptors.iter().all(|&(len, _)| len > 0));
+    assert!(descriptors.iter().all(|d| d.len > 0));
     assert!(sum <= limit.into());
-    assert!(
-        descriptors.windows(2).all(|w| w[0].1 != w[1].1),
-        "unmerged neighbours"
-    );
+    if mode == HeaderMode::Compact && limit <= u32::MAX as u64 {
+        assert!(
+            descriptors.windows(2).all(|w| w[0].flags != w[1].flags),
+            "unmerged neighbours"
+        );
+    }
     assert_eq!(n == 0, limit == 0 || first.is_none());
-    if let (Some(first), Some(&(_, flags))) = (first, descriptors.first()) {
-        assert_eq!(first.flags, flags);
+    if let (Some(first), Some(d)) = (first, descriptors.first()) {
+        assert_eq!(u64::from(first.flags), d.flags);
     }
     if req_one {
         assert!(n <= 1);
     } else {
-        assert_eq!(u128::from(sum), total.min(limit.into()));
+        assert_eq!(sum, total.min(limit.into()));
     }
     n
 }
 
+/// Drives the client handshake with a server's byte stream, fed exactly
+/// as [`ClientHandshake::want`] asks; panics when it breaks a rule.
+pub fn drive_client(data: &[u8]) -> Option<ClientNegotiated> {
+    let mut c = ClientHandshake::new("disk").expect("a short name");
+    let mut rest = data;
+    let mut sent = Vec::new();
+    while c.negotiated().is_none() {
+        sent.extend(c.take_output());
+        let want = c.want();
+        if want == 0 || rest.len() < want {
+            let _ = c.on_eof();
+            break;
+        }
+        assert!(want <= client::MAX_REPLY_LEN as usize);
+        let (chunk, tail) = rest.split_at(want);
+        rest = tail;
+        if c.receive(chunk).is_err() {
+            assert_eq!(c.want(), 0, "a failed handshake wants nothing more");
+            assert!(c.receive(&[]).is_err());
+            return None;
+        }
+    }
+    let n = c.negotiated().copied()?;
+    // What the client sent is a well-formed option stream a server accepts.
+    let mut server = Handshake::new();
+    server.take_output();
+    let mut r = Reader::new(&sent);
+    while server.want() > 0 && r.left() >= server.want() {
+        let chunk = r.take(server.want()).unwrap();
+        if server.receive(chunk, &TestCatalog).is_err() {
+            break;
+        }
+    }
+    assert!(n.min_block.is_power_of_two() && n.preferred_block >= n.min_block);
+    assert!(n.max_block >= n.min_block);
+    Some(n)
+}
+
 #[cfg(test)]
 mod smoke {
+    use super::msgs::InfoBlock;
     use super::*;
     use std::collections::HashSet;
     use std::mem::discriminant;
@@ -616,7 +806,7 @@ mod smoke {
             1..=5 => CLIENT_FIXED_NEWSTYLE,
             _ => CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES,
         };
-        put_u32(&mut d, flags);
+        flags.encode(&mut d);
         // Now and then a long, clean run of options that never end the handshake.
         let long = rng.chance(1);
         let (count, options) = if long {
@@ -630,11 +820,6 @@ mod smoke {
         for _ in 0..count {
             let option = rng.pick(options);
             let data = payload(rng, option);
-            let magic = if long || rng.chance(99) {
-                IHAVEOPT
-            } else {
-                rng.next()
-            };
             let len = match rng.below(100) {
                 _ if long => data.len() as u32,
                 0 => MAX_OPTION_LEN + 1,
@@ -642,9 +827,11 @@ mod smoke {
                 2 => data.len() as u32 + 1,
                 _ => data.len() as u32,
             };
-            put_u64(&mut d, magic);
-            put_u32(&mut d, option);
-            put_u32(&mut d, len);
+            let at = d.len();
+            OptionHeader { option, len }.encode(&mut d);
+            if !long && rng.chance(1) {
+                d[at + rng.below(8) as usize] ^= 1 << rng.below(8);
+            }
             d.extend_from_slice(&data);
         }
         if rng.chance(5) {
@@ -667,46 +854,75 @@ mod smoke {
             inside,
             any,
         ]);
-        let room = size.saturating_sub(offset).min(u32::MAX.into()) as u32;
-        let length = rng.pick(&[
+        let session_bits = rng.next() as u8;
+        let mode = if session_bits & 4 != 0 {
+            HeaderMode::Extended
+        } else {
+            HeaderMode::Compact
+        };
+        let room = size.saturating_sub(offset);
+        let short_room = room.min(u32::MAX.into());
+        let mut length = rng.pick(&[
             0,
             1,
             4096,
+            12,
+            short_room,
+            short_room.wrapping_add(1),
             room,
             room.wrapping_add(1),
-            MAX_PAYLOAD,
-            MAX_PAYLOAD + 1,
-            u32::MAX,
+            MAX_PAYLOAD.into(),
+            u64::from(MAX_PAYLOAD) + 1,
+            u32::MAX.into(),
+            5 << 30,
+            u64::MAX,
         ]);
+        if mode == HeaderMode::Compact {
+            length &= u32::MAX as u64;
+        }
+        let mut flags = if rng.chance(90) {
+            rng.below(32) as u16
+        } else {
+            rng.next() as u16
+        };
+        let kind = if rng.chance(95) {
+            rng.below(8) as u16
+        } else {
+            rng.next() as u16
+        };
+        // Mostly the right PAYLOAD_LEN use, so commands get through.
+        if mode == HeaderMode::Extended && rng.chance(90) {
+            let with = kind == CMD_WRITE || kind == CMD_BLOCK_STATUS && rng.chance(30);
+            flags = if with {
+                flags | CMD_FLAG_PAYLOAD_LEN
+            } else {
+                flags & !CMD_FLAG_PAYLOAD_LEN
+            };
+        }
         let header = RequestHeader {
-            flags: if rng.chance(90) {
-                rng.below(32) as u16
-            } else {
-                rng.next() as u16
-            },
-            kind: if rng.chance(95) {
-                rng.below(8) as u16
-            } else {
-                rng.next() as u16
-            },
+            flags,
+            kind,
             cookie: rng.next(),
             offset,
             length,
         };
-        let mut d = header.encode().to_vec();
+        let mut d = Vec::new();
+        size.encode(&mut d);
+        let tflags = if rng.chance(90) {
+            rng.next() as u16 & 0x1dff
+        } else {
+            rng.next() as u16
+        };
+        tflags.encode(&mut d);
+        d.push(session_bits);
+        let at = d.len();
+        header.encode_mode(mode, &mut d);
         if rng.chance(2) {
-            d[rng.below(4) as usize] ^= 1 << rng.below(8);
+            d[at + rng.below(4) as usize] ^= 1 << rng.below(8);
         }
-        put_u64(&mut d, size);
-        put_u16(
-            &mut d,
-            if rng.chance(90) {
-                rng.next() as u16 & 0x0dff
-            } else {
-                rng.next() as u16
-            },
-        );
-        d.push(rng.next() as u8);
+        if mode == HeaderMode::Compact {
+            d.extend_from_slice(&[0; 4]); // room for an extended header
+        }
         let count = if rng.chance(5) {
             rng.below(200)
         } else {
@@ -715,7 +931,7 @@ mod smoke {
         for _ in 0..count {
             let small = rng.below(1 << 20);
             let len = rng.pick(&[0, 1, 512, 4096, small, u32::MAX.into(), 1 << 32, u64::MAX]);
-            put_u64(&mut d, len);
+            len.encode(&mut d);
             d.push(if rng.chance(90) {
                 rng.below(4) as u8
             } else {
@@ -787,15 +1003,20 @@ mod smoke {
         let mut commands = HashSet::new();
         let mut errnos = HashSet::new();
         let mut multi_descriptor = 0;
+        let mut extended_commands = HashSet::new();
         for _ in 0..300_000 {
             let outcome = drive_request(&request_input(&mut rng)).unwrap();
             match outcome.result {
+                Ok(cmd) if outcome.style == ReplyStyle::Extended => {
+                    extended_commands.insert(discriminant(&cmd))
+                }
                 Ok(cmd) => commands.insert(discriminant(&cmd)),
                 Err(e) => errnos.insert(e),
             };
             multi_descriptor += usize::from(outcome.descriptors > 1);
         }
         assert_eq!(commands.len(), 8, "every command validated at least once");
+        assert_eq!(extended_commands.len(), 8, "also with extended headers");
         assert_eq!(
             errnos,
             HashSet::from([Errno::Inval, Errno::Perm, Errno::NoSpc])
@@ -803,15 +1024,99 @@ mod smoke {
         assert!(multi_descriptor > 1000);
     }
 
+    /// A server stream: a greeting (mostly right), then option replies
+    /// to GO (mostly well-formed), or an EXPORT_NAME answer.
+    fn server_input(rng: &mut Rng) -> Vec<u8> {
+        let mut d = Vec::new();
+        let flags = match rng.below(10) {
+            0 => rng.next() as u16,
+            1 => FLAG_FIXED_NEWSTYLE,
+            _ => FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+        };
+        let mut g = Greeting::newstyle(flags);
+        if rng.chance(3) {
+            g.magic = rng.next();
+        }
+        if rng.chance(3) {
+            let any = rng.next();
+            g.style = rng.pick(&[OLDSTYLE_MAGIC, any]);
+        }
+        g.encode(&mut d);
+        for _ in 0..rng.below(6) {
+            let option = if rng.chance(95) {
+                OPT_GO
+            } else {
+                rng.below(12) as u32
+            };
+            let (kind, body) = match rng.below(12) {
+                0..=2 => (
+                    REP_INFO,
+                    InfoBlock::Export {
+                        size: rng.next(),
+                        flags: rng.next() as u16,
+                    }
+                    .to_bytes(),
+                ),
+                3 | 4 => (
+                    REP_INFO,
+                    InfoBlock::BlockSize {
+                        min: rng.pick(&[0, 1, 512, 4096, 3]),
+                        preferred: rng.pick(&[0, 512, 4096, 1 << 20]),
+                        max: rng.pick(&[0, 4096, 32 << 20]),
+                    }
+                    .to_bytes(),
+                ),
+                5 => (REP_INFO, rng.bytes(20)),
+                6 => (REP_ACK, vec![]),
+                7 => (REP_ERR_UNSUP, vec![]),
+                8 => (
+                    rng.pick(&[REP_ERR_UNKNOWN, REP_ERR_POLICY, REP_ERR_TLS_REQD]),
+                    rng.bytes(10),
+                ),
+                9 => (rng.next() as u32, rng.bytes(8)),
+                _ => (REP_ACK, vec![]),
+            };
+            let mut reply = OptionReplyHeader::with_body(option, kind, &body);
+            if rng.chance(2) {
+                let at = rng.below(reply.len() as u64) as usize;
+                reply[at] ^= 1 << rng.below(8);
+            }
+            d.extend(reply);
+        }
+        if rng.chance(20) {
+            ExportNameReply {
+                size: rng.next(),
+                flags: rng.next() as u16,
+            }
+            .put(&mut d, rng.chance(50));
+        }
+        if rng.chance(5) {
+            d.truncate(rng.below(d.len() as u64 + 1) as usize);
+        }
+        d
+    }
+
+    #[test]
+    fn client_driver_on_pseudo_random_streams() {
+        let mut rng = Rng(0x51_7cc1_b727_220a);
+        let mut negotiated = 0;
+        for _ in 0..100_000 {
+            negotiated += usize::from(drive_client(&server_input(&mut rng)).is_some());
+        }
+        assert!(negotiated > 1000, "{negotiated}");
+    }
+
     #[test]
     fn drivers_accept_short_and_empty_input() {
         assert!(drive_request(&[0; REQUEST_INPUT_LEN - 1]).is_none());
         assert!(drive_handshake(&[]).negotiated.is_none());
+        assert!(drive_client(&[]).is_none());
         let mut rng = Rng(7);
         for len in 0..64 {
             let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             drive_handshake(&data);
             drive_request(&data);
+            drive_client(&data);
         }
     }
 }
