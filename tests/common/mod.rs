@@ -360,6 +360,61 @@ pub fn write_at(s: &mut TcpStream, offset: u64, data: &[u8]) -> u32 {
     err
 }
 
+/// Fixed newstyle, NBD_OPT_EXTENDED_HEADERS, then NBD_OPT_GO on `name`:
+/// a connection that speaks 32-byte requests and replies.
+pub fn negotiate_extended(addr: &str, name: &str) -> TcpStream {
+    use nbd_engine::protocol::consts::{OPT_EXTENDED_HEADERS, REP_ACK};
+    let mut s = connect(addr);
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(&option(OPT_EXTENDED_HEADERS, &[])).unwrap();
+    let (_, kind, _) = read_option_reply(&mut s).expect("server closed");
+    assert_eq!(kind, REP_ACK, "extended headers refused");
+    s.write_all(&option(OPT_GO, &go_data(name))).unwrap();
+    loop {
+        let (_, kind, _) = read_option_reply(&mut s).expect("server closed during GO");
+        assert!(kind < 0x8000_0000, "GO refused: {kind:#x}");
+        if kind == REP_ACK {
+            return s;
+        }
+    }
+}
+
+/// Sends one payload-free extended request and reads its one reply chunk:
+/// (cookie, offset, error), error 0 for a NONE chunk.
+pub fn extended_call(s: &mut TcpStream, kind: u16, offset: u64, length: u64) -> (u64, u64, u32) {
+    use nbd_engine::protocol::codec::Reader;
+    use nbd_engine::protocol::consts::{EXT_CHUNK_HEADER_LEN, REPLY_TYPE_ERROR};
+    use nbd_engine::protocol::msgs::ErrorChunk;
+    let h = RequestHeader {
+        flags: 0,
+        kind,
+        cookie: 0x5eed,
+        offset,
+        length,
+    };
+    s.write_all(&h.to_bytes(HeaderMode::Extended)).unwrap();
+    let mut head = [0u8; EXT_CHUNK_HEADER_LEN];
+    s.read_exact(&mut head).unwrap();
+    let Some(ReplyHead::Chunk {
+        kind,
+        cookie,
+        offset,
+        len,
+        ..
+    }) = ReplyHead::read(&mut Reader::new(&head))
+    else {
+        panic!("not an extended reply: {head:02x?}");
+    };
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).unwrap();
+    let error = if kind == REPLY_TYPE_ERROR {
+        ErrorChunk::from_bytes(&body).expect("error chunk").error
+    } else {
+        0
+    };
+    (cookie, offset, error)
+}
+
 /// True once the peer has closed the connection (reads EOF or a reset).
 pub fn closed_by_peer(s: &mut TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
