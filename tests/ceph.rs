@@ -164,21 +164,10 @@ fn create_and_serve_with_qemu_io_nbdinfo_and_libnbd() {
     delete_when_idle(&r, &key);
 }
 
-/// Deletes once the runner has seen the test's connections close.
+/// Deletes a backstore whose clients have just hung up: the runner waits
+/// for their connections to close instead of refusing.
 fn delete_when_idle(r: &Runner, key: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = cli(r, &["ceph", "delete", key]);
-        if out.status.success() {
-            return;
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("open NBD connection") && Instant::now() < deadline,
-            "delete {key}: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cli_ok(r, &["ceph", "delete", key]);
 }
 
 #[test]
@@ -738,4 +727,52 @@ fn a_hung_osd_fails_requests_with_eio_after_op_timeout_and_service_resumes() {
     assert!(read_at(&mut s, 4 << 20, data.len() as u32) == Ok(data));
     drop(s);
     delete_when_idle(&r, key);
+}
+
+/// `--export ceph:POOL/IMAGE,size=` creates the image and serves it from
+/// startup with the runner's --ceph-conf; without size= a restart serves
+/// it again with its data; a bad spec is refused in one line.
+#[test]
+fn export_flag_serves_a_ceph_image() {
+    let Some(conf) = ceph_conf() else { return };
+    let key = image("export");
+    let spec = format!("ceph:{key},size=32M");
+    let mut r = runner(&conf, &["--export", &spec]);
+    let info = rbd(&conf, &["info", "--format", "json", &key]);
+    assert!(info.status.success(), "the image was not created");
+    let uri = r.uri(&key);
+    qemu_io(
+        &uri,
+        &["write -P 0x3c 1M 1M", "read -P 0x3c 1M 1M", "flush"],
+        1,
+    );
+    assert!(cli_ok(&r, &["list"]).contains("static"));
+    r.stop();
+    let mut r = runner(&conf, &["--export", &format!("ceph:{key}")]);
+    qemu_io(&r.uri(&key), &["read -P 0x3c 1M 1M", "read -P 0 0 1M"], 2);
+    r.stop();
+    let err = runner_refuses(&[
+        "--ceph-conf",
+        &conf,
+        "--export",
+        &format!("ceph:{key},size=1M,bogus=1"),
+    ]);
+    assert!(err.contains("unknown ceph option \"bogus\""), "{err}");
+    let err = runner_refuses(&[
+        "--ceph-conf",
+        &conf,
+        "--export",
+        "ceph:rbd/no-such-image-here",
+    ]);
+    // Logs may come first; the refusal is one line that names the image.
+    let refusal: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("nbd-runner:"))
+        .collect();
+    assert_eq!(refusal.len(), 1, "{err}");
+    assert!(
+        refusal[0].contains("no-such-image-here") && refusal[0].contains("no such image"),
+        "{err}"
+    );
+    assert!(rbd(&conf, &["rm", &key]).status.success());
 }

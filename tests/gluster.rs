@@ -351,3 +351,42 @@ fn volume_restart_under_a_connection_loses_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     nbd_cli(&runner, &["gluster", "delete", &key]).unwrap();
 }
+
+/// `--export gluster:VOLUME/FILE,size=` creates the file through gfapi and
+/// serves it from startup with the runner's --gluster-server; without
+/// size= a restart serves it again with its data.
+#[test]
+fn export_flag_serves_a_gluster_file() {
+    let Some(g) = Gluster::get("export_flag_serves_a_gluster_file") else {
+        return;
+    };
+    let _shared = VOLUME.read().unwrap();
+    let key = g.key("export");
+    let mut runner = g.runner(&["--export", &format!("gluster:{key},size=16M")]);
+    assert_eq!(
+        std::fs::metadata(g.on_brick(&key)).unwrap().len(),
+        16 * MIB as u64,
+        "the file on the brick"
+    );
+    qemu_io_patterns(&runner.uri(&key));
+    runner.stop();
+    let mut runner = g.runner(&["--export", &format!("gluster:{key}")]);
+    qemu_io(
+        &runner.uri(&key),
+        &[
+            "read -P 0xab 1M 1M",
+            "read -P 0xcd 3M 64k",
+            "read -P 0x5a 5000 3000",
+        ],
+        3,
+    );
+    // Startup exports are the operator's: nbd-cli will not delete them.
+    let err = nbd_cli(&runner, &["gluster", "delete", &key]).unwrap_err();
+    assert!(err.contains("--export"), "{err}");
+    runner.stop();
+    let err = runner_refuses(&["--export", &format!("gluster:{key},size=1M,nope=1")]);
+    assert!(err.contains("unknown gluster option \"nope\""), "{err}");
+    let server: nbd_engine::backend::gluster::VolfileServer = g.server.parse().unwrap();
+    nbd_engine::backend::gluster::GlusterBackend::remove(&server, &key).unwrap();
+    assert!(!g.on_brick(&key).exists());
+}

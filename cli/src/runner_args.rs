@@ -2,7 +2,7 @@
 //! (`nbd-runner threads 4 rpchost 127.0.0.1 iohost 127.0.0.1`, `help`, `version`).
 
 use clap::Parser;
-use nbd_engine::export::ExportSpec;
+use nbd_control::factory::ExportSpec;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -55,8 +55,10 @@ pub struct RunnerArgs {
     /// created and required when rpchost is not loopback].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Serve a backstore from startup: HANDLER:KEY[,size=SIZE][,readonly],
-    /// e.g. mem:disk0,size=1G or file:/var/lib/img/a.raw,size=10G. Repeatable.
+    /// Serve a backstore from startup:
+    /// HANDLER:KEY[,size=SIZE][,readonly][,OPTION=VALUE]..., e.g. mem:disk0,size=1G,
+    /// file:/var/lib/img/a.raw,size=10G, gluster:VOL/a.img or ceph:rbd/img,size=10G
+    /// (created when missing if size= is given). Repeatable.
     #[arg(long = "export", value_name = "SPEC")]
     pub exports: Vec<ExportSpec>,
     /// ceph.conf for ceph backstores [default: librados' search path];
@@ -98,8 +100,8 @@ pub struct RunnerArgs {
 
 impl RunnerArgs {
     /// Runner-wide handler settings (`HANDLER.NAME` = value) from the flags.
-    pub fn handler_defaults(&self) -> nbd_control::handlers::HandlerDefaults {
-        let mut d = nbd_control::handlers::HandlerDefaults::default();
+    pub fn handler_defaults(&self) -> nbd_control::factory::HandlerDefaults {
+        let mut d = nbd_control::factory::HandlerDefaults::default();
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
         for (k, v) in [
             ("ceph.conf", path(&self.ceph_conf)),
@@ -223,8 +225,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.exports.len(), 2);
-        assert_eq!(a.exports[0].size, Some(1 << 30));
-        assert!(a.exports[1].read_only);
+        assert_eq!(a.exports[0].0.size, Some(1 << 30));
+        assert!(a.exports[1].0.read_only);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! persistence, the server the runner embeds, and the client nbd-cli uses.
 
 pub mod client;
-pub mod handlers;
+pub mod factory;
 pub mod model;
 pub mod registry;
 pub mod saveconfig;

@@ -1,7 +1,7 @@
 //! The backstores a runner knows, their state machine, and the link to the
 //! IO route's export table. Every change is saved before it is answered.
 
-use crate::handlers::{self, HandlerDefaults};
+use crate::factory::{self, BackstoreSpec, HandlerDefaults, OpenMode, Opened};
 use crate::model::{
     BackstoreInfo, Handler, ListFilter, OpReport, ShardConnections, State, StatsReport,
 };
@@ -91,7 +91,7 @@ impl Registry {
                 error: None,
                 mapping_since: None,
             };
-            reg.open(&mut entry, false);
+            reg.open(&mut entry);
             if let Some(e) = &entry.error {
                 tracing::error!(backstore = %key, error = %e, "cannot open backstore; it stays listed");
             }
@@ -101,9 +101,11 @@ impl Registry {
         Ok(reg)
     }
 
-    fn open(&self, entry: &mut Entry, create: bool) -> bool {
-        match handlers::open(&entry.saved, create, &self.defaults, &mut |_, _| {}) {
-            Ok((backend, _)) => match self.table.add(&entry.saved.key, backend) {
+    /// Opens a saved backstore's storage again and serves it.
+    fn open(&self, entry: &mut Entry) -> bool {
+        let spec = BackstoreSpec::of(&entry.saved);
+        match factory::open(&spec, OpenMode::Open, &self.defaults) {
+            Ok(Opened { backend, .. }) => match self.table.add(&entry.saved.key, backend) {
                 Ok(export) => {
                     entry.export = Some(export);
                     entry.error = None;
@@ -179,15 +181,18 @@ impl Registry {
         req: CreateRequest,
         progress: Progress,
     ) -> Result<BackstoreInfo, CtlError> {
-        let invalid = |m: String| fail(ErrorCode::InvalidArgument, m);
-        if let Err(m) = req.handler.check_key(&req.key) {
-            return invalid(m);
-        }
-        if let Err(m) = handlers::available(req.handler) {
+        if let Err(m) = factory::available(req.handler) {
             return fail(ErrorCode::Unsupported, m);
         }
-        if req.size == 0 {
-            return invalid("size must be more than 0".into());
+        let spec = BackstoreSpec {
+            handler: req.handler,
+            key: req.key.clone(),
+            size: Some(req.size),
+            read_only: false,
+            options: req.options.clone(),
+        };
+        if let Err(m) = spec.validate() {
+            return fail(ErrorCode::InvalidArgument, m);
         }
         if let Some(e) = self.entries.get(&req.key) {
             return fail(
@@ -218,7 +223,11 @@ impl Registry {
             prealloc: req.prealloc,
             options: req.options,
         };
-        let (backend, created) = match handlers::open(&saved, true, &self.defaults, progress) {
+        let mode = OpenMode::Create {
+            prealloc: req.prealloc,
+            progress,
+        };
+        let Opened { backend, created } = match factory::open(&spec, mode, &self.defaults) {
             Ok(v) => v,
             Err(e) => return fail(ErrorCode::Backend, e.to_string()),
         };
@@ -240,7 +249,7 @@ impl Registry {
         if let Err(e) = self.save() {
             let entry = self.entries.remove(&key).expect("just inserted");
             self.table.remove(&key);
-            let _ = handlers::remove(&entry.saved, &self.defaults);
+            let _ = factory::remove(&entry.saved, &self.defaults);
             return Err(e);
         }
         tracing::info!(backstore = %key, handler = %req.handler, size = req.size, "created");
@@ -280,7 +289,7 @@ impl Registry {
         // Close the storage before removing it (an open rbd image has a watcher).
         let Entry { saved, export, .. } = entry;
         drop(export);
-        if let Err(e) = handlers::remove(&saved, &self.defaults) {
+        if let Err(e) = factory::remove(&saved, &self.defaults) {
             tracing::warn!(backstore = %key, error = %e, "deleted, but its storage was not removed");
         }
         tracing::info!(backstore = %key, "deleted");
@@ -367,7 +376,7 @@ impl Registry {
         }
         if entry.export.is_none() {
             let mut e = self.entries.remove(key).expect("checked");
-            let ok = self.open(&mut e, false);
+            let ok = self.open(&mut e);
             let err = e.error.clone();
             self.entries.insert(key.to_owned(), e);
             if !ok {

@@ -1,12 +1,10 @@
-//! Exports: named backstores served on the IO route, and the `--export`
-//! spec `HANDLER:KEY[,size=SIZE][,readonly]`.
+//! Exports: named backstores served on the IO route. What opens them is
+//! the control crate's factory (`nbd_control::factory`).
 
-use crate::backend::{Backend, BackendError, FileBackend, MemBackend};
+use crate::backend::{Backend, BackendError};
 use crate::protocol::{ExportCatalog, ExportInfo};
-use crate::size::parse_size;
 use crate::stats::ExportStats;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use thiserror::Error;
@@ -37,8 +35,6 @@ impl Export {
 
 #[derive(Debug, Error)]
 pub enum ExportError {
-    #[error("bad export spec {spec:?}: {reason}")]
-    Spec { spec: String, reason: String },
     #[error("export {0:?} already exists")]
     Duplicate(String),
     #[error(transparent)]
@@ -126,114 +122,10 @@ impl ExportCatalog for ExportTable {
     }
 }
 
-/// A parsed `--export HANDLER:KEY[,size=SIZE][,readonly]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExportSpec {
-    pub handler: String,
-    pub key: String,
-    pub size: Option<u64>,
-    pub read_only: bool,
-}
-
-impl std::str::FromStr for ExportSpec {
-    type Err = ExportError;
-
-    fn from_str(spec: &str) -> Result<Self, ExportError> {
-        let bad = |reason: &str| ExportError::Spec {
-            spec: spec.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let (handler, rest) = spec
-            .split_once(':')
-            .ok_or_else(|| bad("expected HANDLER:KEY, e.g. mem:disk0,size=1G"))?;
-        let mut parts = rest.split(',');
-        let key = parts.next().unwrap_or_default();
-        if key.is_empty() {
-            return Err(bad("missing key"));
-        }
-        let mut out = ExportSpec {
-            handler: handler.to_owned(),
-            key: key.to_owned(),
-            size: None,
-            read_only: false,
-        };
-        for p in parts {
-            match p.split_once('=') {
-                Some(("size", v)) => {
-                    out.size = Some(parse_size(v).map_err(|e| bad(&e.to_string()))?)
-                }
-                None if p == "readonly" => out.read_only = true,
-                _ => return Err(bad(&format!("unknown option {p:?} (size=SIZE, readonly)"))),
-            }
-        }
-        match out.handler.as_str() {
-            "mem" if out.size.is_none() => Err(bad("mem exports need size=SIZE")),
-            "mem" if out.key.contains('/') => Err(bad("mem export names cannot contain '/'")),
-            "file" if !out.key.starts_with('/') => {
-                Err(bad("file exports are keyed by absolute path"))
-            }
-            "mem" | "file" => Ok(out),
-            "gluster" | "ceph" => Err(bad("this build has no gluster/ceph handler")),
-            _ => Err(bad("unknown handler (mem, file)")),
-        }
-    }
-}
-
-impl ExportSpec {
-    /// Builds the backend this spec names.
-    pub fn open(&self) -> Result<Arc<dyn Backend>, ExportError> {
-        Ok(match self.handler.as_str() {
-            "mem" => Arc::new(MemBackend::new(self.size.unwrap_or(0), self.read_only)?),
-            "file" => Arc::new(FileBackend::open_or_create(
-                Path::new(&self.key),
-                self.size,
-                self.read_only,
-            )?),
-            other => {
-                return Err(ExportError::Spec {
-                    spec: other.to_owned(),
-                    reason: "unknown handler".into(),
-                })
-            }
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_specs() {
-        let s: ExportSpec = "mem:disk0,size=1G".parse().unwrap();
-        assert_eq!(
-            s,
-            ExportSpec {
-                handler: "mem".into(),
-                key: "disk0".into(),
-                size: Some(1 << 30),
-                read_only: false
-            }
-        );
-        let s: ExportSpec = "file:/var/lib/a.raw,size=10G,readonly".parse().unwrap();
-        assert!(s.read_only);
-        assert_eq!(s.size, Some(10 << 30));
-    }
-
-    #[test]
-    fn rejects_bad_specs() {
-        for bad in [
-            "disk0",
-            "mem:",
-            "mem:disk0",
-            "mem:disk0,size=abc",
-            "mem:disk0,size=1G,bogus",
-            "file:relative.img,size=1G",
-            "nfs:x,size=1G",
-        ] {
-            assert!(bad.parse::<ExportSpec>().is_err(), "{bad} accepted");
-        }
-    }
+    use crate::backend::MemBackend;
 
     #[test]
     fn default_export_only_when_unique() {

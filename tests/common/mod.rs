@@ -153,6 +153,13 @@ impl Runner {
         unsafe { libc::kill(self.pid() as i32, sig) };
     }
 
+    /// SIGTERM, then waits for a clean exit (backstores closed).
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let st = self.wait_exit(Duration::from_secs(30));
+        assert!(st.success(), "nbd-runner stopped with {st}");
+    }
+
     /// Waits for the process to exit; panics after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;

@@ -41,15 +41,19 @@ fn run() -> Result<()> {
         }
     }
     let table = Arc::new(ExportTable::new(threads));
+    let defaults = args.handler_defaults();
     for spec in &args.exports {
-        let backend = spec.open()?;
-        let export = table.add(&spec.key, backend)?;
+        let key = &spec.0.key;
+        let opened = spec
+            .open(&defaults)
+            .with_context(|| format!("--export {}:{key}", spec.0.handler))?;
+        let export = table.add(key, opened.backend)?;
         tracing::info!(
             export = %export.name,
             handler = export.backend.handler(),
             size = export.backend.size(),
             mode = %export.backend.mode(),
-            read_only = spec.read_only,
+            read_only = spec.0.read_only,
             "serving"
         );
     }

@@ -22,7 +22,37 @@ pub struct FileBackend {
     path: PathBuf,
     size: u64,
     read_only: bool,
-    block_device: bool,
+    storage: Probed,
+}
+
+/// What the filesystem under a file can do, asked at open rather than
+/// assumed: tmpfs, overlayfs, NFS and old filesystems differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probed {
+    /// fallocate(PUNCH_HOLE): TRIM frees space, and zeroes are fast.
+    pub punch_hole: bool,
+    /// lseek(SEEK_DATA/SEEK_HOLE): block status can tell holes from data.
+    pub seek_data: bool,
+}
+
+impl Probed {
+    /// Probes an open file. Punching past the end with KEEP_SIZE touches
+    /// no data, so it is safe on a live image; read-only opens cannot punch.
+    fn file(f: &std::fs::File, size: u64, writable: bool) -> Self {
+        let fd = f.as_raw_fd();
+        let punch_hole = writable && {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: fallocate on an fd we own; the range lies past the end.
+            unsafe { libc::fallocate(fd, mode, size as i64, 4096) == 0 }
+        };
+        // SAFETY: lseek only reads metadata (and moves this probe fd's offset).
+        let seek_data = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) } >= 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        Probed {
+            punch_hole,
+            seek_data,
+        }
+    }
 }
 
 impl FileBackend {
@@ -77,11 +107,26 @@ impl FileBackend {
         if let Some(want) = size.filter(|&s| s != actual) {
             tracing::warn!(path = %path.display(), actual, requested = want, "existing file keeps its own size");
         }
+        let storage = if block_device {
+            // Discard on devices is BLKDISCARD, which this backend does not
+            // issue; a device's lseek reports it all as data.
+            Probed {
+                punch_hole: false,
+                seek_data: true,
+            }
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .open(path)
+                .map_err(|e| cfg(format!("cannot open: {e}")))?;
+            Probed::file(&f, actual, !read_only)
+        };
         Ok(FileBackend {
             path: path.to_owned(),
             size: actual,
             read_only,
-            block_device,
+            storage,
         })
     }
 }
@@ -96,15 +141,24 @@ impl Backend for FileBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
+        let p = self.storage;
         Capabilities {
-            trim: !self.block_device,
-            fast_zero: !self.block_device,
+            trim: p.punch_hole,
+            fast_zero: p.punch_hole,
+            block_status: p.seek_data,
             ..Capabilities::all(self.read_only)
         }
     }
 
     fn mode(&self) -> String {
-        "buffered io_uring, FLUSH/FUA = fdatasync".into()
+        let mut m = String::from("buffered io_uring, FLUSH/FUA = fdatasync");
+        if !self.read_only && !self.storage.punch_hole {
+            m.push_str(", no hole punching (TRIM not offered, zeroes are written)");
+        }
+        if !self.storage.seek_data {
+            m.push_str(", no SEEK_DATA (block status not offered)");
+        }
+        m
     }
 
     fn attach(&self) -> IoFuture<'static, Rc<dyn BackendIo>> {
@@ -431,6 +485,33 @@ mod tests {
                 assert_eq!(&on_disk[4095..4095 + 8192], &data[..]);
                 assert_eq!(on_disk.len() as u64, 4 * MIB);
             });
+        }
+    }
+
+    #[test]
+    fn storage_abilities_are_probed_at_open_without_touching_the_file() {
+        for dir in test_dirs() {
+            let path = dir.path().join("probe.raw");
+            let b = FileBackend::open_or_create(&path, Some(MIB), false).unwrap();
+            // tmpfs and the local disk both punch holes and seek data.
+            assert_eq!(
+                b.storage,
+                Probed {
+                    punch_hole: true,
+                    seek_data: true
+                },
+                "{}",
+                dir.path().display()
+            );
+            let caps = b.capabilities();
+            assert!(caps.trim && caps.fast_zero && caps.block_status);
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(meta.len(), MIB, "the probe kept the size");
+            assert_eq!(blocks(&path), 0, "the probe allocated nothing");
+            // A read-only open cannot punch, so it offers no TRIM.
+            let ro = FileBackend::open_or_create(&path, None, true).unwrap();
+            assert!(!ro.storage.punch_hole && ro.storage.seek_data);
+            assert!(!ro.capabilities().trim);
         }
     }
 

@@ -1,0 +1,333 @@
+//! The single entry point to backstore storage (cloud-hypervisor's
+//! `block/src/factory.rs` is the model): every handler's key and option
+//! checks, opening, creating and removing, used by the runner's `--export`
+//! flags and by the control plane alike.
+
+use crate::model::Handler;
+use crate::saveconfig::SavedBackstore;
+use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend, Progress};
+use nbd_engine::size::parse_size;
+use std::collections::BTreeMap;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+#[cfg(feature = "gluster")]
+use nbd_engine::backend::gluster::{GlusterBackend, VolfileServer};
+
+/// Runner-wide handler settings, keyed `HANDLER.NAME` (e.g. `gluster.server`,
+/// `ceph.conf`), from the runner's flags.
+pub type HandlerDefaults = BTreeMap<String, String>;
+
+/// What to open: one backstore's handler, key, size and options, whether
+/// it came from `--export` or from the control plane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackstoreSpec {
+    pub handler: Handler,
+    pub key: String,
+    /// The size to create at; opening existing storage takes its own.
+    pub size: Option<u64>,
+    pub read_only: bool,
+    pub options: BTreeMap<String, String>,
+}
+
+impl BackstoreSpec {
+    pub fn of(b: &SavedBackstore) -> Self {
+        BackstoreSpec {
+            handler: b.handler,
+            key: b.key.clone(),
+            size: Some(b.size),
+            read_only: false,
+            options: b.options.clone(),
+        }
+    }
+
+    /// The option `name`: the backstore's own, else the runner's
+    /// `HANDLER.name` default.
+    #[cfg(any(feature = "ceph", feature = "gluster"))]
+    fn setting<'a>(&'a self, defaults: &'a HandlerDefaults, name: &str) -> Option<&'a str> {
+        self.options
+            .get(name)
+            .or_else(|| defaults.get(&format!("{}.{name}", self.handler)))
+            .map(String::as_str)
+    }
+
+    /// Key shape, option names, and that this build has the handler: one
+    /// line saying what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        self.handler.check_key(&self.key)?;
+        available(self.handler)?;
+        let known = options(self.handler);
+        if let Some(bad) = self.options.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(if known.is_empty() {
+                format!("{} backstores take no options (got {bad:?})", self.handler)
+            } else {
+                format!(
+                    "unknown {} option {bad:?} (known: {})",
+                    self.handler,
+                    known.join(", ")
+                )
+            });
+        }
+        if self.size == Some(0) {
+            return Err("size must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// The options each handler takes.
+pub fn options(h: Handler) -> &'static [&'static str] {
+    match h {
+        Handler::Gluster => &["server"],
+        Handler::Ceph => &[
+            "conf",
+            "id",
+            "keyring",
+            "object_size",
+            "features",
+            "mount_timeout",
+            "op_timeout",
+            "rbd_cache",
+        ],
+        Handler::File | Handler::Mem => &[],
+    }
+}
+
+/// How to open.
+pub enum OpenMode<'p> {
+    /// The storage must exist (a restart, an `--export` without `size=`).
+    Open,
+    /// Make it at the spec's size, or adopt existing storage of that size.
+    Create {
+        prealloc: bool,
+        progress: Progress<'p>,
+    },
+}
+
+/// An opened backstore.
+pub struct Opened {
+    pub backend: Arc<dyn Backend>,
+    /// True when this call made the storage (so `delete` may remove it).
+    pub created: bool,
+}
+
+/// Whether this build carries a handler.
+pub fn available(h: Handler) -> Result<(), String> {
+    match h {
+        Handler::File | Handler::Mem => Ok(()),
+        #[cfg(feature = "ceph")]
+        Handler::Ceph => Ok(()),
+        #[cfg(feature = "gluster")]
+        Handler::Gluster => Ok(()),
+        #[allow(unreachable_patterns)]
+        Handler::Gluster | Handler::Ceph => Err(format!(
+            "this nbd-runner was built without the {h} handler (cargo feature \"{h}\")"
+        )),
+    }
+}
+
+/// Opens (or creates) a backstore's storage. The spec is validated first.
+#[cfg_attr(
+    not(any(feature = "ceph", feature = "gluster")),
+    allow(unused_variables)
+)]
+pub fn open(
+    spec: &BackstoreSpec,
+    mode: OpenMode,
+    defaults: &HandlerDefaults,
+) -> Result<Opened, BackendError> {
+    spec.validate().map_err(BackendError::Config)?;
+    let (create, prealloc, _progress): (bool, bool, Progress) = match mode {
+        OpenMode::Open => (false, false, &mut |_, _| {}),
+        OpenMode::Create { prealloc, progress } => (true, prealloc, progress),
+    };
+    let size = match (create, spec.size) {
+        (true, None) => return Err(BackendError::Config("give a size to create it".into())),
+        (_, s) => s,
+    };
+    let opened = |backend: Arc<dyn Backend>, created| Ok(Opened { backend, created });
+    match spec.handler {
+        Handler::Mem => {
+            let size =
+                size.ok_or_else(|| BackendError::Config("mem backstores need a size".into()))?;
+            opened(Arc::new(MemBackend::new(size, spec.read_only)?), true)
+        }
+        Handler::File => {
+            let path = Path::new(&spec.key);
+            let existed = path.exists();
+            if !existed && !create {
+                return Err(BackendError::Config(format!(
+                    "{}: the file is gone",
+                    path.display()
+                )));
+            }
+            let backend = FileBackend::open_or_create(path, size, spec.read_only)?;
+            if let (true, true, Some(want)) = (existed, create, size) {
+                if backend.size() != want {
+                    return Err(BackendError::Config(format!(
+                        "{} exists with size {}, not {want}; give its size to adopt it",
+                        path.display(),
+                        backend.size(),
+                    )));
+                }
+            }
+            if create && !existed && prealloc {
+                preallocate(path, backend.size())?;
+            }
+            opened(Arc::new(backend), create && !existed)
+        }
+        #[cfg(feature = "ceph")]
+        Handler::Ceph => {
+            let ceph = ceph_spec(spec, defaults)?;
+            let (backend, created) = nbd_engine::backend::ceph::CephBackend::open(
+                &ceph,
+                size.unwrap_or(0),
+                create,
+                spec.read_only,
+            )?;
+            opened(Arc::new(backend), created)
+        }
+        #[cfg(feature = "gluster")]
+        Handler::Gluster => {
+            let server = gluster_server(spec, defaults)?;
+            let create = create.then(|| (size.unwrap_or(0), prealloc));
+            let (backend, created) =
+                GlusterBackend::open(&server, &spec.key, create, spec.read_only, _progress)?;
+            opened(Arc::new(backend), created)
+        }
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("checked by validate()"),
+    }
+}
+
+/// Removes the storage of a deleted backstore we created; adopted storage stays.
+#[cfg_attr(
+    not(any(feature = "ceph", feature = "gluster")),
+    allow(unused_variables)
+)]
+pub fn remove(b: &SavedBackstore, defaults: &HandlerDefaults) -> Result<(), BackendError> {
+    match b.handler {
+        #[cfg(feature = "ceph")]
+        Handler::Ceph if b.owned => ceph_spec(&BackstoreSpec::of(b), defaults)?.remove(),
+        #[cfg(feature = "gluster")]
+        Handler::Gluster if b.owned => {
+            GlusterBackend::remove(&gluster_server(&BackstoreSpec::of(b), defaults)?, &b.key)
+        }
+        Handler::File if b.owned => match std::fs::remove_file(&b.key) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io("remove", e)),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// A ceph backstore's key and settings (its own options over `ceph.*` defaults).
+#[cfg(feature = "ceph")]
+fn ceph_spec(
+    spec: &BackstoreSpec,
+    defaults: &HandlerDefaults,
+) -> Result<nbd_engine::backend::ceph::CephSpec, BackendError> {
+    nbd_engine::backend::ceph::CephSpec::parse(&spec.key, |name| {
+        spec.setting(defaults, name).map(str::to_owned)
+    })
+}
+
+/// A gluster backstore's volfile server: its own `server` option, else the
+/// runner's `--gluster-server`, else localhost:24007.
+#[cfg(feature = "gluster")]
+fn gluster_server(
+    spec: &BackstoreSpec,
+    defaults: &HandlerDefaults,
+) -> Result<VolfileServer, BackendError> {
+    spec.setting(defaults, "server")
+        .map_or(Ok(VolfileServer::default()), |s| {
+            s.parse().map_err(BackendError::Config)
+        })
+}
+
+fn preallocate(path: &Path, size: u64) -> Result<(), BackendError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| BackendError::io("open for preallocation", e))?;
+    // SAFETY: fallocate on an fd we own.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(BackendError::io("preallocate", e));
+    }
+    Ok(())
+}
+
+/// A parsed `--export HANDLER:KEY[,size=SIZE][,readonly][,OPTION=VALUE]...`.
+/// With `size=` the storage is created (or adopted at that size) if it is
+/// missing; without, it must exist (mem always needs a size).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSpec(pub BackstoreSpec);
+
+impl std::str::FromStr for ExportSpec {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let bad = |reason: &str| format!("bad export spec {spec:?}: {reason}");
+        let (handler, rest) = spec
+            .split_once(':')
+            .ok_or_else(|| bad("expected HANDLER:KEY, e.g. mem:disk0,size=1G"))?;
+        let handler: Handler = handler.parse().map_err(|e: String| bad(&e))?;
+        let mut parts = rest.split(',');
+        let key = parts.next().unwrap_or_default();
+        if key.is_empty() {
+            return Err(bad("missing key"));
+        }
+        let mut out = BackstoreSpec {
+            handler,
+            key: key.to_owned(),
+            size: None,
+            read_only: false,
+            options: BTreeMap::new(),
+        };
+        for p in parts {
+            match p.split_once('=') {
+                Some(("size", v)) => {
+                    out.size = Some(parse_size(v).map_err(|e| bad(&e.to_string()))?)
+                }
+                Some((k, v)) if !k.is_empty() => {
+                    out.options.insert(k.to_owned(), v.to_owned());
+                }
+                None if p == "readonly" => out.read_only = true,
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown option {p:?} (size=SIZE, readonly, NAME=VALUE)"
+                    )))
+                }
+            }
+        }
+        if handler == Handler::Mem && out.size.is_none() {
+            return Err(bad("mem exports need size=SIZE"));
+        }
+        out.validate().map_err(|e| bad(&e))?;
+        Ok(ExportSpec(out))
+    }
+}
+
+impl ExportSpec {
+    /// Opens what the flag names, creating it when a size was given.
+    pub fn open(&self, defaults: &HandlerDefaults) -> Result<Opened, BackendError> {
+        let spec = &self.0;
+        let mode = match (spec.size, spec.read_only) {
+            (Some(_), false) => OpenMode::Create {
+                prealloc: false,
+                progress: &mut |_, _| {},
+            },
+            _ => OpenMode::Open,
+        };
+        open(spec, mode, defaults)
+    }
+}
+
+#[cfg(test)]
+#[path = "factory_tests.rs"]
+mod tests;
