@@ -428,11 +428,21 @@ fn cluster_errors_are_clear_and_other_backstores_keep_serving() {
                 ],
             )
         });
-        // The IO route keeps serving while the control plane waits.
+        // The IO route keeps serving while the control plane waits, and so
+        // does the control route: the slow create holds no lock. (Holding
+        // it, at most one list could finish before the create does.)
+        let mut answered_meanwhile = 0;
         while !t.is_finished() {
             assert_healthy(&r.addr, "side");
+            let list = cli(&r, &["list"]);
+            assert!(list.status.success());
+            answered_meanwhile += usize::from(!t.is_finished());
             std::thread::sleep(Duration::from_millis(200));
         }
+        assert!(
+            answered_meanwhile >= 3,
+            "only {answered_meanwhile} lists during the create"
+        );
         t.join().unwrap()
     });
     let err = String::from_utf8_lossy(&create.stderr);

@@ -116,6 +116,75 @@ impl fmt::Display for State {
     }
 }
 
+/// What happens to a backstore; [`next`] says what state it leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// `map` starts; `stale` when an earlier map never finished (the CLI died).
+    MapBegin {
+        stale: bool,
+    },
+    /// The kernel took the device.
+    MapDone,
+    /// The map failed after it began.
+    MapAbort,
+    UnmapBegin,
+    UnmapDone,
+    /// Every IO connection dropped while the kernel holds the device.
+    IoLost,
+    /// The runner started again.
+    Restart,
+    Delete,
+    Resize,
+}
+
+/// Why an event is refused in a state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    AlreadyMapped,
+    /// Mapping or unmapping right now: try again shortly.
+    Busy,
+    NotMapping,
+    NotUnmapping,
+    NotMapped,
+    /// Delete while the kernel may hold a device.
+    StillMapped,
+    /// `--export` exports are the operator's, not the control plane's.
+    Static,
+}
+
+/// The backstore state machine, whole: the state `event` leads to from
+/// `state` (`device`: a device is recorded), or why it is refused. Events
+/// that change nothing (a delete, an abort after the fact) give back
+/// `state` unchanged.
+pub fn next(state: State, device: bool, event: Event) -> Result<State, Refused> {
+    use State::*;
+    if state == Static {
+        return Err(Refused::Static);
+    }
+    match (event, state) {
+        (Event::MapBegin { .. }, Created | Dead) => Ok(Mapping),
+        (Event::MapBegin { stale: true }, Mapping) => Ok(Mapping),
+        (Event::MapBegin { .. }, Mapped) => Err(Refused::AlreadyMapped),
+        (Event::MapBegin { .. }, _) => Err(Refused::Busy),
+        (Event::MapDone, Mapping) => Ok(Mapped),
+        (Event::MapDone, _) => Err(Refused::NotMapping),
+        (Event::MapAbort, Mapping) => Ok(if device { Dead } else { Created }),
+        (Event::MapAbort, s) => Ok(s),
+        (Event::UnmapBegin, s) if s.has_device() => Ok(Unmapping),
+        (Event::UnmapBegin, _) => Err(Refused::NotMapped),
+        (Event::UnmapDone, Unmapping) => Ok(Created),
+        (Event::UnmapDone, _) => Err(Refused::NotUnmapping),
+        (Event::IoLost, Mapped) => Ok(Dead),
+        (Event::IoLost, s) => Ok(s),
+        (Event::Restart, Created) => Ok(Created),
+        (Event::Restart, _) => Ok(if device { Dead } else { Created }),
+        (Event::Delete, Created) => Ok(Created),
+        (Event::Delete, _) => Err(Refused::StillMapped),
+        (Event::Resize, Mapping | Unmapping) => Err(Refused::Busy),
+        (Event::Resize, s) => Ok(s),
+    }
+}
+
 /// `list [map|unmap|create|dead|live|all]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ListFilter {
@@ -216,6 +285,100 @@ pub struct StatsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every state × event × device, against the table written out.
+    #[test]
+    fn transition_table() {
+        use Refused::*;
+        use State::*;
+        let states = [Created, Mapping, Mapped, Unmapping, Dead];
+        let events = [
+            Event::MapBegin { stale: false },
+            Event::MapBegin { stale: true },
+            Event::MapDone,
+            Event::MapAbort,
+            Event::UnmapBegin,
+            Event::UnmapDone,
+            Event::IoLost,
+            Event::Restart,
+            Event::Delete,
+            Event::Resize,
+        ];
+        #[rustfmt::skip]
+        let want = |s: State, dev: bool, e: Event| -> Result<State, Refused> {
+            match e {
+                Event::MapBegin { stale } => match s {
+                    Created | Dead => Ok(Mapping),
+                    Mapping if stale => Ok(Mapping),
+                    Mapped => Err(AlreadyMapped),
+                    _ => Err(Busy),
+                },
+                Event::MapDone => if s == Mapping { Ok(Mapped) } else { Err(NotMapping) },
+                Event::MapAbort => Ok(match (s, dev) { (Mapping, true) => Dead, (Mapping, false) => Created, _ => s }),
+                Event::UnmapBegin => if matches!(s, Mapped | Unmapping | Dead) { Ok(Unmapping) } else { Err(NotMapped) },
+                Event::UnmapDone => if s == Unmapping { Ok(Created) } else { Err(NotUnmapping) },
+                Event::IoLost => Ok(if s == Mapped { Dead } else { s }),
+                Event::Restart => Ok(if s != Created && dev { Dead } else { Created }),
+                Event::Delete => if s == Created { Ok(Created) } else { Err(StillMapped) },
+                Event::Resize => if matches!(s, Mapping | Unmapping) { Err(Busy) } else { Ok(s) },
+            }
+        };
+        for s in states {
+            for dev in [false, true] {
+                for e in events {
+                    assert_eq!(next(s, dev, e), want(s, dev, e), "{s:?} device={dev} {e:?}");
+                }
+            }
+        }
+        for e in events {
+            assert_eq!(next(State::Static, false, e), Err(Refused::Static));
+        }
+    }
+
+    /// The operator's paths through the machine, end to end.
+    #[test]
+    fn life_cycles() {
+        let run = |from: State, dev: bool, events: &[Event]| {
+            events.iter().try_fold(from, |s, &e| next(s, dev, e))
+        };
+        use Event::*;
+        let map = [MapBegin { stale: false }, MapDone];
+        assert_eq!(run(State::Created, true, &map), Ok(State::Mapped));
+        assert_eq!(
+            run(
+                State::Created,
+                true,
+                &[MapBegin { stale: false }, MapDone, UnmapBegin, UnmapDone]
+            ),
+            Ok(State::Created)
+        );
+        // A restart (or lost connections) leaves the device dead; map reattaches it.
+        assert_eq!(run(State::Mapped, true, &[Restart]), Ok(State::Dead));
+        assert_eq!(run(State::Mapped, true, &[IoLost]), Ok(State::Dead));
+        assert_eq!(run(State::Dead, true, &map), Ok(State::Mapped));
+        // A map that died half-way is retried once it is stale.
+        assert_eq!(
+            run(
+                State::Created,
+                false,
+                &[MapBegin { stale: false }, MapBegin { stale: false }]
+            ),
+            Err(Refused::Busy)
+        );
+        assert_eq!(
+            run(
+                State::Created,
+                false,
+                &[MapBegin { stale: false }, MapBegin { stale: true }, MapDone]
+            ),
+            Ok(State::Mapped)
+        );
+        // Nothing mapped may be deleted.
+        assert_eq!(
+            run(State::Mapped, true, &[Delete]),
+            Err(Refused::StillMapped)
+        );
+    }
 
     #[test]
     fn handler_names_round_trip() {

@@ -3,13 +3,14 @@
 
 use crate::factory::{self, BackstoreSpec, HandlerDefaults, OpenMode, Opened};
 use crate::model::{
-    BackstoreInfo, Handler, ListFilter, OpReport, ShardConnections, State, StatsReport,
+    next, BackstoreInfo, Event, Handler, ListFilter, OpReport, Refused, ShardConnections, State,
+    StatsReport,
 };
 use crate::saveconfig::{SaveConfig, SavedBackstore, StateStore};
 use crate::wire::{CreateRequest, ErrorCode, MapTarget, UnmapTarget};
-use nbd_engine::backend::Progress;
+use nbd_engine::backend::{BackendError, Progress};
 use nbd_engine::export::{Export, ExportTable};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -58,6 +59,69 @@ pub struct Registry {
     statics: BTreeMap<String, Arc<Export>>,
     table: Arc<ExportTable>,
     io: IoRoute,
+    /// Keys being created or deleted: their storage work runs outside the
+    /// registry lock, and other requests for them are told to wait.
+    busy: BTreeSet<String>,
+}
+
+/// A create that passed every check and holds its key: the storage work
+/// ([`PendingCreate::open`]) runs without the registry lock, then
+/// [`Registry::create_commit`] records it.
+pub struct PendingCreate {
+    spec: BackstoreSpec,
+    saved: SavedBackstore,
+    defaults: HandlerDefaults,
+}
+
+impl PendingCreate {
+    pub fn key(&self) -> &str {
+        &self.saved.key
+    }
+
+    /// Opens or makes the storage: cluster connects, preallocation and
+    /// progress reports happen here, with no lock held.
+    pub fn open(&self, progress: Progress) -> Result<Opened, BackendError> {
+        let mode = OpenMode::Create {
+            prealloc: self.saved.prealloc,
+            progress,
+        };
+        factory::open(&self.spec, mode, &self.defaults)
+    }
+}
+
+/// A delete that took the export out of the table and holds its key:
+/// waiting for closing connections runs without the registry lock.
+pub struct PendingDelete {
+    key: String,
+    export: Option<Arc<Export>>,
+}
+
+impl PendingDelete {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Waits a moment for connections that are going away; true once none is left.
+    pub fn wait_idle(&self) -> bool {
+        self.export
+            .as_ref()
+            .is_none_or(|x| x.stats.wait_idle(DELETE_GRACE))
+    }
+}
+
+/// Storage to remove after a delete was recorded (outside the lock).
+pub struct Removal {
+    saved: SavedBackstore,
+    defaults: HandlerDefaults,
+}
+
+impl Removal {
+    pub fn run(self) {
+        let key = self.saved.key.clone();
+        if let Err(e) = factory::remove(&self.saved, &self.defaults) {
+            tracing::warn!(backstore = %key, error = %e, "deleted, but its storage was not removed");
+        }
+    }
 }
 
 impl Registry {
@@ -82,6 +146,7 @@ impl Registry {
             statics,
             table,
             io,
+            busy: BTreeSet::new(),
         };
         for saved in cfg.after_restart().backstores {
             let key = saved.key.clone();
@@ -176,11 +241,21 @@ impl Registry {
         }
     }
 
+    /// Creates a backstore in one go (the three steps below, holding
+    /// `&mut self` throughout; the control server runs the middle step
+    /// without the lock).
     pub fn create(
         &mut self,
         req: CreateRequest,
         progress: Progress,
     ) -> Result<BackstoreInfo, CtlError> {
+        let pending = self.create_begin(req)?;
+        let opened = pending.open(progress);
+        self.create_commit(pending, opened)
+    }
+
+    /// Checks a create and reserves its key.
+    pub fn create_begin(&mut self, req: CreateRequest) -> Result<PendingCreate, CtlError> {
         if let Err(m) = factory::available(req.handler) {
             return fail(ErrorCode::Unsupported, m);
         }
@@ -194,6 +269,7 @@ impl Registry {
         if let Err(m) = spec.validate() {
             return fail(ErrorCode::InvalidArgument, m);
         }
+        self.check_not_busy(&req.key)?;
         if let Some(e) = self.entries.get(&req.key) {
             return fail(
                 ErrorCode::Exists,
@@ -212,31 +288,44 @@ impl Registry {
                 ),
             );
         }
-        let mut saved = SavedBackstore {
-            key: req.key.clone(),
-            handler: req.handler,
-            size: req.size,
-            state: State::Created,
-            device: None,
-            id: random_id(),
-            owned: false,
-            prealloc: req.prealloc,
-            options: req.options,
-        };
-        let mode = OpenMode::Create {
-            prealloc: req.prealloc,
-            progress,
-        };
-        let Opened { backend, created } = match factory::open(&spec, mode, &self.defaults) {
+        self.busy.insert(req.key.clone());
+        Ok(PendingCreate {
+            spec,
+            saved: SavedBackstore {
+                key: req.key,
+                handler: req.handler,
+                size: req.size,
+                state: State::Created,
+                device: None,
+                id: random_id(),
+                owned: false,
+                prealloc: req.prealloc,
+                options: req.options,
+            },
+            defaults: self.defaults.clone(),
+        })
+    }
+
+    /// Records a create whose storage work is done (or failed), and frees
+    /// its key. Storage it made is removed again if it cannot be recorded.
+    pub fn create_commit(
+        &mut self,
+        pending: PendingCreate,
+        opened: Result<Opened, BackendError>,
+    ) -> Result<BackstoreInfo, CtlError> {
+        let PendingCreate { mut saved, .. } = pending;
+        let key = saved.key.clone();
+        self.busy.remove(&key);
+        let Opened { backend, created } = match opened {
             Ok(v) => v,
             Err(e) => return fail(ErrorCode::Backend, e.to_string()),
         };
         saved.owned = created;
-        let export = match self.table.add(&saved.key, backend) {
+        let export = match self.table.add(&key, backend) {
             Ok(e) => e,
             Err(e) => return fail(ErrorCode::Exists, e.to_string()),
         };
-        let key = saved.key.clone();
+        let (handler, size) = (saved.handler, saved.size);
         self.entries.insert(
             key.clone(),
             Entry {
@@ -252,48 +341,111 @@ impl Registry {
             let _ = factory::remove(&entry.saved, &self.defaults);
             return Err(e);
         }
-        tracing::info!(backstore = %key, handler = %req.handler, size = req.size, "created");
+        tracing::info!(backstore = %key, %handler, size, "created");
         self.info(&key)
     }
 
-    pub fn delete(&mut self, handler: Handler, key: &str) -> Result<(), CtlError> {
-        let entry = self.entry(Some(handler), key)?;
-        if entry.saved.state != State::Created {
-            let dev = entry.saved.device.as_deref().unwrap_or("a device");
+    /// Frees a key whose create or delete never reached its commit; a
+    /// delete's export is served again.
+    pub fn release(&mut self, key: &str) {
+        self.busy.remove(key);
+        if let Some(x) = self.entries.get(key).and_then(|e| e.export.clone()) {
+            self.table.restore(x);
+        }
+    }
+
+    fn check_not_busy(&self, key: &str) -> Result<(), CtlError> {
+        if self.busy.contains(key) {
             return fail(
                 ErrorCode::WrongState,
-                format!("{key:?} is {} ({dev}); unmap it first", entry.saved.state),
+                format!("{key:?} is being created or deleted; try again shortly"),
             );
         }
-        // Out of the table first, so no new connection can reach it, then
-        // give connections that are going away a moment to finish.
-        if let Some(export) = entry.export.clone() {
+        Ok(())
+    }
+
+    /// Deletes a backstore in one go (see [`Registry::create`]).
+    pub fn delete(&mut self, handler: Handler, key: &str) -> Result<(), CtlError> {
+        let pending = self.delete_begin(handler, key)?;
+        let idle = pending.wait_idle();
+        self.delete_commit(pending, idle)?.run();
+        Ok(())
+    }
+
+    /// Checks a delete, reserves the key and takes the export out of the
+    /// table, so no new connection can reach it.
+    pub fn delete_begin(&mut self, handler: Handler, key: &str) -> Result<PendingDelete, CtlError> {
+        self.check_not_busy(key)?;
+        let entry = self.entry(Some(handler), key)?;
+        self.step(entry, Event::Delete)?;
+        let export = entry.export.clone();
+        if export.is_some() {
             self.table.remove(key);
-            if !export.stats.wait_idle(DELETE_GRACE) {
-                let clients = export.stats.connections();
-                self.table.restore(export);
-                return fail(
-                    ErrorCode::WrongState,
-                    format!("{key:?} has {clients} open NBD connection(s)"),
-                );
-            }
         }
-        let entry = self.entries.remove(key).expect("checked");
-        if let Err(e) = self.save() {
-            if let Some(export) = entry.export.clone() {
-                self.table.restore(export);
+        self.busy.insert(key.to_owned());
+        Ok(PendingDelete {
+            key: key.to_owned(),
+            export,
+        })
+    }
+
+    /// Records a delete once its connections are gone (`idle`), or puts
+    /// the export back and refuses; frees the key either way. The storage
+    /// is removed by the returned [`Removal`], outside the lock.
+    pub fn delete_commit(
+        &mut self,
+        pending: PendingDelete,
+        idle: bool,
+    ) -> Result<Removal, CtlError> {
+        let PendingDelete { key, export } = pending;
+        self.busy.remove(&key);
+        if !idle {
+            let clients = export.as_ref().map_or(0, |x| x.stats.connections());
+            if let Some(x) = export {
+                self.table.restore(x);
             }
-            self.entries.insert(key.to_owned(), entry);
+            return fail(
+                ErrorCode::WrongState,
+                format!("{key:?} has {clients} open NBD connection(s)"),
+            );
+        }
+        let entry = self.entries.remove(&key).expect("reserved keys stay");
+        if let Err(e) = self.save() {
+            if let Some(x) = export {
+                self.table.restore(x);
+            }
+            self.entries.insert(key, entry);
             return Err(e);
         }
-        // Close the storage before removing it (an open rbd image has a watcher).
-        let Entry { saved, export, .. } = entry;
-        drop(export);
-        if let Err(e) = factory::remove(&saved, &self.defaults) {
-            tracing::warn!(backstore = %key, error = %e, "deleted, but its storage was not removed");
-        }
         tracing::info!(backstore = %key, "deleted");
-        Ok(())
+        // The storage closes with the last handle, before it is removed
+        // (an open rbd image has a watcher).
+        Ok(Removal {
+            saved: entry.saved,
+            defaults: self.defaults.clone(),
+        })
+    }
+
+    /// What `event` does to an entry now, as the one state machine says.
+    fn step(&self, entry: &Entry, event: Event) -> Result<State, CtlError> {
+        let s = &entry.saved;
+        next(s.state, s.device.is_some(), event).map_err(|r| {
+            let (key, state) = (&s.key, s.state);
+            let device = s.device.as_deref().unwrap_or("a device");
+            let message = match r {
+                Refused::AlreadyMapped => format!("{key:?} is already mapped to {device}"),
+                Refused::Busy => format!("{key:?} is {state}; try again shortly"),
+                Refused::NotMapping => format!("{key:?} is {state}, not mapping"),
+                Refused::NotUnmapping => format!("{key:?} is {state}, not unmapping"),
+                Refused::NotMapped => format!("{key:?} is {state}, not mapped"),
+                Refused::StillMapped => format!("{key:?} is {state} ({device}); unmap it first"),
+                Refused::Static => format!("{key:?} is served from the runner's --export flag"),
+            };
+            CtlError {
+                code: ErrorCode::WrongState,
+                message,
+            }
+        })
     }
 
     /// Resizes a backstore's storage. Shrinking throws away what lies past
@@ -306,16 +458,12 @@ impl Registry {
         size: u64,
         shrink: bool,
     ) -> Result<(BackstoreInfo, String), CtlError> {
+        self.check_not_busy(key)?;
         let entry = self.entry(Some(handler), key)?;
         if size == 0 {
             return fail(ErrorCode::InvalidArgument, "size must be more than 0");
         }
-        if matches!(entry.saved.state, State::Mapping | State::Unmapping) {
-            return fail(
-                ErrorCode::WrongState,
-                format!("{key:?} is {}; try again shortly", entry.saved.state),
-            );
-        }
+        self.step(entry, Event::Resize)?;
         let Some(export) = entry.export.clone() else {
             let why = entry.error.clone().unwrap_or_default();
             return fail(ErrorCode::Backend, format!("{key:?} is not open: {why}"));
@@ -350,30 +498,13 @@ impl Registry {
     }
 
     pub fn map_begin(&mut self, handler: Handler, key: &str) -> Result<MapTarget, CtlError> {
+        self.check_not_busy(key)?;
         let entry = self.entry(Some(handler), key)?;
         let (state, device) = (entry.saved.state, entry.saved.device.clone());
         let stale = entry
             .mapping_since
             .is_some_and(|t| t.elapsed() > STALE_MAPPING);
-        match state {
-            State::Created | State::Dead => {}
-            State::Mapping if stale => {}
-            State::Mapped => {
-                return fail(
-                    ErrorCode::WrongState,
-                    format!(
-                        "{key:?} is already mapped to {}",
-                        device.as_deref().unwrap_or("?")
-                    ),
-                )
-            }
-            _ => {
-                return fail(
-                    ErrorCode::WrongState,
-                    format!("{key:?} is {state}; try again shortly"),
-                )
-            }
-        }
+        let to = self.step(entry, Event::MapBegin { stale })?;
         if entry.export.is_none() {
             let mut e = self.entries.remove(key).expect("checked");
             let ok = self.open(&mut e);
@@ -386,7 +517,7 @@ impl Registry {
                 );
             }
         }
-        self.transition(key, |s| s.state = State::Mapping)?;
+        self.transition(key, |s| s.state = to)?;
         let entry = self.entries.get_mut(key).expect("checked");
         entry.mapping_since = Some(Instant::now());
         Ok(MapTarget {
@@ -401,12 +532,7 @@ impl Registry {
 
     pub fn map_done(&mut self, key: &str, device: &str) -> Result<(), CtlError> {
         let entry = self.entry(None, key)?;
-        if entry.saved.state != State::Mapping {
-            return fail(
-                ErrorCode::WrongState,
-                format!("{key:?} is {}, not mapping", entry.saved.state),
-            );
-        }
+        let to = self.step(entry, Event::MapDone)?;
         if let Some(other) = self
             .entries
             .values()
@@ -419,7 +545,7 @@ impl Registry {
         }
         let device = device.to_owned();
         self.transition(key, |s| {
-            s.state = State::Mapped;
+            s.state = to;
             s.device = Some(device);
         })?;
         self.entries.get_mut(key).expect("checked").mapping_since = None;
@@ -429,17 +555,12 @@ impl Registry {
 
     pub fn map_abort(&mut self, key: &str, reason: &str) -> Result<(), CtlError> {
         let entry = self.entry(None, key)?;
-        if entry.saved.state != State::Mapping {
-            return Ok(());
+        let to = self.step(entry, Event::MapAbort)?;
+        if to == entry.saved.state {
+            return Ok(()); // nothing was being mapped
         }
         tracing::warn!(backstore = %key, %reason, "map failed");
-        self.transition(key, |s| {
-            s.state = if s.device.is_some() {
-                State::Dead
-            } else {
-                State::Created
-            }
-        })?;
+        self.transition(key, |s| s.state = to)?;
         self.entries.get_mut(key).expect("checked").mapping_since = None;
         Ok(())
     }
@@ -462,28 +583,19 @@ impl Registry {
         } else {
             target.to_owned()
         };
+        self.check_not_busy(&key)?;
         let entry = self.entry(Some(handler), &key)?;
-        if !entry.saved.state.has_device() {
-            return fail(
-                ErrorCode::WrongState,
-                format!("{key:?} is {}, not mapped", entry.saved.state),
-            );
-        }
-        self.transition(&key, |s| s.state = State::Unmapping)?;
+        let to = self.step(entry, Event::UnmapBegin)?;
+        self.transition(&key, |s| s.state = to)?;
         let device = self.entries[&key].saved.device.clone();
         Ok(UnmapTarget { key, device })
     }
 
     pub fn unmap_done(&mut self, key: &str) -> Result<(), CtlError> {
         let entry = self.entry(None, key)?;
-        if entry.saved.state != State::Unmapping {
-            return fail(
-                ErrorCode::WrongState,
-                format!("{key:?} is {}, not unmapping", entry.saved.state),
-            );
-        }
+        let to = self.step(entry, Event::UnmapDone)?;
         self.transition(key, |s| {
-            s.state = State::Created;
+            s.state = to;
             s.device = None;
         })?;
         tracing::info!(backstore = %key, "unmapped");
@@ -515,7 +627,10 @@ impl Registry {
             .collect();
         for key in dead {
             tracing::warn!(backstore = %key, "all IO connections dropped while mapped; now dead");
-            if let Err(e) = self.transition(&key, |s| s.state = State::Dead) {
+            let Ok(to) = self.step(&self.entries[&key], Event::IoLost) else {
+                continue;
+            };
+            if let Err(e) = self.transition(&key, |s| s.state = to) {
                 tracing::error!(error = %e, "cannot record dead backstore");
             }
         }
@@ -703,6 +818,78 @@ mod tests {
         // Never saved: the flag brings it back, not the state file.
         let saved = std::fs::read_to_string(dir.path().join("saveconfig.json")).unwrap();
         assert!(!saved.contains("boot"), "{saved}");
+    }
+
+    fn mem_request(key: &str) -> CreateRequest {
+        CreateRequest {
+            handler: Handler::Mem,
+            key: key.into(),
+            size: 4096,
+            prealloc: false,
+            options: BTreeMap::new(),
+        }
+    }
+
+    /// While a create or delete does its storage work (no lock held in the
+    /// server), its key is reserved: other requests for it wait, the rest
+    /// of the registry answers, and a failed or dropped one frees the key.
+    #[test]
+    fn reserved_keys_during_storage_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reg = registry(dir.path());
+        let pending = reg.create_begin(mem_request("slow")).unwrap();
+        let busy = reg.create_begin(mem_request("slow")).err().unwrap();
+        assert!(
+            busy.message.contains("being created or deleted"),
+            "{}",
+            busy.message
+        );
+        assert!(reg.map_begin(Handler::Mem, "slow").is_err());
+        // Others go on meanwhile.
+        create(&mut reg, Handler::Mem, "other", 4096).unwrap();
+        assert_eq!(
+            reg.list(None, ListFilter::All).len(),
+            1,
+            "slow is not listed yet"
+        );
+        let opened = pending.open(&mut |_, _| {});
+        reg.create_commit(pending, opened).unwrap();
+        assert_eq!(state(&reg, "slow"), State::Created);
+
+        // A failed storage step frees the key and records nothing.
+        let pending = reg.create_begin(mem_request("fails")).unwrap();
+        let e = reg
+            .create_commit(pending, Err(BackendError::Config("cluster down".into())))
+            .err()
+            .unwrap();
+        assert!(e.message.contains("cluster down"));
+        assert!(reg.info("fails").is_err());
+        create(&mut reg, Handler::Mem, "fails", 4096).unwrap();
+
+        // A delete takes the export out of the table before it waits...
+        let pending = reg.delete_begin(Handler::Mem, "slow").unwrap();
+        assert!(reg.table.get("slow").is_none());
+        assert!(reg
+            .map_begin(Handler::Mem, "slow")
+            .err()
+            .unwrap()
+            .message
+            .contains("being"));
+        // ...and puts it back if connections stayed.
+        let e = reg.delete_commit(pending, false).err().unwrap();
+        assert!(e.message.contains("open NBD connection"), "{}", e.message);
+        assert!(reg.table.get("slow").is_some());
+        assert_eq!(state(&reg, "slow"), State::Created);
+        // A reservation dropped without its commit is released.
+        let pending = reg.delete_begin(Handler::Mem, "slow").unwrap();
+        let key = pending.key().to_owned();
+        drop(pending);
+        reg.release(&key);
+        assert!(reg.table.get("slow").is_some(), "served again");
+        if let Err(e) = reg.delete(Handler::Mem, "slow") {
+            panic!("{}", e.message);
+        }
+        assert!(reg.info("slow").is_err());
     }
 
     fn create(

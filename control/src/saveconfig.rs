@@ -93,11 +93,8 @@ impl SaveConfig {
     /// server, so it is dead until reattached; an unfinished map never happened.
     pub fn after_restart(mut self) -> Self {
         for b in &mut self.backstores {
-            b.state = match (b.state, &b.device) {
-                (State::Created, _) => State::Created,
-                (_, Some(_)) => State::Dead,
-                (_, None) => State::Created,
-            };
+            b.state = crate::model::next(b.state, b.device.is_some(), crate::model::Event::Restart)
+                .unwrap_or(State::Created);
         }
         self
     }

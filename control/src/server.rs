@@ -251,16 +251,74 @@ fn token_ok(want: Option<&str>, got: Option<&str>) -> bool {
     diff == 0
 }
 
+/// Holds a key reserved by a create or delete until its commit; frees it
+/// if the request ends any other way (mini-redis's drop guards).
+struct Reserved<'a> {
+    registry: &'a Mutex<Registry>,
+    key: Option<String>,
+}
+
+impl<'a> Reserved<'a> {
+    /// The lock again, for the commit, which frees the key itself.
+    fn commit(mut self) -> std::sync::MutexGuard<'a, Registry> {
+        self.key = None;
+        lock(self.registry)
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            lock(self.registry).release(&key);
+        }
+    }
+}
+
 /// Answers one request; `progress` streams Progress frames for long ones.
+/// Create and delete check and reserve under the registry lock, do their
+/// storage work (cluster connects, preallocation, progress writes, waiting
+/// for closing connections) without it, and commit under it again, so one
+/// slow create never stalls other nbd-cli calls.
 fn dispatch(
     registry: &Mutex<Registry>,
     request: Request,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Response {
-    let mut reg = lock(registry);
+    let reserve = |key: &str| Reserved {
+        registry,
+        key: Some(key.to_owned()),
+    };
+    // Each lock() below is its own statement: a guard kept alive to the end
+    // of a longer expression would still be held at the commit.
     let result: Result<Response, CtlError> = match request {
-        Request::Create(req) => reg.create(req, progress).map(Response::Backstore),
-        Request::Delete { handler, key } => reg.delete(handler, &key).map(|()| Response::Done),
+        Request::Create(req) => {
+            let begun = lock(registry).create_begin(req);
+            begun.and_then(|pending| {
+                let held = reserve(pending.key());
+                let opened = pending.open(progress);
+                let mut reg = held.commit();
+                reg.create_commit(pending, opened).map(Response::Backstore)
+            })
+        }
+        Request::Delete { handler, key } => {
+            let begun = lock(registry).delete_begin(handler, &key);
+            begun.and_then(|pending| {
+                let held = reserve(pending.key());
+                let idle = pending.wait_idle();
+                let removal = held.commit().delete_commit(pending, idle)?;
+                removal.run();
+                Ok(Response::Done)
+            })
+        }
+        other => dispatch_locked(&mut lock(registry), other),
+    };
+    result.unwrap_or_else(|e| error(e.code, e.message))
+}
+
+/// Every other request: quick, under the lock.
+fn dispatch_locked(reg: &mut Registry, request: Request) -> Result<Response, CtlError> {
+    match request {
+        Request::Create(_) | Request::Delete { .. } => unreachable!("dispatched above"),
         Request::MapBegin { handler, key } => reg.map_begin(handler, &key).map(Response::Map),
         Request::MapDone { key, device } => reg.map_done(&key, &device).map(|()| Response::Done),
         Request::MapAbort { key, reason } => reg.map_abort(&key, &reason).map(|()| Response::Done),
@@ -279,8 +337,7 @@ fn dispatch(
         } => reg
             .resize(handler, &key, size, shrink)
             .map(|(info, cookie)| Response::Resized { info, cookie }),
-    };
-    result.unwrap_or_else(|e| error(e.code, e.message))
+    }
 }
 
 #[cfg(test)]
