@@ -134,6 +134,28 @@ fn delete_right_after_a_client_leaves_succeeds() {
     cli_ok(&r, &["mem", "delete", "held"]);
 }
 
+/// Backstores named like the grammar's keywords work end to end: the
+/// seed's keywords count only after the KEY.
+#[test]
+fn backstores_named_like_keywords() {
+    let r = Runner::start_with(&["--threads", "1"]);
+    for key in ["size", "host", "json", "prealloc"] {
+        cli_ok(&r, &["mem", "create", key, "size", "1M"]);
+        let info = json(&cli_ok(&r, &["mem", "info", key, "--json"]));
+        assert_eq!(
+            (info["key"].as_str(), info["size"].as_u64()),
+            (Some(key), Some(1 << 20))
+        );
+        assert_healthy(&r.addr, key);
+    }
+    // `host H` after the KEY still names the runner (here: the same one).
+    cli_ok(&r, &["mem", "delete", "host", "host", &r.rpc]);
+    for key in ["size", "json", "prealloc"] {
+        cli_ok(&r, &["mem", "delete", key]);
+    }
+    assert!(cli_ok(&r, &["list"]).contains("no backstores"));
+}
+
 #[test]
 fn kill_9_and_restart_brings_every_backstore_back() {
     let dir = scratch();

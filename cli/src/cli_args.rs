@@ -78,30 +78,100 @@ pub struct Invocation {
     pub command: Command,
 }
 
-/// Words after the command, with options pulled out as they are found.
+/// Flags that take a value (`--NAME VALUE` or `--NAME=VALUE`), anywhere.
+const VALUE_FLAGS: [&str; 8] = [
+    "host",
+    "token-file",
+    "size",
+    "option",
+    "server",
+    "timeout",
+    "connections",
+    "device",
+];
+/// Flags that stand alone, anywhere.
+const SWITCHES: [&str; 6] = [
+    "json",
+    "prealloc",
+    "readonly",
+    "allow-shrink",
+    "help",
+    "version",
+];
+
+/// The arguments: `--flag` forms pulled out wherever they are, and the bare
+/// words in order. Bare keywords (`size 1G`, `host H`, `readonly`) count
+/// only where the seed grammar puts them, after a command's KEY, so a
+/// backstore may be named `size` or `host`.
 struct Words {
     rest: Vec<String>,
+    flags: Vec<(String, Option<String>)>,
+    /// Past the positionals: bare keywords are recognized from here on.
+    tail: bool,
     global: Global,
 }
 
 impl Words {
-    /// Removes `keyword VALUE` or `--keyword VALUE` / `--keyword=VALUE`; the last wins.
+    fn new(args: &[String]) -> Result<Words, String> {
+        let mut w = Words {
+            rest: Vec::new(),
+            flags: Vec::new(),
+            tail: false,
+            global: Global::default(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let short = match a.as_str() {
+                "-h" => Some("help"),
+                "-V" => Some("version"),
+                _ => None,
+            };
+            let Some(flag) = a.strip_prefix("--").or(short) else {
+                w.rest.push(a.clone());
+                continue;
+            };
+            let (name, inline) = match flag.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (flag, None),
+            };
+            if VALUE_FLAGS.contains(&name) {
+                let value = match inline {
+                    Some(v) => v,
+                    None => it.next().cloned().ok_or(format!("{name} needs a value"))?,
+                };
+                w.flags.push((name.to_owned(), Some(value)));
+            } else if SWITCHES.contains(&name) && inline.is_none() {
+                w.flags.push((name.to_owned(), None));
+            } else {
+                w.rest.push(a.clone()); // refused where it stands
+            }
+        }
+        Ok(w)
+    }
+
+    /// From here on bare keywords count (the positionals are taken).
+    fn keywords(&mut self) {
+        self.tail = true;
+    }
+
+    /// The value of `--name` or (in the tail) `name VALUE`; the last wins.
     fn value(&mut self, name: &str) -> Result<Option<String>, String> {
         Ok(self.values(name)?.pop())
     }
 
-    /// Removes every `keyword VALUE` or `--keyword VALUE` / `--keyword=VALUE`.
+    /// Every value of `--name` and (in the tail) `name VALUE`, in order.
     fn values(&mut self, name: &str) -> Result<Vec<String>, String> {
-        let flag = format!("--{name}");
-        let prefix = format!("--{name}=");
-        let mut found = Vec::new();
+        let mut found: Vec<String> = Vec::new();
+        self.flags.retain(|(n, v)| {
+            let hit = n == name && v.is_some();
+            if hit {
+                found.push(v.clone().unwrap_or_default());
+            }
+            !hit
+        });
         let mut i = 0;
-        while i < self.rest.len() {
-            let w = &self.rest[i];
-            if let Some(v) = w.strip_prefix(&prefix) {
-                found.push(v.to_owned());
-                self.rest.remove(i);
-            } else if *w == name || *w == flag {
+        while self.tail && i < self.rest.len() {
+            if self.rest[i] == name {
                 if i + 1 >= self.rest.len() {
                     return Err(format!("{name} needs a value"));
                 }
@@ -114,14 +184,17 @@ impl Words {
         Ok(found)
     }
 
-    /// Removes a bare `keyword` or `--keyword`.
+    /// `--name` or (in the tail) a bare `name`.
     fn switch(&mut self, name: &str) -> bool {
-        let flag = format!("--{name}");
-        let before = self.rest.len();
-        self.rest.retain(|w| *w != name && *w != flag);
-        self.rest.len() != before
+        let before = self.flags.len() + self.rest.len();
+        self.flags.retain(|(n, v)| !(n == name && v.is_none()));
+        if self.tail {
+            self.rest.retain(|w| w != name);
+        }
+        self.flags.len() + self.rest.len() != before
     }
 
+    /// The next bare word, whatever it is: a KEY may be named like a keyword.
     fn positional(&mut self, what: &str) -> Result<String, String> {
         if self.rest.is_empty() {
             return Err(format!("missing {what}"));
@@ -133,7 +206,16 @@ impl Words {
         Ok(w)
     }
 
-    fn done(self) -> Result<Global, String> {
+    fn done(mut self) -> Result<Global, String> {
+        // `host H` and `json` close the seed's lines.
+        self.keywords();
+        if let Some(h) = self.value("host")? {
+            self.global.host = Some(h);
+        }
+        self.global.json |= self.switch("json");
+        if let Some((name, _)) = self.flags.first() {
+            return Err(format!("--{name} does not apply here"));
+        }
         match self.rest.first() {
             Some(w) => Err(format!("unexpected argument {w:?}")),
             None => Ok(self.global),
@@ -151,21 +233,18 @@ fn number<T: std::str::FromStr>(what: &str, v: Option<String>) -> Result<Option<
 
 /// Parses everything after the program name.
 pub fn parse(args: &[String]) -> Result<Invocation, String> {
-    let mut words = Words {
-        rest: args.to_vec(),
-        global: Global::default(),
-    };
+    let mut words = Words::new(args)?;
     words.global.host = words.value("host")?;
     words.global.token_file = words.value("token-file")?.map(PathBuf::from);
     words.global.json = words.switch("json");
-    if words.switch("--help") || words.switch("-h") {
+    if words.switch("help") {
         let handler = words.rest.first().and_then(|w| w.parse().ok());
         return Ok(Invocation {
             global: words.global,
             command: Command::Help(handler),
         });
     }
-    if words.switch("--version") || words.switch("-V") {
+    if words.switch("version") {
         words.rest.insert(0, "version".into());
     }
     let first = words.positional("a command (try: nbd-cli help)")?;
@@ -191,9 +270,10 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
 }
 
 fn list(words: &mut Words, handler: Option<Handler>) -> Result<Command, String> {
-    let filter = match words.rest.first() {
-        Some(w) if !w.starts_with("--") => words.rest.remove(0).parse()?,
-        _ => ListFilter::All,
+    // The filter is optional: `list host H` lists all.
+    let filter = match words.rest.first().map(String::as_str) {
+        None | Some("host" | "json") => ListFilter::All,
+        Some(_) => words.rest.remove(0).parse()?,
     };
     Ok(Command::List { handler, filter })
 }
@@ -205,6 +285,8 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
     Ok(match verb.as_str() {
         "help" => Command::Help(Some(handler)),
         "create" => {
+            let key = words.positional("KEY")?;
+            words.keywords();
             let size = words.value("size")?;
             let prealloc = words.switch("prealloc");
             let mut options = BTreeMap::new();
@@ -221,7 +303,6 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
                     options.insert("server".into(), server);
                 }
             }
-            let key = words.positional("KEY")?;
             let size = size.ok_or("create needs size SIZE (e.g. size 10G)")?;
             Command::Create {
                 handler,
@@ -232,9 +313,10 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
             }
         }
         "resize" => {
+            let key = words.positional("KEY")?;
+            words.keywords();
             let size = words.value("size")?;
             let shrink = words.switch("allow-shrink");
-            let key = words.positional("KEY")?;
             let size = size.ok_or("resize needs size SIZE (e.g. size 20G)")?;
             Command::Resize {
                 handler,
@@ -248,16 +330,20 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
             key: words.positional("KEY")?,
         },
         "map" => {
+            let key = words.positional("KEY")?;
+            let mut device = match words.rest.first() {
+                Some(w) if w.starts_with("/dev/") => Some(words.rest.remove(0)),
+                _ => None,
+            };
+            words.keywords();
             let timeout = number("timeout", words.value("timeout")?)?;
             let connections = number("connections", words.value("connections")?)?;
             if connections == Some(0) {
                 return Err("connections must be at least 1".into());
             }
             let readonly = words.switch("readonly");
-            let mut device = words.value("device")?;
-            let key = words.positional("KEY")?;
-            if device.is_none() && words.rest.first().is_some_and(|w| w.starts_with("/dev/")) {
-                device = Some(words.rest.remove(0));
+            if let Some(d) = words.value("device")? {
+                device = Some(d);
             }
             if let Some(d) = &device {
                 if crate::kernel::netlink::parse_device(d).is_none() {
@@ -445,6 +531,45 @@ mod tests {
         );
     }
 
+    /// Keywords count only where the seed grammar puts them: a backstore
+    /// may be named like one.
+    #[test]
+    fn keys_named_like_keywords() {
+        assert!(matches!(
+            cmd("mem create size size 1M"),
+            Command::Create { ref key, size: 1048576, .. } if key == "size"
+        ));
+        let inv = p("mem create host size 1M host 127.0.0.1:9").unwrap();
+        assert!(matches!(inv.command, Command::Create { ref key, .. } if key == "host"));
+        assert_eq!(inv.global.host.as_deref(), Some("127.0.0.1:9"));
+        assert_eq!(
+            cmd("mem delete json"),
+            Command::Delete {
+                handler: Handler::Mem,
+                key: "json".into()
+            }
+        );
+        assert!(
+            matches!(cmd("mem map readonly readonly"), Command::Map { ref key, readonly: true, .. } if key == "readonly")
+        );
+        assert!(matches!(
+            cmd("gluster create vol/host size 1M server host:24007"),
+            Command::Create { ref key, ref options, .. }
+                if key == "vol/host" && options["server"] == "host:24007"
+        ));
+        assert!(matches!(cmd("info size"), Command::Info { ref key } if key == "size"));
+        // `list host H`: the filter is optional.
+        let inv = p("mem list host h:1").unwrap();
+        assert_eq!(inv.global.host.as_deref(), Some("h:1"));
+        assert!(matches!(
+            inv.command,
+            Command::List {
+                filter: ListFilter::All,
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn mistakes_get_one_line_reasons() {
         for (input, want) in [
@@ -452,7 +577,14 @@ mod tests {
             ("nfs create x size 1G", "unknown handler"),
             ("mem create disk0", "needs size"),
             ("mem create disk0 size 12Q", "invalid size"),
-            ("mem create size 1G", "missing KEY"),
+            ("mem create size 1G", "needs size"),
+            ("mem create", "missing KEY"),
+            (
+                "mem create a size 1M --bogus",
+                "unexpected argument \"--bogus\"",
+            ),
+            ("mem delete a --size 1M", "--size does not apply"),
+            ("host 127.0.0.1:1 mem list", "unknown handler \"host\""),
             ("mem map disk0 connections 0", "at least 1"),
             ("mem map disk0 timeout soon", "positive number"),
             ("mem map disk0 /dev/sda", "bad device"),
