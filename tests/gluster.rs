@@ -374,7 +374,7 @@ fn export_flag_serves_a_gluster_file() {
     qemu_io(
         &runner.uri(&key),
         &[
-            "read -P 0xab 1M 1M",
+            "read -P 0 1M 1M", // zeroed by the patterns
             "read -P 0xcd 3M 64k",
             "read -P 0x5a 5000 3000",
         ],

@@ -8,7 +8,7 @@ mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use glommio::LocalExecutorBuilder;
-use nbd_engine::completion::{completion, Completer};
+use nbd_engine::backend::completion::{completion, Completer};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

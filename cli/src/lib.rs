@@ -5,5 +5,3 @@ pub mod cli_output;
 pub mod kernel;
 pub mod map;
 pub mod runner_args;
-pub mod runner_control;
-pub mod token;

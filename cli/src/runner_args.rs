@@ -100,6 +100,17 @@ pub struct RunnerArgs {
 
 impl RunnerArgs {
     /// Runner-wide handler settings (`HANDLER.NAME` = value) from the flags.
+    /// What the control plane's bootstrap needs from the flags.
+    pub fn daemon_config(&self) -> nbd_control::daemon::DaemonConfig {
+        nbd_control::daemon::DaemonConfig {
+            state_dir: self.state_dir.clone(),
+            rpchost: self.rpchost,
+            rpcport: self.rpcport,
+            token_file: self.token_file.clone(),
+            defaults: self.handler_defaults(),
+        }
+    }
+
     pub fn handler_defaults(&self) -> nbd_control::factory::HandlerDefaults {
         let mut d = nbd_control::factory::HandlerDefaults::default();
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());

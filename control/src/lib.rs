@@ -3,9 +3,11 @@
 //! persistence, the server the runner embeds, and the client nbd-cli uses.
 
 pub mod client;
+pub mod daemon;
 pub mod factory;
 pub mod model;
 pub mod registry;
 pub mod saveconfig;
 pub mod server;
+pub mod token;
 pub mod wire;

@@ -2,7 +2,6 @@
 //! its backends, and the thread-per-core glommio engine that joins them.
 
 pub mod backend;
-pub mod completion;
 pub mod export;
 pub mod hostport;
 pub mod protocol;

@@ -3,9 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use nbd_cli::cli_args::{self, Command, Global, Invocation};
-use nbd_cli::{cli_output, map, token};
+use nbd_cli::{cli_output, map};
 use nbd_control::client::{Client, Endpoint};
 use nbd_control::model::{Handler, State};
+use nbd_control::token;
 use nbd_control::wire::{CreateRequest, Request, Response};
 use serde::Serialize;
 use std::io::{IsTerminal, Write};

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use nbd_cli::runner_args::{normalize, RunnerArgs};
-use nbd_cli::runner_control;
+use nbd_control::daemon;
 use nbd_engine::export::ExportTable;
 use nbd_engine::server::{self, EngineConfig, Limits, Shutdown};
 use std::io::{IsTerminal, Write};
@@ -68,7 +68,13 @@ fn run() -> Result<()> {
 
     let listener = server::bind(args.io_addr())?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let control = runner_control::start(&args, table.clone(), addr, threads, shutdown.flag())?;
+    let control = daemon::start(
+        &args.daemon_config(),
+        table.clone(),
+        addr,
+        threads,
+        shutdown.flag(),
+    )?;
     let rpc = control.tcp_addr;
     let cpus = shard_cpus
         .as_ref()

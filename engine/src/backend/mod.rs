@@ -8,6 +8,7 @@
 
 #[cfg(feature = "ceph")]
 pub mod ceph;
+pub mod completion;
 pub mod file;
 #[cfg(feature = "gluster")]
 pub mod gluster;

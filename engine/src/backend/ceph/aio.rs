@@ -8,8 +8,8 @@
 //! still reading or writing.
 
 use super::rados::Image;
+use crate::backend::completion::CallbackContext;
 use crate::backend::BackendError;
-use crate::completion::{completion, Completer};
 use rbd_sys::*;
 use std::os::raw::{c_int, c_void};
 use std::ptr;
@@ -21,20 +21,16 @@ pub struct AioDone {
     pub buf: Vec<u8>,
 }
 
-struct Ctx {
-    completer: Completer<AioDone>,
-    buf: Vec<u8>,
-}
+/// What librbd may touch until it calls back: the data buffer.
+type Ctx = CallbackContext<Vec<u8>, AioDone>;
 
 unsafe extern "C" fn on_complete(c: rbd_completion_t, arg: *mut c_void) {
     // SAFETY: `c` is the completion we created; releasing it in its own
-    // callback is allowed. `arg` is the Ctx leaked in `submit`, and librbd
+    // callback is allowed. `arg` is the context of `submit`, and librbd
     // calls back exactly once.
     let ret = unsafe { rbd_aio_get_return_value(c) };
     unsafe { rbd_aio_release(c) };
-    let ctx = unsafe { Box::from_raw(arg.cast::<Ctx>()) };
-    let Ctx { completer, buf } = *ctx;
-    completer.complete(AioDone { ret, buf });
+    unsafe { Ctx::complete(arg, |buf| AioDone { ret, buf }) };
 }
 
 fn errno_error(context: &'static str, errno: isize) -> BackendError {
@@ -52,29 +48,24 @@ async fn submit(
     buf: Vec<u8>,
     issue: impl FnOnce(rbd_image_t, rbd_completion_t, *mut u8) -> c_int,
 ) -> Result<AioDone, BackendError> {
-    let (done, completer) = completion::<AioDone>().map_err(|e| BackendError::io(context, e))?;
-    let ctx = Box::into_raw(Box::new(Ctx { completer, buf }));
+    let mut ctx = Ctx::new(buf).map_err(|(e, _)| BackendError::io(context, e))?;
     let mut c = ptr::null_mut();
-    // SAFETY: out-pointer to a local; ctx stays valid until the callback.
-    let r = unsafe { rbd_aio_create_completion(ctx.cast(), Some(on_complete), &mut c) };
+    // SAFETY: out-pointer to a local; the context stays valid until the callback.
+    let r = unsafe { rbd_aio_create_completion(ctx.arg(), Some(on_complete), &mut c) };
     if r < 0 {
-        // SAFETY: librbd never saw ctx.
-        drop(unsafe { Box::from_raw(ctx) });
+        drop(ctx.refused());
         return Err(errno_error(context, r as isize));
     }
-    // SAFETY: ctx is live; the Vec's heap storage does not move when the box does.
-    let data = unsafe { (*ctx).buf.as_mut_ptr() };
+    let data = ctx.keep_mut().as_mut_ptr();
     let r = issue(image.raw(), c, data);
     if r < 0 {
         // Refused at submission: no callback will come, so we clean up.
-        // SAFETY: the completion and ctx are ours alone again.
-        unsafe {
-            rbd_aio_release(c);
-            drop(Box::from_raw(ctx));
-        }
+        // SAFETY: the completion is ours alone again.
+        unsafe { rbd_aio_release(c) };
+        drop(ctx.refused());
         return Err(errno_error(context, r as isize));
     }
-    let out = done.await;
+    let out = ctx.submitted().await;
     if out.ret < 0 {
         return Err(errno_error(context, out.ret));
     }

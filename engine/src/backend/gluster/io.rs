@@ -8,8 +8,8 @@
 //! request future dropped mid-flight never frees memory gfapi still uses.
 
 use super::volume::Fd;
+use crate::backend::completion::CallbackContext;
 use crate::backend::{BackendError, DATA, HOLE};
-use crate::completion::{completion, Completer};
 use crate::protocol::Extent;
 use gfapi_sys as ffi;
 use std::io;
@@ -53,12 +53,9 @@ struct Done {
     buf: Option<Vec<u8>>,
 }
 
-struct Ctx {
-    done: Completer<Done>,
-    buf: Option<Vec<u8>>,
-    /// Keeps the fd open until gfapi is done with it.
-    _fd: Arc<Fd>,
-}
+/// What gfapi may touch until it calls back: the buffer, and the fd
+/// (kept open until gfapi is done with it).
+type Ctx = CallbackContext<(Option<Vec<u8>>, Arc<Fd>), Done>;
 
 unsafe extern "C" fn on_complete(
     _fd: *mut ffi::glfs_fd_t,
@@ -75,10 +72,8 @@ unsafe extern "C" fn on_complete(
     } else {
         0
     };
-    // SAFETY: `data` is the Box::into_raw of `submit`, handed back exactly once.
-    let ctx = unsafe { Box::from_raw(data.cast::<Ctx>()) };
-    let Ctx { done, buf, _fd } = *ctx;
-    done.complete(Done { ret, errno, buf });
+    // SAFETY: `data` is the context of `submit`, handed back exactly once.
+    unsafe { Ctx::complete(data, |(buf, _fd)| Done { ret, errno, buf }) };
 }
 
 /// Errors that mean "the volume is (re)connecting": retried, not returned.
@@ -88,9 +83,12 @@ fn transient(errno: i32) -> bool {
 
 /// One async call; resolves on the calling shard.
 async fn submit(fd: &Arc<Fd>, op: Op, mut buf: Option<Vec<u8>>) -> Done {
-    let (wait, done) = match completion::<Done>() {
-        Ok(pair) => pair,
-        Err(e) => {
+    let base = buf
+        .as_mut()
+        .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+    let ctx = match Ctx::new((buf, fd.clone())) {
+        Ok(ctx) => ctx,
+        Err((e, (buf, _))) => {
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
             return Done {
                 ret: -1,
@@ -99,16 +97,7 @@ async fn submit(fd: &Arc<Fd>, op: Op, mut buf: Option<Vec<u8>>) -> Done {
             };
         }
     };
-    // The Vec's heap block does not move when the Vec moves into the box.
-    let base = buf
-        .as_mut()
-        .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
-    let ctx = Box::into_raw(Box::new(Ctx {
-        done,
-        buf,
-        _fd: fd.clone(),
-    }));
-    let (f, cb, data) = (fd.raw(), Some(on_complete as _), ctx.cast());
+    let (f, cb, data) = (fd.raw(), Some(on_complete as _), ctx.arg());
     // SAFETY: the fd is open (ctx holds it); buffer ranges lie within the
     // Vec's allocation (reads: capacity, writes: length), which ctx owns
     // until the callback; gfapi calls `cb` exactly once iff it returns 0.
@@ -140,15 +129,14 @@ async fn submit(fd: &Arc<Fd>, op: Op, mut buf: Option<Vec<u8>>) -> Done {
             .raw_os_error()
             .unwrap_or(libc::EIO);
         // Not submitted, so no callback: the context is ours again.
-        // SAFETY: ctx came from Box::into_raw above and gfapi did not take it.
-        let ctx = unsafe { Box::from_raw(ctx) };
+        let (buf, _fd) = ctx.refused();
         return Done {
             ret: -1,
             errno,
-            buf: ctx.buf,
+            buf,
         };
     }
-    wait.await
+    ctx.submitted().await
 }
 
 /// Waits between attempts while the volume is unreachable.

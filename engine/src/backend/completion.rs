@@ -166,6 +166,70 @@ impl<T> Future for Completion<T> {
     }
 }
 
+/// A request handed to a C library that calls back on its own thread:
+/// the [`Completer`] and everything the library may still touch (buffers,
+/// handles) are boxed together and passed as the callback's argument, so
+/// they live until the callback, even when the awaiting future is gone.
+/// gfapi and librbd both use it.
+pub struct CallbackContext<K, T> {
+    raw: *mut Boxed<K, T>,
+    done: Completion<T>,
+}
+
+struct Boxed<K, T> {
+    completer: Completer<T>,
+    keep: K,
+}
+
+impl<K: Send + 'static, T: Send + 'static> CallbackContext<K, T> {
+    /// Boxes `keep` with a new completer; on failure `keep` comes back.
+    pub fn new(keep: K) -> Result<Self, (std::io::Error, K)> {
+        let (done, completer) = match completion::<T>() {
+            Ok(pair) => pair,
+            Err(e) => return Err((e, keep)),
+        };
+        let raw = Box::into_raw(Box::new(Boxed { completer, keep }));
+        Ok(CallbackContext { raw, done })
+    }
+
+    /// The argument to give the C call.
+    pub fn arg(&self) -> *mut std::ffi::c_void {
+        self.raw.cast()
+    }
+
+    /// What the context keeps, e.g. to point the C call at a buffer
+    /// (a `Vec`'s heap block does not move with the box).
+    pub fn keep_mut(&mut self) -> &mut K {
+        // SAFETY: nothing else touches the box before the call is made.
+        unsafe { &mut (*self.raw).keep }
+    }
+
+    /// The call was refused, so no callback will come: the context is
+    /// ours again.
+    pub fn refused(self) -> K {
+        // SAFETY: the library never took the pointer.
+        unsafe { Box::from_raw(self.raw) }.keep
+    }
+
+    /// The call was made: waits on the shard for its callback.
+    pub async fn submitted(self) -> T {
+        self.done.await
+    }
+
+    /// In the callback: takes the context back and completes the request
+    /// with `finish(kept)`.
+    ///
+    /// # Safety
+    /// `arg` is [`arg`](Self::arg) of a context whose call was submitted,
+    /// and the library calls back exactly once.
+    pub unsafe fn complete(arg: *mut std::ffi::c_void, finish: impl FnOnce(K) -> T) {
+        // SAFETY: per the contract, this is the box `new` leaked, once.
+        let b = unsafe { Box::from_raw(arg.cast::<Boxed<K, T>>()) };
+        let Boxed { completer, keep } = *b;
+        completer.complete(finish(keep));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +284,45 @@ mod tests {
                 let (done, completer) = completion::<u32>().unwrap();
                 std::thread::spawn(move || completer.complete(7));
                 assert_eq!(done.await, 7);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// A stand-in C library: it writes into the kept buffer on its own
+    /// thread and calls back with the pointer it was given.
+    fn fake_c_call(arg: usize, fill: u8) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let arg = arg as *mut std::ffi::c_void;
+            // SAFETY: the test submits each context once.
+            unsafe {
+                CallbackContext::<Vec<u8>, Vec<u8>>::complete(arg, |mut buf| {
+                    buf.fill(fill);
+                    buf
+                })
+            };
+        })
+    }
+
+    #[test]
+    fn callback_contexts_keep_buffers_alive_and_come_back_when_refused() {
+        LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let mut ctx = CallbackContext::<Vec<u8>, Vec<u8>>::new(vec![0; 4096]).unwrap();
+                assert_eq!(ctx.keep_mut().len(), 4096);
+                let t = fake_c_call(ctx.arg() as usize, 7);
+                assert_eq!(ctx.submitted().await, vec![7; 4096]);
+                t.join().unwrap();
+                // A cancelled request: the future goes, the buffer stays
+                // the library's until its callback.
+                let ctx = CallbackContext::<Vec<u8>, Vec<u8>>::new(vec![0; 1 << 20]).unwrap();
+                let t = fake_c_call(ctx.arg() as usize, 9);
+                drop(ctx.submitted());
+                t.join().unwrap();
+                // Refused at submission: the kept value comes back.
+                let ctx = CallbackContext::<Vec<u8>, Vec<u8>>::new(vec![5; 8]).unwrap();
+                assert_eq!(ctx.refused(), vec![5; 8]);
             })
             .unwrap()
             .join()

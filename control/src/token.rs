@@ -2,34 +2,56 @@
 //! owner. The runner creates one when it listens beyond loopback; nbd-cli
 //! presents it.
 
-use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
 
 pub const FILE_NAME: &str = "token";
 
-/// Reads a token, refusing a file others can read.
-pub fn read(path: &Path) -> Result<String> {
-    let meta = std::fs::metadata(path).with_context(|| format!("token file {}", path.display()))?;
-    if meta.mode() & 0o077 != 0 {
-        bail!(
-            "token file {} is accessible by others (mode {:o}); run chmod 600 on it",
-            path.display(),
-            meta.mode() & 0o777
-        );
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error("token file {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token file {} is accessible by others (mode {mode:o}); run chmod 600 on it", path.display())]
+    TooOpen { path: PathBuf, mode: u32 },
+    #[error("token file {} is empty", path.display())]
+    Empty { path: PathBuf },
+    #[error("getrandom failed: {0}")]
+    Random(std::io::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TokenError + '_ {
+    move |source| TokenError::Io {
+        path: path.to_owned(),
+        source,
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading token file {}", path.display()))?;
+}
+
+/// Reads a token, refusing a file others can read.
+pub fn read(path: &Path) -> Result<String, TokenError> {
+    let meta = std::fs::metadata(path).map_err(io(path))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(TokenError::TooOpen {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o777,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
     let token = text.trim().to_owned();
     if token.is_empty() {
-        bail!("token file {} is empty", path.display());
+        return Err(TokenError::Empty {
+            path: path.to_owned(),
+        });
     }
     Ok(token)
 }
 
 /// Reads the token at `path`, creating a random one (0600) if missing.
-pub fn load_or_create(path: &Path) -> Result<String> {
+pub fn load_or_create(path: &Path) -> Result<String, TokenError> {
     if path.exists() {
         return read(path);
     }
@@ -37,7 +59,7 @@ pub fn load_or_create(path: &Path) -> Result<String> {
     // SAFETY: getrandom fills at most bytes.len() bytes.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     if n != bytes.len() as isize {
-        bail!("getrandom failed: {}", std::io::Error::last_os_error());
+        return Err(TokenError::Random(std::io::Error::last_os_error()));
     }
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut f = std::fs::OpenOptions::new()
@@ -45,9 +67,9 @@ pub fn load_or_create(path: &Path) -> Result<String> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("creating token file {}", path.display()))?;
-    writeln!(f, "{token}").with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all()?;
+        .map_err(io(path))?;
+    writeln!(f, "{token}").map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
     Ok(token)
 }
 

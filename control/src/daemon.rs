@@ -1,0 +1,106 @@
+//! The runner's control plane bootstrap: lock and load the state
+//! directory, restore the saved backstores, decide the token policy, and
+//! start the control listeners. The binary only turns flags into a
+//! [`DaemonConfig`].
+
+use crate::factory::HandlerDefaults;
+use crate::registry::{IoRoute, Registry};
+use crate::saveconfig::{PersistError, StateStore};
+use crate::server::{self, ControlConfig, ControlServer};
+use crate::token::{self, TokenError};
+use nbd_engine::export::ExportTable;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+
+/// The unix socket's name in the state directory.
+pub const SOCKET_NAME: &str = "nbd-runner.sock";
+
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub rpchost: IpAddr,
+    pub rpcport: u16,
+    /// Where the control token lives; default `STATE_DIR/token`.
+    pub token_file: Option<PathBuf>,
+    pub defaults: HandlerDefaults,
+}
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(
+        "{0}: the state directory is not writable by this user; run nbd-runner as root \
+         (the default is /etc/nbd-runner) or give it --state-dir DIR"
+    )]
+    StateDirDenied(PersistError),
+    #[error(transparent)]
+    State(PersistError),
+    #[error("restoring backstores from {}: {message}", path.display())]
+    Restore { path: PathBuf, message: String },
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("cannot listen for control requests on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Loads the saved backstores into `table` and starts serving control requests.
+pub fn start(
+    cfg: &DaemonConfig,
+    table: Arc<ExportTable>,
+    io: SocketAddr,
+    shards: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<ControlServer, DaemonError> {
+    let (store, saved) = StateStore::open(&cfg.state_dir).map_err(|e| {
+        if e.permission_denied() {
+            DaemonError::StateDirDenied(e)
+        } else {
+            DaemonError::State(e)
+        }
+    })?;
+    let path = store.path().to_owned();
+    let count = saved.backstores.len();
+    let route = IoRoute {
+        host: if io.ip().is_unspecified() {
+            String::new()
+        } else {
+            io.ip().to_string()
+        },
+        port: io.port(),
+        shards: shards as u32,
+    };
+    let registry =
+        Registry::load(store, saved, table, route, cfg.defaults.clone()).map_err(|e| {
+            DaemonError::Restore {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    tracing::info!(state = %path.display(), backstores = count, "state loaded");
+
+    // Beyond loopback (or when the operator names a file) TCP callers
+    // must present the token.
+    let token = if cfg.rpchost.is_loopback() && cfg.token_file.is_none() {
+        None
+    } else {
+        let path = cfg
+            .token_file
+            .clone()
+            .unwrap_or_else(|| cfg.state_dir.join(token::FILE_NAME));
+        let t = token::load_or_create(&path)?;
+        tracing::info!(token_file = %path.display(), "control route over TCP requires this token");
+        Some(t)
+    };
+    let tcp = SocketAddr::new(cfg.rpchost, cfg.rpcport);
+    let config = ControlConfig {
+        tcp,
+        unix: Some(cfg.state_dir.join(SOCKET_NAME)),
+        token,
+    };
+    server::start(config, Arc::new(Mutex::new(registry)), stop)
+        .map_err(|source| DaemonError::Listen { addr: tcp, source })
+}
