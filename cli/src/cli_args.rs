@@ -13,7 +13,7 @@
 //! ```
 
 use nbd_control::model::{Handler, ListFilter};
-use nbd_engine::size::parse_size;
+use nbd_engine::config::size::parse_size;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

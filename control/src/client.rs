@@ -36,7 +36,7 @@ impl Endpoint {
             return Ok(Endpoint::Unix(s.into()));
         }
         let bad = || format!("bad host {s:?} (HOST, HOST:PORT or [IPV6]:PORT)");
-        let (host, port) = nbd_engine::hostport::split_host_port(s).map_err(|_| bad())?;
+        let (host, port) = nbd_engine::config::hostport::split_host_port(s).map_err(|_| bad())?;
         if host.is_empty() {
             return Err(bad());
         }

@@ -6,7 +6,7 @@
 use crate::model::Handler;
 use crate::saveconfig::SavedBackstore;
 use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend, Progress};
-use nbd_engine::size::parse_size;
+use nbd_engine::config::export_spec;
 use std::collections::BTreeMap;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -273,41 +273,18 @@ impl std::str::FromStr for ExportSpec {
 
     fn from_str(spec: &str) -> Result<Self, String> {
         let bad = |reason: &str| format!("bad export spec {spec:?}: {reason}");
-        let (handler, rest) = spec
-            .split_once(':')
-            .ok_or_else(|| bad("expected HANDLER:KEY, e.g. mem:disk0,size=1G"))?;
-        let handler: Handler = handler.parse().map_err(|e: String| bad(&e))?;
-        let mut parts = rest.split(',');
-        let key = parts.next().unwrap_or_default();
-        if key.is_empty() {
-            return Err(bad("missing key"));
-        }
-        let mut out = BackstoreSpec {
-            handler,
-            key: key.to_owned(),
-            size: None,
-            read_only: false,
-            options: BTreeMap::new(),
-        };
-        for p in parts {
-            match p.split_once('=') {
-                Some(("size", v)) => {
-                    out.size = Some(parse_size(v).map_err(|e| bad(&e.to_string()))?)
-                }
-                Some((k, v)) if !k.is_empty() => {
-                    out.options.insert(k.to_owned(), v.to_owned());
-                }
-                None if p == "readonly" => out.read_only = true,
-                _ => {
-                    return Err(bad(&format!(
-                        "unknown option {p:?} (size=SIZE, readonly, NAME=VALUE)"
-                    )))
-                }
-            }
-        }
-        if handler == Handler::Mem && out.size.is_none() {
+        let raw = export_spec::parse(spec)?;
+        let handler: Handler = raw.handler.parse().map_err(|e: String| bad(&e))?;
+        if handler == Handler::Mem && raw.size.is_none() {
             return Err(bad("mem exports need size=SIZE"));
         }
+        let out = BackstoreSpec {
+            handler,
+            key: raw.key,
+            size: raw.size,
+            read_only: raw.read_only,
+            options: raw.options,
+        };
         out.validate().map_err(|e| bad(&e))?;
         Ok(ExportSpec(out))
     }

@@ -2,9 +2,8 @@
 //! its backends, and the thread-per-core glommio engine that joins them.
 
 pub mod backend;
+pub mod config;
 pub mod export;
-pub mod hostport;
 pub mod protocol;
 pub mod server;
-pub mod size;
 pub mod stats;

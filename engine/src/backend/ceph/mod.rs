@@ -120,7 +120,7 @@ impl CephSpec {
 
 /// `object_size` (a power of two from 4 KiB to 32 MiB) as librbd's order.
 fn object_order(v: &str) -> Result<u8, String> {
-    let bytes = crate::size::parse_size(v).map_err(|e| e.to_string())?;
+    let bytes = crate::config::size::parse_size(v).map_err(|e| e.to_string())?;
     if !bytes.is_power_of_two() || !(4096..=32 << 20).contains(&bytes) {
         return Err(format!(
             "object_size must be a power of two from 4K to 32M, not {v}"

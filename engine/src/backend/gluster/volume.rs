@@ -47,7 +47,7 @@ impl FromStr for VolfileServer {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("bad gluster server {s:?}: {why} (expected HOST[:PORT])");
-        let (host, port) = crate::hostport::split_host_port(s).map_err(bad)?;
+        let (host, port) = crate::config::hostport::split_host_port(s).map_err(bad)?;
         if host.is_empty() || host.contains(['/', ' ', '\0']) {
             return Err(bad("empty or invalid host"));
         }
