@@ -8,6 +8,7 @@ use super::budget::{Budget, Permit};
 use super::outbox::{Body, Outbox, Reply};
 use super::recvbuf::Reader;
 use super::shard::ShardCtx;
+use super::socket::NbdSocket;
 use crate::backend::{BackendError, BackendIo, ReadBuf, ZeroFlags};
 use crate::export::Export;
 use crate::protocol::transmission::{self, Next, Outcome};
@@ -20,7 +21,6 @@ use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::cell::RefCell;
 use std::io;
-use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,17 +35,16 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
         .map(|a| a.to_string())
         .unwrap_or_default();
     let _ = stream.set_nodelay(true);
-    let mut reader = match Reader::new(stream.as_raw_fd(), RECV_BUF) {
-        Ok(r) => r,
+    let socket = match NbdSocket::dup_of(&stream) {
+        Ok(s) => s,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot set up connection");
             return;
         }
     };
+    let mut reader = Reader::new(socket.clone(), RECV_BUF);
     reader.set_timeout(Some(shard.limits.handshake_timeout));
-    // The reader's descriptor lives until the end of this function, so a
-    // shutdown through the registration never hits a closed, reused fd.
-    let _registration = shard.register(reader.fd());
+    let _registration = shard.register(socket.clone());
     let mut stream = stream;
     let negotiated = match negotiate(&shard, &mut stream, &mut reader).await {
         Ok(Some(n)) => n,
@@ -76,8 +75,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
     let outbox = Rc::new(Outbox::default());
     let writer = glommio::spawn_local({
         let outbox = outbox.clone();
-        let fd = stream.as_raw_fd();
-        async move { outbox.run(fd, stream).await }
+        async move { outbox.run(&socket, stream).await }
     });
     let conn = Rc::new(Conn {
         protocol: RefCell::new(Transmission::new(&negotiated)),

@@ -14,8 +14,7 @@ mod outbox;
 pub mod placement;
 mod recvbuf;
 mod shard;
-
-pub use outbox::send_all;
+mod socket;
 
 use crate::export::ExportTable;
 use futures_lite::future::or;

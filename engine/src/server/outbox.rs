@@ -4,6 +4,7 @@
 //! backend's read buffers, so read data is never copied on the way out.
 
 use super::budget::Permit;
+use super::socket::NbdSocket;
 use crate::backend::ReadBuf;
 use crate::protocol::ReplyHeader;
 use futures_lite::AsyncWriteExt;
@@ -11,7 +12,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
-use std::os::unix::io::RawFd;
 use std::task::{Poll, Waker};
 
 pub enum Body {
@@ -81,7 +81,7 @@ impl Outbox {
     }
 
     /// The writer task: runs until closed and drained, or the socket fails.
-    pub async fn run<W: futures_lite::AsyncWrite + Unpin>(&self, fd: RawFd, mut wr: W) {
+    pub async fn run<W: futures_lite::AsyncWrite + Unpin>(&self, socket: &NbdSocket, mut wr: W) {
         let mut batch = Vec::with_capacity(BATCH);
         while self.next_batch(&mut batch).await {
             let result = {
@@ -96,7 +96,7 @@ impl Outbox {
                         [r.header.as_bytes(), body]
                     })
                     .collect();
-                send_all(fd, &mut wr, &slices).await
+                send_all(socket, &mut wr, &slices).await
             };
             for r in batch.drain(..) {
                 match r.body {
@@ -114,8 +114,7 @@ impl Outbox {
                 self.failed.set(true);
                 self.queue.borrow_mut().clear();
                 // Wake the reader out of a blocking recv.
-                // SAFETY: shutdown on our own socket fd.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                socket.shut_both();
                 return;
             }
         }
@@ -125,7 +124,7 @@ impl Outbox {
 
 /// Writes every slice, gathering them into as few syscalls as the socket allows.
 pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
-    fd: RawFd,
+    socket: &NbdSocket,
     wr: &mut W,
     slices: &[&[u8]],
 ) -> io::Result<()> {
@@ -148,7 +147,7 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
                 });
             }
         }
-        let n = match sendmsg_now(fd, &iov) {
+        let n = match socket.sendmsg(&iov) {
             Some(r) => r?,
             // Socket full: let glommio wait for room, then go back to gathering.
             None => wr.write(&slices[idx][off..]).await?,
@@ -170,26 +169,6 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
         }
     }
     Ok(())
-}
-
-fn sendmsg_now(fd: RawFd, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
-    // SAFETY: msghdr is plain data; iov points at live slices for this call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr() as *mut _;
-    msg.msg_iovlen = iov.len();
-    loop {
-        // SAFETY: fd is our socket, msg is valid for the duration of the call.
-        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if r >= 0 {
-            return Some(Ok(r as usize));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => return None,
-            _ => return Some(Err(err)),
-        }
-    }
 }
 
 /// Reusable payload buffers, so steady-state IO does not allocate.

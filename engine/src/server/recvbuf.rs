@@ -8,15 +8,13 @@
 //! of its own before waiting and again after, and only reads into
 //! initialised memory.
 
-use glommio::net::TcpStream;
+use super::socket::NbdSocket;
 use std::io;
-use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 pub struct Reader {
-    /// Our duplicate of the socket; shutting it down wakes a pending wait.
-    waiter: TcpStream,
-    fd: RawFd,
+    socket: Rc<NbdSocket>,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -25,27 +23,14 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Reads from `socket` through a duplicate descriptor owned by the reader.
-    pub fn new(socket: RawFd, capacity: usize) -> io::Result<Self> {
-        // SAFETY: dup of a descriptor that is open for the duration of the call.
-        let fd = unsafe { libc::fcntl(socket, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own; the stream closes it.
-        let waiter = unsafe { TcpStream::from_raw_fd(fd) };
-        Ok(Reader {
-            waiter,
-            fd,
+    pub fn new(socket: Rc<NbdSocket>, capacity: usize) -> Self {
+        Reader {
+            socket,
             buf: vec![0u8; capacity].into_boxed_slice(),
             start: 0,
             end: 0,
             deadline: None,
-        })
-    }
-
-    pub fn fd(&self) -> RawFd {
-        self.waiter.as_raw_fd()
+        }
     }
 
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
@@ -69,19 +54,6 @@ impl Reader {
         }
     }
 
-    /// Waits until the socket has data or is closed.
-    async fn readable(&self) -> io::Result<()> {
-        let mut probe = [0u8; 1];
-        let peek = self.waiter.peek(&mut probe);
-        let result = match self.deadline {
-            None => peek.await,
-            Some(at) => {
-                glommio::timer::timeout(at.saturating_duration_since(Instant::now()), peek).await
-            }
-        };
-        result.map(drop).map_err(Into::into)
-    }
-
     /// Reads more bytes; Ok(0) is end of stream.
     async fn fill(&mut self) -> io::Result<usize> {
         if self.end == self.buf.len() {
@@ -93,12 +65,12 @@ impl Reader {
         loop {
             let space = &mut self.buf[self.end..];
             // SAFETY: space is valid writable memory of space.len() bytes.
-            if let Some(r) = unsafe { recv_raw(self.fd, space.as_mut_ptr(), space.len()) } {
+            if let Some(r) = unsafe { self.socket.recv(space.as_mut_ptr(), space.len()) } {
                 let n = r?;
                 self.end += n;
                 return Ok(n);
             }
-            self.readable().await?;
+            self.socket.readable(self.deadline).await?;
         }
     }
 
@@ -128,8 +100,8 @@ impl Reader {
         while dst.len() < len {
             let at = dst.len();
             // SAFETY: the spare capacity holds at least len - at bytes.
-            let Some(r) = (unsafe { recv_raw(self.fd, dst.as_mut_ptr().add(at), len - at) }) else {
-                self.readable().await?;
+            let Some(r) = (unsafe { self.socket.recv(dst.as_mut_ptr().add(at), len - at) }) else {
+                self.socket.readable(self.deadline).await?;
                 continue;
             };
             let n = r?;
@@ -154,25 +126,6 @@ impl Reader {
             if self.fill().await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-        }
-    }
-}
-
-/// A recv that never blocks; None means "would block".
-///
-/// # Safety
-/// `ptr` must be valid for writes of `len` bytes (initialised or not).
-unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> Option<io::Result<usize>> {
-    loop {
-        let r = libc::recv(fd, ptr.cast(), len, libc::MSG_DONTWAIT);
-        if r >= 0 {
-            return Some(Ok(r as usize));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => return None,
-            _ => return Some(Err(err)),
         }
     }
 }

@@ -2,13 +2,13 @@
 //! has attached. Everything here is touched by one executor thread only.
 
 use super::budget::Budget;
+use super::socket::NbdSocket;
 use super::Limits;
 use crate::backend::{BackendError, BackendIo};
 use crate::export::{Export, ExportTable};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::os::unix::io::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -25,7 +25,7 @@ pub struct ShardCtx {
     pub budget: Rc<Budget>,
     closing: Cell<bool>,
     next_conn: Cell<u64>,
-    conns: RefCell<HashMap<u64, RawFd>>,
+    conns: RefCell<HashMap<u64, Rc<NbdSocket>>>,
     waiters: RefCell<Vec<Waker>>,
     attached: RefCell<HashMap<String, Attached>>,
 }
@@ -58,13 +58,13 @@ impl ShardCtx {
         })
     }
 
-    pub fn register(self: &Rc<Self>, fd: RawFd) -> ConnRegistration {
+    pub fn register(self: &Rc<Self>, socket: Rc<NbdSocket>) -> ConnRegistration {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
-        self.conns.borrow_mut().insert(id, fd);
         if self.closing.get() {
-            shut_read(fd);
+            socket.shut_read();
         }
+        self.conns.borrow_mut().insert(id, socket);
         ConnRegistration {
             shard: self.clone(),
             id,
@@ -82,8 +82,8 @@ impl ShardCtx {
         if self.closing.replace(true) {
             return;
         }
-        for &fd in self.conns.borrow().values() {
-            shut_read(fd);
+        for socket in self.conns.borrow().values() {
+            socket.shut_read();
         }
         self.wake_all();
     }
@@ -142,9 +142,4 @@ impl ShardCtx {
         );
         Ok(io)
     }
-}
-
-fn shut_read(fd: RawFd) {
-    // SAFETY: shutdown on a socket this shard owns; harmless if already closed.
-    unsafe { libc::shutdown(fd, libc::SHUT_RD) };
 }

@@ -1,0 +1,96 @@
+//! One owner for each NBD connection's socket. Every raw call on it (the
+//! non-blocking `recv` and `sendmsg`, `shutdown`, the io_uring wait for
+//! data) goes through [`NbdSocket`], which holds its own duplicate of the
+//! descriptor. The reader, the writer and the shard's connection list share
+//! it, so the descriptor closes after the last of them: a shutdown from the
+//! shard can never reach a closed and reused fd.
+
+use glommio::net::TcpStream;
+use std::io;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::rc::Rc;
+use std::time::Instant;
+
+pub struct NbdSocket {
+    /// Our duplicate of the accepted socket; glommio waits on it.
+    stream: TcpStream,
+}
+
+impl NbdSocket {
+    /// Duplicates the accepted stream's descriptor (the writer keeps the
+    /// original for glommio's waits for room).
+    pub fn dup_of(accepted: &TcpStream) -> io::Result<Rc<Self>> {
+        // SAFETY: dup of a descriptor that is open for the duration of the call.
+        let fd = unsafe { libc::fcntl(accepted.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own; the stream closes it.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        Ok(Rc::new(NbdSocket { stream }))
+    }
+
+    /// A `recv` that never blocks; None means "would block".
+    ///
+    /// # Safety
+    /// `ptr` must be valid for writes of `len` bytes (initialised or not).
+    pub unsafe fn recv(&self, ptr: *mut u8, len: usize) -> Option<io::Result<usize>> {
+        retry(|| unsafe {
+            libc::recv(self.stream.as_raw_fd(), ptr.cast(), len, libc::MSG_DONTWAIT)
+        })
+    }
+
+    /// A gathering `sendmsg` that never blocks; None means "would block".
+    pub fn sendmsg(&self, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+        // SAFETY: msghdr is plain data; iov points at live slices for this call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut _;
+        msg.msg_iovlen = iov.len();
+        let fd = self.stream.as_raw_fd();
+        // SAFETY: our socket; msg is valid for the duration of the call.
+        retry(|| unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+    }
+
+    /// Stops reading: the reader sees end of stream once the buffered
+    /// requests are consumed (a clean shutdown).
+    pub fn shut_read(&self) {
+        // SAFETY: shutdown on our own descriptor.
+        unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RD) };
+    }
+
+    /// Stops both ways: wakes a reader blocked on a client that is gone.
+    pub fn shut_both(&self) {
+        // SAFETY: shutdown on our own descriptor.
+        unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    /// Waits (through io_uring, with a one-byte peek) until the socket has
+    /// data or is closed; past `deadline` it fails with TimedOut.
+    pub async fn readable(&self, deadline: Option<Instant>) -> io::Result<()> {
+        let mut probe = [0u8; 1];
+        let peek = self.stream.peek(&mut probe);
+        let result = match deadline {
+            None => peek.await,
+            Some(at) => {
+                glommio::timer::timeout(at.saturating_duration_since(Instant::now()), peek).await
+            }
+        };
+        result.map(drop).map_err(Into::into)
+    }
+}
+
+/// Runs a syscall returning `ssize_t` until it is not EINTR; EAGAIN is None.
+fn retry(mut call: impl FnMut() -> isize) -> Option<io::Result<usize>> {
+    loop {
+        let r = call();
+        if r >= 0 {
+            return Some(Ok(r as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return None,
+            _ => return Some(Err(err)),
+        }
+    }
+}
