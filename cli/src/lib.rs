@@ -2,6 +2,8 @@
 
 pub mod cli_args;
 pub mod cli_output;
+pub mod commands;
 pub mod kernel;
 pub mod map;
+pub mod runner;
 pub mod runner_args;

@@ -1,23 +1,11 @@
-//! The nbd-runner daemon: parses flags, opens the startup exports, and runs
-//! the engine until SIGINT/SIGTERM. A second signal exits at once.
+//! The nbd-runner daemon: parses flags, sets up logging, and runs
+//! (`nbd_cli::runner`) until SIGINT/SIGTERM.
 
-use anyhow::{Context, Result};
 use clap::Parser;
 use nbd_cli::runner_args::{normalize, RunnerArgs};
-use nbd_control::daemon;
-use nbd_engine::export::ExportTable;
-use nbd_engine::server::{self, EngineConfig, Limits, Shutdown};
-use std::io::{IsTerminal, Write};
-use std::sync::Arc;
+use std::io::IsTerminal;
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("nbd-runner: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn run() -> Result<()> {
     let args = RunnerArgs::parse_from(normalize(std::env::args()));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -26,94 +14,8 @@ fn run() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-
-    let threads = args.threads();
-    // Before any thread starts: every thread inherits both settings below.
-    if let Err(e) = server::placement::set_sched_policy(args.sched.into()) {
-        tracing::warn!(sched = ?args.sched, "cannot set the scheduling policy: {e}");
+    if let Err(e) = nbd_cli::runner::run(args) {
+        eprintln!("nbd-runner: {e:#}");
+        std::process::exit(1);
     }
-    let shard_cpus = server::placement::shard_cpus(threads, !args.no_pin);
-    if let Some(cpus) = &shard_cpus {
-        // Control threads and the backend libraries' own threads stay on
-        // the shards' CPUs.
-        if let Err(e) = server::placement::confine_current_thread(cpus) {
-            tracing::warn!(?cpus, "cannot keep helper threads on the shards' CPUs: {e}");
-        }
-    }
-    let table = Arc::new(ExportTable::new(threads));
-    let defaults = args.handler_defaults();
-    for spec in &args.exports {
-        let key = &spec.0.key;
-        let opened = spec
-            .open(&defaults)
-            .with_context(|| format!("--export {}:{key}", spec.0.handler))?;
-        let export = table.add(key, opened.backend)?;
-        tracing::info!(
-            export = %export.name,
-            handler = export.backend.handler(),
-            size = export.backend.size(),
-            mode = %export.backend.mode(),
-            read_only = spec.0.read_only,
-            "serving"
-        );
-    }
-
-    let shutdown = Arc::new(Shutdown::default());
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // Order matters: the first signal arms the flag, a second one exits.
-        signal_hook::flag::register_conditional_shutdown(sig, 1, shutdown.flag())
-            .context("installing signal handlers")?;
-        signal_hook::flag::register(sig, shutdown.flag()).context("installing signal handlers")?;
-    }
-
-    let listener = server::bind(args.io_addr())?;
-    let addr = listener.local_addr().context("reading the bound address")?;
-    let control = daemon::start(
-        &args.daemon_config(),
-        table.clone(),
-        addr,
-        threads,
-        shutdown.flag(),
-    )?;
-    let rpc = control.tcp_addr;
-    let cpus = shard_cpus
-        .as_ref()
-        .map_or("floating".to_owned(), |c| format!("{c:?}"));
-    tracing::info!(io = %addr, %rpc, threads, %cpus, sched = ?args.sched, state_dir = %args.state_dir.display(), "nbd-runner started");
-    server::run(
-        listener,
-        EngineConfig {
-            threads,
-            shard_cpus,
-            spin_before_park: std::time::Duration::from_micros(args.spin_us),
-            limits: Limits {
-                handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
-                ..Limits::default()
-            },
-        },
-        table.clone(),
-        shutdown,
-        || {
-            // One machine-readable line for scripts and tests.
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "nbd-runner ready io={addr} rpc={rpc}");
-            let _ = out.flush();
-        },
-    )?;
-
-    for export in table.all() {
-        let report = export.stats.snapshot().render();
-        if !report.is_empty() {
-            tracing::info!(export = %export.name, "latency\n{report}");
-        }
-    }
-    control.close_all();
-    for export in table.all() {
-        table.remove(&export.name);
-    }
-    if let Some(sock) = &control.unix_path {
-        let _ = std::fs::remove_file(sock);
-    }
-    tracing::info!("nbd-runner stopped");
-    Ok(())
 }

@@ -15,11 +15,13 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     pub fn new(buf: &'a [u8]) -> Self {
         Reader { buf, offs: 0 }
     }
 
     /// The next `n` bytes, or None (consuming nothing) if fewer are left.
+    #[inline]
     pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.left() < n {
             return None;
@@ -30,6 +32,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next `N` bytes as an array.
+    #[inline]
     pub fn take_array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N).map(|b| b.try_into().expect("length checked"))
     }
@@ -41,6 +44,7 @@ impl<'a> Reader<'a> {
         b
     }
 
+    #[inline]
     pub fn left(&self) -> usize {
         self.buf.len() - self.offs
     }
@@ -61,6 +65,7 @@ pub trait Sink {
 }
 
 impl Sink for Vec<u8> {
+    #[inline]
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
     }

@@ -406,10 +406,19 @@ pub struct RequestHeader {
 pub struct BadMagic(pub u32);
 
 impl RequestHeader {
-    /// Parses a header of `mode.request_len()` bytes.
+    /// Parses a header of `mode.request_len()` bytes. Fixed offsets once
+    /// the length is known: this runs for every request.
+    #[inline]
     pub fn parse(b: &[u8], mode: HeaderMode) -> Result<Self, BadMagic> {
-        let mut r = Reader::new(b);
-        let magic = u32::read(&mut r).ok_or(BadMagic(0))?;
+        let be = |at: usize, n: usize| {
+            b[at..at + n]
+                .iter()
+                .fold(0u64, |v, &byte| v << 8 | u64::from(byte))
+        };
+        if b.len() < 4 {
+            return Err(BadMagic(0));
+        }
+        let magic = be(0, 4) as u32;
         let want = match mode {
             HeaderMode::Compact => REQUEST_MAGIC,
             HeaderMode::Extended => EXT_REQUEST_MAGIC,
@@ -417,23 +426,15 @@ impl RequestHeader {
         if magic != want || b.len() != mode.request_len() {
             return Err(BadMagic(magic));
         }
-        let (flags, kind, cookie, offset) = (
-            u16::read(&mut r),
-            u16::read(&mut r),
-            u64::read(&mut r),
-            u64::read(&mut r),
-        );
-        let length = match mode {
-            HeaderMode::Compact => u32::read(&mut r).map(u64::from),
-            HeaderMode::Extended => u64::read(&mut r),
-        };
-        // Lengths were checked above, so every field is there.
         Ok(RequestHeader {
-            flags: flags.unwrap_or_default(),
-            kind: kind.unwrap_or_default(),
-            cookie: cookie.unwrap_or_default(),
-            offset: offset.unwrap_or_default(),
-            length: length.unwrap_or_default(),
+            flags: be(4, 2) as u16,
+            kind: be(6, 2) as u16,
+            cookie: be(8, 8),
+            offset: be(16, 8),
+            length: match mode {
+                HeaderMode::Compact => be(24, 4),
+                HeaderMode::Extended => be(24, 8),
+            },
         })
     }
 
@@ -465,6 +466,7 @@ impl RequestHeader {
     /// says PAYLOAD_LEN. The spec has extended WRITEs set PAYLOAD_LEN, but
     /// qemu 10 does not; a WRITE carries its data either way (as qemu's
     /// own server reads it).
+    #[inline]
     pub fn payload_len(&self, mode: HeaderMode) -> u64 {
         let flagged = mode == HeaderMode::Extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0;
         if self.kind == CMD_WRITE || flagged {
@@ -549,29 +551,42 @@ pub struct ChunkHeader {
 }
 
 impl ChunkHeader {
+    /// Laid out in a stack array and handed to the sink in one piece: reply
+    /// headers are built once per request.
+    #[inline]
     pub fn encode_mode<S: Sink>(&self, mode: HeaderMode, out: &mut S) {
-        match mode {
-            HeaderMode::Compact => STRUCTURED_REPLY_MAGIC.encode(out),
-            HeaderMode::Extended => EXT_REPLY_MAGIC.encode(out),
-        }
-        self.flags.encode(out);
-        self.kind.encode(out);
-        self.cookie.encode(out);
-        match mode {
-            HeaderMode::Compact => (self.len as u32).encode(out),
-            HeaderMode::Extended => {
-                self.offset.encode(out);
-                self.len.encode(out);
+        let mut b = [0u8; EXT_CHUNK_HEADER_LEN];
+        let magic = match mode {
+            HeaderMode::Compact => STRUCTURED_REPLY_MAGIC,
+            HeaderMode::Extended => EXT_REPLY_MAGIC,
+        };
+        b[0..4].copy_from_slice(&magic.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        let n = match mode {
+            HeaderMode::Compact => {
+                b[16..20].copy_from_slice(&(self.len as u32).to_be_bytes());
+                CHUNK_HEADER_LEN
             }
-        }
+            HeaderMode::Extended => {
+                b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+                b[24..32].copy_from_slice(&self.len.to_be_bytes());
+                EXT_CHUNK_HEADER_LEN
+            }
+        };
+        out.put(&b[..n]);
     }
 }
 
 /// A simple reply's header.
+#[inline]
 pub fn encode_simple_reply<S: Sink>(out: &mut S, cookie: u64, error: u32) {
-    SIMPLE_REPLY_MAGIC.encode(out);
-    error.encode(out);
-    cookie.encode(out);
+    let mut b = [0u8; SIMPLE_REPLY_LEN];
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&error.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out.put(&b);
 }
 
 /// One base:allocation block descriptor; the compact form carries 32 bits
@@ -590,6 +605,7 @@ impl Descriptor {
         }
     }
 
+    #[inline]
     pub fn encode_mode<S: Sink>(&self, mode: HeaderMode, out: &mut S) {
         match mode {
             HeaderMode::Compact => {
@@ -625,6 +641,7 @@ pub struct ErrorChunk {
 }
 
 impl Codec for ErrorChunk {
+    #[inline]
     fn encode<S: Sink>(&self, out: &mut S) {
         self.error.encode(out);
         (self.message.len() as u16).encode(out);

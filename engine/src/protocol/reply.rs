@@ -43,6 +43,7 @@ pub struct ReplyHeader {
 }
 
 impl Sink for ReplyHeader {
+    #[inline]
     fn put(&mut self, b: &[u8]) {
         let at = self.len as usize;
         self.bytes[at..at + b.len()].copy_from_slice(b);
@@ -51,10 +52,12 @@ impl Sink for ReplyHeader {
 }
 
 impl ReplyHeader {
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
     }
 
+    #[inline]
     fn empty() -> Self {
         ReplyHeader {
             bytes: [0u8; MAX_HEADER],
@@ -63,6 +66,7 @@ impl ReplyHeader {
     }
 
     /// A simple reply (16 bytes); a successful READ's data follows it.
+    #[inline]
     pub fn simple(cookie: u64, error: Option<Errno>) -> Self {
         let mut h = Self::empty();
         encode_simple_reply(&mut h, cookie, error.map_or(0, Errno::wire));
@@ -71,6 +75,7 @@ impl ReplyHeader {
 
     /// A chunk header announcing `payload_len` bytes, compact unless the
     /// style is extended.
+    #[inline]
     pub fn chunk(
         style: ReplyStyle,
         cookie: u64,
@@ -92,6 +97,7 @@ impl ReplyHeader {
     }
 
     /// Header for a successful READ of `len` bytes at `offset`: the data follows.
+    #[inline]
     pub fn read_data(style: ReplyStyle, cookie: u64, offset: u64, len: u32) -> Self {
         if style == ReplyStyle::Simple {
             return Self::simple(cookie, None);
@@ -114,6 +120,7 @@ impl ReplyHeader {
     }
 
     /// Success for anything but READ and BLOCK_STATUS.
+    #[inline]
     pub fn done(style: ReplyStyle, cookie: u64, offset: u64) -> Self {
         match style {
             // Extended headers allow no simple replies.
@@ -125,6 +132,7 @@ impl ReplyHeader {
     }
 
     /// An error for any command, in the form the session expects.
+    #[inline]
     pub fn error(style: ReplyStyle, cookie: u64, offset: u64, errno: Errno) -> Self {
         if style == ReplyStyle::Simple {
             return Self::simple(cookie, Some(errno));
@@ -140,6 +148,7 @@ impl ReplyHeader {
 
     /// Header of a BLOCK_STATUS chunk; `descriptors` descriptors of the
     /// style's size follow.
+    #[inline]
     pub fn block_status(
         style: ReplyStyle,
         cookie: u64,
@@ -171,9 +180,10 @@ pub struct Extent {
 }
 
 /// Encodes extents covering at most `limit` bytes from the request offset as
-/// block descriptors of `mode`'s size. Extents longer than a compact
-/// descriptor holds are split; adjacent equal ones merged; `req_one` keeps
-/// only the first. Returns the descriptor count.
+/// block descriptors of `mode`'s size. Adjacent equal extents merge while
+/// the descriptor can hold them (a compact session's limit fits in 32
+/// bits, so nothing needs splitting); `req_one` keeps only the first.
+/// Returns the descriptor count.
 pub fn encode_extents(
     extents: &[Extent],
     limit: u64,
@@ -185,7 +195,7 @@ pub fn encode_extents(
         HeaderMode::Compact => u32::MAX as u64,
         HeaderMode::Extended => u64::MAX,
     };
-    let mut remaining = limit;
+    let mut remaining = limit.min(longest);
     let mut count = 0u32;
     let mut pending: Option<Extent> = None;
     let mut emit = |e: Extent, out: &mut Vec<u8>| {
@@ -200,29 +210,22 @@ pub fn encode_extents(
         if remaining == 0 {
             break;
         }
-        let mut len = e.len.min(remaining);
+        let len = e.len.min(remaining);
         remaining -= len;
-        while len > 0 {
-            match pending.as_mut() {
-                Some(p) if p.flags == e.flags && p.len < longest => {
-                    let add = len.min(longest - p.len);
-                    p.len += add;
-                    len -= add;
-                }
-                _ => {
-                    if let Some(p) = pending.take() {
-                        emit(p, out);
-                        if req_one {
-                            return 1;
-                        }
+        match pending.as_mut() {
+            // The sum stays within `limit`, which fits a descriptor.
+            Some(p) if p.flags == e.flags => p.len += len,
+            _ => {
+                if let Some(p) = pending.take() {
+                    emit(p, out);
+                    if req_one {
+                        return 1;
                     }
-                    let take = len.min(longest);
-                    pending = Some(Extent {
-                        len: take,
-                        flags: e.flags,
-                    });
-                    len -= take;
                 }
+                pending = Some(Extent {
+                    len,
+                    flags: e.flags,
+                });
             }
         }
     }
