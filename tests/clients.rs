@@ -128,8 +128,29 @@ fn nbdinfo_reports_size_flags_and_block_sizes() {
     assert_eq!(ro_info["can_trim"], false);
     assert_eq!(ro_info["can_zero"], false);
 
-    // NBD_OPT_LIST names both exports.
-    let list = run_ok("nbdinfo", &["--list", "--json", &runner.uri("")]);
+    // NBD_OPT_LIST reveals nothing by default (file export names are
+    // host paths)...
+    let refused = run("nbdinfo", &["--list", "--json", &runner.uri("")]);
+    let out = String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        !refused.status.success(),
+        "listing worked without --list-exports: {out}"
+    );
+    assert!(
+        !out.contains("disk0") && !out.contains(path_str(&ro)),
+        "{out}"
+    );
+    // ...and names both exports with --list-exports.
+    let listing = Runner::start_with(&[
+        "--threads",
+        "2",
+        "--list-exports",
+        "--export",
+        "mem:disk0,size=1M",
+        "--export",
+        &ro_spec,
+    ]);
+    let list = run_ok("nbdinfo", &["--list", "--json", &listing.uri("")]);
     assert!(
         list.contains("\"disk0\"") && list.contains(path_str(&ro)),
         "{list}"

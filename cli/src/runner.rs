@@ -73,6 +73,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
             spin_before_park: std::time::Duration::from_micros(args.spin_us),
             limits: Limits {
                 handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
+                list_exports: args.list_exports,
                 ..Limits::default()
             },
         },

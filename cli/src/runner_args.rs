@@ -96,6 +96,10 @@ pub struct RunnerArgs {
     /// dropped (guards against clients that connect and stall).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout: u64,
+    /// Let NBD_OPT_LIST name the exports (off by default: export names of
+    /// file backstores are host paths, and any peer of the IO route may ask).
+    #[arg(long)]
+    pub list_exports: bool,
 }
 
 impl RunnerArgs {

@@ -100,6 +100,8 @@ pub struct Handshake {
     meta_export: Option<String>,
     options_seen: u32,
     shutting_down: bool,
+    /// NBD_OPT_LIST names the exports; off, it reveals nothing.
+    list_exports: bool,
     negotiated: Option<Negotiated>,
 }
 
@@ -123,8 +125,17 @@ impl Handshake {
             meta_export: None,
             options_seen: 0,
             shutting_down: false,
+            list_exports: true,
             negotiated: None,
         }
+    }
+
+    /// Whether NBD_OPT_LIST names the exports (export names are host paths
+    /// for file backstores). Off, LIST gets NBD_REP_ERR_POLICY. On by
+    /// default here; the runner turns it on only with `--list-exports`.
+    pub fn list_exports(mut self, on: bool) -> Self {
+        self.list_exports = on;
+        self
     }
 
     /// From now on every option is answered with NBD_REP_ERR_SHUTDOWN.
@@ -256,6 +267,14 @@ impl Handshake {
             OPT_LIST => {
                 if !data.is_empty() {
                     self.reply_error(option, REP_ERR_INVALID, "LIST takes no data");
+                    return Ok(());
+                }
+                if !self.list_exports {
+                    self.reply_error(
+                        option,
+                        REP_ERR_POLICY,
+                        "export listing is off on this server",
+                    );
                     return Ok(());
                 }
                 for (name, _) in catalog.list() {

@@ -703,3 +703,17 @@ fn extended_headers_refusals() {
     // Without asking, compact.
     assert_eq!(go(&mut fixed(), "disk").headers, HeaderMode::Compact);
 }
+
+#[test]
+fn list_can_be_turned_off_and_then_reveals_nothing() {
+    let mut hs = Handshake::new().list_exports(false);
+    hs.take_output();
+    hs.receive(&CLIENT_FIXED_NEWSTYLE.to_be_bytes(), &Catalog)
+        .unwrap();
+    let replies = send(&mut hs, OPT_LIST, &[]);
+    assert_eq!(kinds(&replies), [REP_ERR_POLICY]);
+    let text = String::from_utf8_lossy(&replies[0].body);
+    assert!(!text.contains("disk") && !text.contains("ro"), "{text}");
+    // Everything else still works: a client that knows the name connects.
+    assert_eq!(go(&mut hs, "disk").export.name, "disk");
+}

@@ -120,7 +120,7 @@ async fn negotiate(
     stream: &mut TcpStream,
     reader: &mut Reader,
 ) -> io::Result<Option<Negotiated>> {
-    let mut hs = Handshake::new();
+    let mut hs = Handshake::new().list_exports(shard.limits.list_exports);
     loop {
         if hs.has_output() {
             let out = hs.take_output();

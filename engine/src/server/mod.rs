@@ -39,6 +39,8 @@ pub struct Limits {
     pub shard_bytes: u64,
     /// A client that has not finished negotiating by then is dropped.
     pub handshake_timeout: Duration,
+    /// NBD_OPT_LIST names the exports (off by default: names are host paths).
+    pub list_exports: bool,
 }
 
 impl Default for Limits {
@@ -49,6 +51,7 @@ impl Default for Limits {
             shard_requests: 8192,
             shard_bytes: 1 << 30,
             handshake_timeout: Duration::from_secs(30),
+            list_exports: false,
         }
     }
 }
