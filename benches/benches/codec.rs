@@ -95,7 +95,7 @@ fn requests(c: &mut Criterion) {
         });
         // What the connection does per request: the state machine's
         // parse, reserve and decision.
-        let t = Transmission::for_bench(s);
+        let t = Transmission::with_session(s, META_ID_BASE_ALLOCATION);
         g.bench_function(format!("transmission_batch32{name}"), |b| {
             b.iter(|| {
                 let mut started = 0u32;

@@ -112,22 +112,12 @@ impl Transmission {
             style,
             base_allocation: n.base_allocation.is_some(),
         };
-        Self::from_session(session, n.base_allocation.unwrap_or(0))
+        Self::with_session(session, n.base_allocation.unwrap_or(0))
     }
 
-    /// For tests and the fuzz drivers: a session given directly.
-    #[cfg(any(test, fuzzing))]
-    pub(crate) fn with_session(session: Session, context_id: u32) -> Self {
-        Self::from_session(session, context_id)
-    }
-
-    /// For the criterion benches: a session given directly.
-    #[doc(hidden)]
-    pub fn for_bench(session: Session) -> Self {
-        Self::from_session(session, 1)
-    }
-
-    fn from_session(session: Session, context_id: u32) -> Self {
+    /// A session given directly (tests, fuzz drivers, benches); the
+    /// server builds it from the handshake with [`Transmission::new`].
+    pub fn with_session(session: Session, context_id: u32) -> Self {
         Transmission {
             session,
             context_id,
