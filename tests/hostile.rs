@@ -147,6 +147,35 @@ fn write_claiming_gigabytes_is_refused_and_never_buffered() {
     assert_healthy(&r.addr, "disk0");
 }
 
+/// With extended headers a length is 64 bits: a WRITE claiming a TiB is
+/// refused and the connection closed, a compact header on an extended
+/// session is out of sync and closes, and an effect length past the end
+/// is an error the connection survives.
+#[test]
+fn extended_headers_claiming_terabytes_are_refused() {
+    let mut r = runner();
+    let mut s = negotiate_extended(&r.addr, "disk0");
+    assert_eq!(
+        extended_call(&mut s, CMD_WRITE_ZEROES, 0, 1 << 40).2,
+        ENOSPC
+    );
+    assert_eq!(extended_call(&mut s, CMD_TRIM, u64::MAX, 2).2, EINVAL);
+    // WRITE with a 1 TiB payload: one error chunk, then hang up unread.
+    assert_eq!(extended_call(&mut s, CMD_WRITE, 0, 1 << 40).2, EINVAL);
+    assert!(closed_by_peer(&mut s), "connection left open");
+    // Compact headers on an extended session: once 32 bytes are in, the
+    // magic is wrong and the server hangs up.
+    let mut s = negotiate_extended(&r.addr, "disk0");
+    let compact = request(CMD_READ, 0, 1, 0, 512);
+    s.write_all(&[compact.clone(), compact].concat()).unwrap();
+    assert!(
+        closed_by_peer(&mut s),
+        "compact header accepted on an extended session"
+    );
+    r.assert_alive();
+    assert_healthy(&r.addr, "disk0");
+}
+
 #[test]
 fn out_of_range_overflowing_and_unknown_requests_get_errors() {
     let r = runner();
