@@ -58,5 +58,7 @@ bench_start_runner() {
   for _ in $(seq 100); do grep -q ready "$STATE/ready" 2>/dev/null && break; sleep 0.1; done
   IO=$(sed -n 's/.* io=\([^ ]*\).*/\1/p' "$STATE/ready")
   RPC=$(sed -n 's/.* rpc=\([^ ]*\).*/\1/p' "$STATE/ready")
+  # nbd-cli presents the runner's token on every TCP call
+  export NBD_RUNNER_TOKEN_FILE=$STATE/token
   [[ -n $IO ]] || { echo "nbd-runner did not start (see $OUT/runner.log)" >&2; exit 1; }
 }

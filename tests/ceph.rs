@@ -299,7 +299,6 @@ fn resize_reaches_connected_and_new_clients_and_shrink_needs_a_flag() {
 
 #[test]
 fn delete_is_refused_while_mapped_or_connected_and_removes_the_image() {
-    use nbd_control::client::{Client, Endpoint};
     use nbd_control::model::Handler;
     use nbd_control::wire::{Request, Response};
     let Some(conf) = ceph_conf() else { return };
@@ -315,12 +314,7 @@ fn delete_is_refused_while_mapped_or_connected_and_removes_the_image() {
     };
     assert!(image_listed());
     // What nbd-cli map does, with a raw socket standing in for the kernel.
-    let mut c = Client::connect(
-        &Endpoint::parse(&r.rpc).unwrap(),
-        None,
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let mut c = r.control();
     let Response::Map(_) = c
         .call(&Request::MapBegin {
             handler: Handler::Ceph,
@@ -383,9 +377,16 @@ fn cluster_errors_are_clear_and_other_backstores_keep_serving() {
     let dir = scratch();
     let state = tmp_path(&dir, "state");
     let state = path_str(&state).to_owned();
+    // conf= below names another cluster: an operator's allowance.
     let r = runner(
         &conf,
-        &["--state-dir", &state, "--export", "mem:side,size=1M"],
+        &[
+            "--state-dir",
+            &state,
+            "--export",
+            "mem:side,size=1M",
+            "--allow-backstore-options",
+        ],
     );
     cli_fails(
         &r,
@@ -540,7 +541,10 @@ fn cephx_failures_are_clear_and_other_backstores_keep_serving() {
         return;
     }
     let dir = scratch();
-    let r = runner(&conf, &["--export", "mem:side,size=1M"]);
+    let r = runner(
+        &conf,
+        &["--export", "mem:side,size=1M", "--allow-backstore-options"],
+    );
     let key = image("auth");
     let keyring = |name: &str, entity: &str| {
         let secret = run_ok("ceph-authtool", &["--gen-print-key"]);

@@ -1,6 +1,7 @@
 //! nbd-cli against a running nbd-runner: create/list/info/stats/delete for
 //! file and mem, persistence across kill -9, corrupt state files, bad
-//! control frames, version mismatch and token refusal. (Kernel map/unmap
+//! control frames, version mismatch, token refusal and an untrusted state
+//! directory. (Kernel map/unmap
 //! runs in the VM: tests/kernel.rs.)
 
 mod common;
@@ -257,6 +258,7 @@ fn hello_reply(s: &mut TcpStream) -> (u8, String) {
 #[test]
 fn bad_frames_and_versions_are_answered_and_never_crash_the_runner() {
     let mut r = Runner::start_with(&["--threads", "1"]);
+    let token = r.token();
     let connect = || {
         let s = TcpStream::connect(&r.rpc).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -275,13 +277,13 @@ fn bad_frames_and_versions_are_answered_and_never_crash_the_runner() {
     assert!(msg.contains("99") && msg.contains(&speaks), "{msg}");
     // A frame claiming 4 GiB: refused before any allocation.
     let mut s = connect();
-    s.write_all(&hello(VERSION, "")).unwrap();
+    s.write_all(&hello(VERSION, &token)).unwrap();
     assert_eq!(hello_reply(&mut s).0, 0);
     s.write_all(&u32::MAX.to_be_bytes()).unwrap();
     assert!(closed_by_peer(&mut s));
     // An undecodable frame gets an error and the connection stays usable.
     let mut s = connect();
-    s.write_all(&hello(VERSION, "")).unwrap();
+    s.write_all(&hello(VERSION, &token)).unwrap();
     assert_eq!(hello_reply(&mut s).0, 0);
     s.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).unwrap();
     let mut len = [0u8; 4];
@@ -296,47 +298,125 @@ fn bad_frames_and_versions_are_answered_and_never_crash_the_runner() {
     assert!(cli_ok(&r, &["list"]).contains("ok"));
 }
 
-#[test]
-fn beyond_loopback_the_control_route_requires_the_token() {
-    let dir = scratch();
-    let state = tmp_path(&dir, "state");
-    let state = path_str(&state);
-    let r = Runner::start_with(&["--rpchost", "0.0.0.0", "--state-dir", state]);
-    let token_file = format!("{state}/token");
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "token file must be private");
-    let port = r.rpc.rsplit(':').next().unwrap();
-    let host = format!("127.0.0.1:{port}");
+/// nbd-cli run as `nobody`, as any local user could.
+fn as_nobody<S: AsRef<str>>(args: &[S]) -> std::process::Output {
+    let mut full = vec!["-u", "nobody", "--", env!("CARGO_BIN_EXE_nbd-cli")];
+    full.extend(args.iter().map(AsRef::as_ref));
+    run("runuser", &full)
+}
 
-    let out = run(env!("CARGO_BIN_EXE_nbd-cli"), &["--host", &host, "list"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("access denied"));
-    let ok = run_ok(
-        env!("CARGO_BIN_EXE_nbd-cli"),
-        &["--host", &host, "--token-file", &token_file, "list"],
+fn refused_one_line(out: &std::process::Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains(want), "{err:?} lacks {want:?}");
+}
+
+#[test]
+fn every_tcp_caller_needs_the_token_even_on_loopback_and_strangers_get_nothing() {
+    let r = Runner::start_with(&["--threads", "1"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&r.token_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "token file must be private");
+    let cli = env!("CARGO_BIN_EXE_nbd-cli");
+    let create = ["mem", "create", "evil", "size", "1M"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut a = vec![String::from("--host"), r.rpc.clone()];
+        a.extend(extra.iter().chain(&create).map(|s| s.to_string()));
+        a
+    };
+    // Loopback, no token (or only the machine's default one, which is not
+    // this runner's): refused, and says how to get in.
+    refused_one_line(&run(cli, &with(&[])), "access denied");
+    // A wrong token.
+    let dir = scratch();
+    let wrong = tmp_path(&dir, "wrong");
+    std::fs::write(&wrong, "0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    refused_one_line(
+        &run(cli, &with(&["--token-file", path_str(&wrong)])),
+        "access denied",
     );
-    assert!(ok.contains("no backstores"));
-    // The unix socket (0600) serves local administrators without a token.
-    let sock = format!("{state}/nbd-runner.sock");
+    // A raw hello with an empty token.
+    let mut s = TcpStream::connect(&r.rpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&hello(VERSION, "")).unwrap();
+    assert_eq!(hello_reply(&mut s).0, 2, "empty token must be refused");
+    // Any local user over TCP loopback: cannot read the token, is refused.
+    refused_one_line(&as_nobody(&with(&[])), "access denied");
+    let stolen = ["--token-file", path_str(&r.token_file)];
+    refused_one_line(&as_nobody(&with(&stolen)), "token file");
+    // ... and cannot reach the unix socket (0600 in a 0700 directory).
+    let sock = r.token_file.with_file_name("nbd-runner.sock");
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
-    run_ok(env!("CARGO_BIN_EXE_nbd-cli"), &["--host", &sock, "list"]);
+    let sock = path_str(&sock);
+    let mut unix = vec!["--host", sock];
+    unix.extend_from_slice(&create);
+    refused_one_line(&as_nobody(&unix), "cannot reach nbd-runner");
+    // Nothing was created by any of them.
+    assert!(cli_ok(&r, &["list"]).contains("no backstores"));
+    // The operator: the token over TCP, or the socket without one.
+    cli_ok(&r, &["mem", "create", "ok", "size", "1M"]);
+    run_ok(cli, &["--host", sock, "mem", "delete", "ok"]);
+    // The local default token is never sent to another host.
+    let out = run(cli, &["--host", "192.0.2.1", "list"]);
+    refused_one_line(&out, "is another host");
+}
+
+#[test]
+fn a_state_directory_others_can_write_is_refused_and_planted_links_write_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch();
+    let state = tmp_path(&dir, "state");
+    std::fs::create_dir(&state).unwrap();
+    let victim = tmp_path(&dir, "victim");
+    std::fs::write(&victim, "keep").unwrap();
+    // What another local user plants in a sticky, world-writable directory:
+    // links at the names a runner writes, temp names included.
+    for name in [
+        "saveconfig.json.tmp.1",
+        "saveconfig.json.tmp",
+        "token",
+        "saveconfig.lock",
+    ] {
+        std::os::unix::fs::symlink(&victim, state.join(name)).unwrap();
+    }
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let args = [
+        "--state-dir",
+        path_str(&state),
+        "--ioport",
+        "0",
+        "--rpcport",
+        "0",
+    ];
+    let err = runner_refuses(&args);
+    assert!(err.contains("writable by group or others"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    // Private again, a linked lock (or token) is still refused by name.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = runner_refuses(&args);
+    assert!(err.contains("symbolic link"), "{err}");
+    std::fs::remove_file(state.join("saveconfig.lock")).unwrap();
+    let err = runner_refuses(&args);
+    assert!(
+        err.contains("token") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
 }
 
 #[test]
 fn io_connections_dropping_under_a_mapped_backstore_make_it_dead() {
-    use nbd_control::client::{Client, Endpoint};
     use nbd_control::model::{Handler, State};
     use nbd_control::wire::{Request, Response};
     let r = Runner::start_with(&["--threads", "2"]);
     cli_ok(&r, &["mem", "create", "d0", "size", "1M"]);
-    let mut c = Client::connect(
-        &Endpoint::parse(&r.rpc).unwrap(),
-        None,
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let mut c = r.control();
     // What nbd-cli map does, with raw sockets standing in for the kernel.
     let Response::Map(target) = c
         .call(&Request::MapBegin {
@@ -354,7 +434,10 @@ fn io_connections_dropping_under_a_mapped_backstore_make_it_dead() {
         device: "/dev/nbd7".into(),
     })
     .unwrap();
-    let state = |c: &mut Client| match c.call(&Request::Info { key: "d0".into() }).unwrap() {
+    let state = |c: &mut nbd_control::client::Client| match c
+        .call(&Request::Info { key: "d0".into() })
+        .unwrap()
+    {
         Response::Backstore(b) => b.state,
         other => panic!("{other:?}"),
     };
@@ -486,4 +569,124 @@ fn startup_exports_are_listed_as_static_and_refuse_map_and_delete() {
     assert!(cli_ok(&r, &["list", "unmap"]).contains("boot"));
     assert!(!cli_ok(&r, &["list", "map"]).contains("boot"));
     assert_healthy(&r.addr, "boot");
+}
+
+/// A block device on this machine (an unattached loop device will do).
+fn some_block_device() -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::read_dir("/dev")
+        .ok()?
+        .flatten()
+        .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+        .map(|e| e.path().to_string_lossy().into_owned())
+}
+
+#[test]
+fn control_clients_cannot_reach_host_files_devices_or_memory_beyond_their_bounds() {
+    let root = scratch();
+    let rootp = path_str(root.path());
+    let outside = scratch();
+    let secret = tmp_path(&outside, "secret");
+    std::fs::write(&secret, vec![b's'; 692]).unwrap();
+    std::os::unix::fs::symlink(&secret, root.path().join("link")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.path().join("dirlink")).unwrap();
+    let mut r = Runner::start_with(&[
+        "--threads",
+        "1",
+        "--file-root",
+        rootp,
+        "--file-root",
+        "/dev",
+        "--mem-limit",
+        "64M",
+        "--export",
+        "mem:other,size=16M",
+    ]);
+    let escape = format!("{rootp}/../x");
+    let link = format!("{rootp}/link");
+    let via_dir = format!("{rootp}/dirlink/secret");
+    let secret_s = path_str(&secret).to_owned();
+    let mut cases: Vec<(String, &str)> = vec![
+        ("/etc/shadow".into(), "not beneath a file root"),
+        (secret_s.clone(), "not beneath a file root"),
+        (escape, "'..'"),
+        (link, "symbolic link"),
+        (via_dir, "symbolic link"),
+    ];
+    let dev = some_block_device();
+    if let Some(d) = &dev {
+        cases.push((d.clone(), "--allow-block-devices"));
+    } else {
+        eprintln!("no block device on this machine: the block-device case is not run");
+    }
+    for (key, want) in &cases {
+        for size in ["1", "692", "1M"] {
+            let out = cli(&r, &["file", "create", key, "size", size]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{key} created");
+            assert_eq!(err.trim_end().lines().count(), 1, "{key}: {err}");
+            assert!(err.contains(want), "{key}: {err:?} lacks {want:?}");
+            assert!(
+                !err.contains("692") || size == "692",
+                "{key}: size leaked: {err}"
+            );
+            assert!(
+                !err.contains("exists with size"),
+                "{key}: size leaked: {err}"
+            );
+        }
+    }
+    assert_eq!(std::fs::read(&secret).unwrap(), vec![b's'; 692]);
+    assert!(!outside.path().join("x").exists());
+    // Host files and hosts through ceph/gluster options: refused, naming
+    // the flag, whether or not this build has the handler.
+    for (h, key, opt) in [
+        ("ceph", "rbd/x", "conf=/etc/shadow"),
+        ("ceph", "rbd/x", "keyring=/root/.ssh/id_rsa"),
+        ("gluster", "vol/x", "server=203.0.113.9:24007"),
+    ] {
+        let args = [h, "create", key, "size", "1M", "option", opt];
+        cli_fails(&r, &args, "--allow-backstore-options");
+    }
+    // Memory: 1P and 1E are one line each, and nothing else suffers.
+    for size in ["1P", "1E", "49M"] {
+        cli_fails(
+            &r,
+            &["mem", "create", "huge", "size", size],
+            "--mem-limit is 64 MiB",
+        );
+    }
+    cli_ok(&r, &["mem", "create", "fits", "size", "48M"]);
+    r.assert_alive();
+    assert_healthy(&r.addr, "other");
+    assert_healthy(&r.addr, "fits");
+    cli_ok(&r, &["mem", "delete", "fits"]);
+    cli_ok(&r, &["mem", "create", "fits-again", "size", "48M"]);
+    // Inside the root everything works as before.
+    let ok = format!("{rootp}/disk.raw");
+    cli_ok(&r, &["file", "create", &ok, "size", "1M"]);
+    assert_healthy(&r.addr, &ok);
+    cli_ok(&r, &["file", "delete", &ok]);
+    assert!(!root.path().join("disk.raw").exists());
+}
+
+#[test]
+fn allow_block_devices_lets_the_operator_hand_devices_to_control_clients() {
+    let Some(dev) = some_block_device() else {
+        eprintln!("no block device on this machine: skipped");
+        return;
+    };
+    let r = Runner::start_with(&["--threads", "1", "--allow-block-devices"]);
+    // Outside every root, yet a block device: no longer refused for what it
+    // is (an unattached loop device then fails on its size, 0).
+    let out = cli(&r, &["file", "create", &dev, "size", "1M"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("--allow-block-devices"), "{err}");
+    assert!(!err.contains("not beneath a file root"), "{err}");
+    // A regular file outside the roots is still refused.
+    cli_fails(
+        &r,
+        &["file", "create", "/etc/hostname", "size", "1M"],
+        "not beneath a file root",
+    );
 }

@@ -71,9 +71,7 @@ impl Gluster {
 
 /// nbd-cli against `runner`: Ok(stdout) or Err(stderr).
 fn nbd_cli(runner: &Runner, args: &[&str]) -> Result<String, String> {
-    let mut full = vec!["--host", runner.rpc.as_str()];
-    full.extend_from_slice(args);
-    let out = run(env!("CARGO_BIN_EXE_nbd-cli"), &full);
+    let out = cli(runner, args);
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     if out.status.success() {
         Ok(text(&out.stdout))
@@ -271,7 +269,24 @@ fn gluster_failures_are_one_clear_line() {
         return;
     };
     let _shared = VOLUME.read().unwrap();
-    let runner = g.runner(&[]);
+    // Without the operator's allowance a control client names no glusterd.
+    let strict = g.runner(&[]);
+    let err = nbd_cli(
+        &strict,
+        &[
+            "gluster",
+            "create",
+            "x/a.img",
+            "size",
+            "1M",
+            "server",
+            "127.0.0.1:1",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.contains("--allow-backstore-options"), "{err}");
+    drop(strict);
+    let runner = g.runner(&["--allow-backstore-options"]);
     let cases = [
         (
             vec!["gluster", "create", "no-such-volume/a.img", "size", "1M"],

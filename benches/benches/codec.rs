@@ -4,7 +4,7 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use nbd_engine::backend::{Backend, MemBackend, DATA, HOLE};
+use nbd_engine::backend::{Backend, MemBackend, MemBudget, DATA, HOLE};
 use nbd_engine::protocol::consts::*;
 use nbd_engine::protocol::transmission::Next;
 use nbd_engine::protocol::{
@@ -18,7 +18,7 @@ const BATCH: usize = 32;
 const EXPORT: u64 = 1 << 30;
 
 fn session(style: ReplyStyle) -> Session {
-    let backend = MemBackend::new(EXPORT, false).expect("mem backend");
+    let backend = MemBackend::new(EXPORT, false, &MemBudget::unlimited()).expect("mem backend");
     Session {
         size: EXPORT,
         flags: backend.capabilities().transmission_flags(),

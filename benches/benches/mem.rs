@@ -7,7 +7,7 @@ mod common;
 use common::Offsets;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_lite::future::block_on;
-use nbd_engine::backend::{Backend, BackendIo, MemBackend};
+use nbd_engine::backend::{Backend, BackendIo, MemBackend, MemBudget};
 use std::hint::black_box;
 use std::rc::Rc;
 
@@ -17,7 +17,7 @@ const SPAN: u64 = 64 << 20;
 const SIZES: [(&str, usize); 2] = [("4k", 4096), ("1m", 1 << 20)];
 
 fn filled() -> std::sync::Arc<MemBackend> {
-    let m = MemBackend::new(1 << 30, false).expect("mem backend");
+    let m = MemBackend::new(1 << 30, false, &MemBudget::unlimited()).expect("mem backend");
     let block = vec![0xa5u8; 1 << 20];
     for off in (0..SPAN).step_by(block.len()) {
         m.write_from(off, &block);

@@ -3,19 +3,7 @@
 use nbd_control::model::{BackstoreInfo, ShardConnections, StatsReport};
 use nbd_engine::protocol::consts::*;
 
-/// 1073741824 → "1 GiB", 1610612736 → "1.5 GiB".
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut unit = 0;
-    let mut v = bytes as f64;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    let s = format!("{v:.2}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    format!("{s} {}", UNITS[unit])
-}
+pub use nbd_engine::config::size::human_size;
 
 /// Names of the transmission flags that are set.
 pub fn flag_names(flags: u16) -> Vec<&'static str> {

@@ -208,8 +208,13 @@ fn connect(global: &Global) -> Result<Client> {
         .or_else(|| std::env::var_os("NBD_RUNNER_TOKEN_FILE").map(PathBuf::from));
     let token = match token_file {
         Some(p) => Some(token::read(&p)?),
-        // The local default, if this user may read it; loopback needs none.
-        None => token::read(std::path::Path::new(DEFAULT_TOKEN_FILE)).ok(),
+        // The local default, if this user may read it, and only to this host:
+        // a token sent elsewhere would hand that host our runner.
+        None if endpoint.is_local() => token::read(std::path::Path::new(DEFAULT_TOKEN_FILE)).ok(),
+        None => bail!(
+            "{endpoint} is another host: give its token with --token-file FILE or \
+             NBD_RUNNER_TOKEN_FILE (the local default token is only sent to this host)"
+        ),
     };
     Client::connect(&endpoint, token, TIMEOUT).context("control route")
 }
@@ -234,7 +239,7 @@ fn help(handler: Option<Handler>) -> String {
          \t\tdiscards data past the new end and needs allow-shrink.\n\
          \tnbd-cli help | version | {h} help\n\n\
          Options anywhere: --host HOST[:PORT] (default 127.0.0.1:24110, or a unix socket path),\n\
-         --json, --token-file PATH (a runner listening beyond loopback needs its token),\n\
+         --json, --token-file PATH (TCP needs the runner's token; the local default is read for loopback),\n\
          --size SIZE, --prealloc, --readonly, --timeout T, --connections N, --device /dev/nbdX.\n"
     );
     if let Some(h) = handler {

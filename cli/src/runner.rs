@@ -26,11 +26,12 @@ pub fn run(args: RunnerArgs) -> Result<()> {
         }
     }
     let table = Arc::new(ExportTable::new(threads));
-    let defaults = args.handler_defaults();
+    let settings = args.settings();
+    prepare_default_file_root(&args);
     for spec in &args.exports {
         let key = &spec.0.key;
         let opened = spec
-            .open(&defaults)
+            .open(&settings)
             .with_context(|| format!("--export {}:{key}", spec.0.handler))?;
         let export = table.add(key, opened.backend)?;
         tracing::info!(
@@ -54,7 +55,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
     let listener = server::bind(args.io_addr())?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let control = daemon::start(
-        &args.daemon_config(),
+        &args.daemon_config(settings),
         table.clone(),
         addr,
         threads,
@@ -102,4 +103,21 @@ pub fn run(args: RunnerArgs) -> Result<()> {
     }
     tracing::info!("nbd-runner stopped");
     Ok(())
+}
+
+/// Creates the default file root (0700) when the operator named none and it
+/// is missing; a runner that cannot (not root) still starts, and its file
+/// creates say where they must go.
+fn prepare_default_file_root(args: &RunnerArgs) {
+    use std::os::unix::fs::DirBuilderExt;
+    if !args.file_roots.is_empty() {
+        return;
+    }
+    let root = std::path::Path::new(crate::runner_args::DEFAULT_FILE_ROOT);
+    if root.exists() {
+        return;
+    }
+    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(root) {
+        tracing::warn!(root = %root.display(), "cannot create the default file root: {e}");
+    }
 }

@@ -100,18 +100,72 @@ pub struct RunnerArgs {
     /// file backstores are host paths, and any peer of the IO route may ask).
     #[arg(long)]
     pub list_exports: bool,
+    /// Directory that `file` backstores created through the control route
+    /// must live beneath (no `..`, no symlinks); repeatable [default:
+    /// /var/lib/nbd-runner]. `--export` paths are not restricted.
+    #[arg(long = "file-root", value_name = "DIR")]
+    pub file_roots: Vec<PathBuf>,
+    /// Let control clients adopt block devices as `file` backstores.
+    #[arg(long)]
+    pub allow_block_devices: bool,
+    /// Let control clients give per-backstore options that name host files
+    /// or hosts (ceph conf=, keyring=, id=; gluster server=).
+    #[arg(long)]
+    pub allow_backstore_options: bool,
+    /// RAM all `mem` backstores may claim together, e.g. 8G [default: half
+    /// of the machine's memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem_limit: Option<u64>,
+}
+
+/// Where control-route file backstores live unless `--file-root` says otherwise.
+pub const DEFAULT_FILE_ROOT: &str = "/var/lib/nbd-runner";
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    nbd_engine::config::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Half of physical memory: room for the page cache and everything else.
+fn default_mem_limit() -> u64 {
+    let info = rustix::system::sysinfo();
+    (info.totalram as u64).saturating_mul(u64::from(info.mem_unit.max(1))) / 2
 }
 
 impl RunnerArgs {
     /// Runner-wide handler settings (`HANDLER.NAME` = value) from the flags.
     /// What the control plane's bootstrap needs from the flags.
-    pub fn daemon_config(&self) -> nbd_control::daemon::DaemonConfig {
+    pub fn daemon_config(
+        &self,
+        settings: nbd_control::factory::Settings,
+    ) -> nbd_control::daemon::DaemonConfig {
         nbd_control::daemon::DaemonConfig {
             state_dir: self.state_dir.clone(),
             rpchost: self.rpchost,
             rpcport: self.rpcport,
             token_file: self.token_file.clone(),
+            settings,
+        }
+    }
+
+    /// Runner-wide backstore settings: handler defaults, what control
+    /// clients may name, and the one memory budget every mem backstore
+    /// (startup exports included) draws from.
+    pub fn settings(&self) -> nbd_control::factory::Settings {
+        let roots = if self.file_roots.is_empty() {
+            vec![PathBuf::from(DEFAULT_FILE_ROOT)]
+        } else {
+            self.file_roots.clone()
+        };
+        nbd_control::factory::Settings {
             defaults: self.handler_defaults(),
+            file_roots: nbd_control::confine::FileRoots {
+                roots,
+                allow_block_devices: self.allow_block_devices,
+            },
+            allow_backstore_options: self.allow_backstore_options,
+            mem: nbd_engine::backend::MemBudget::new(
+                self.mem_limit.unwrap_or_else(default_mem_limit),
+            ),
         }
     }
 
@@ -162,6 +216,8 @@ const KEYWORDS: &[(&str, bool)] = &[
     ("ceph-id", true),
     ("ceph-keyring", true),
     ("gluster-server", true),
+    ("file-root", true),
+    ("mem-limit", true),
 ];
 
 /// Rewrites keyword forms into flags, leaving values untouched.

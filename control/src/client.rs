@@ -50,6 +50,20 @@ impl Endpoint {
         })
     }
 
+    /// This host: the unix socket or a loopback address. Only these get
+    /// the local default token; another host needs its own.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Endpoint::Unix(_) => true,
+            Endpoint::Tcp { host, .. } => {
+                host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.to_canonical().is_loopback())
+            }
+        }
+    }
+
     /// The host name to use for the IO route when the runner leaves it open.
     pub fn host(&self) -> Option<&str> {
         match self {
@@ -191,5 +205,24 @@ mod tests {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(tcp("::1", 7).to_string(), "[::1]:7");
+        for local in [
+            "127.0.0.1",
+            "127.9.8.7",
+            "localhost",
+            "::1",
+            "[::ffff:127.0.0.1]:5",
+            "/s",
+        ] {
+            assert!(Endpoint::parse(local).unwrap().is_local(), "{local}");
+        }
+        for remote in [
+            "10.0.0.1",
+            "node1",
+            "::2",
+            "localhost.evil.example",
+            "0.0.0.0",
+        ] {
+            assert!(!Endpoint::parse(remote).unwrap().is_local(), "{remote}");
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! The runner's control plane bootstrap: lock and load the state
-//! directory, restore the saved backstores, decide the token policy, and
+//! directory, restore the saved backstores, load or create the token, and
 //! start the control listeners. The binary only turns flags into a
 //! [`DaemonConfig`].
 
-use crate::factory::HandlerDefaults;
+use crate::factory::Settings;
 use crate::registry::{IoRoute, Registry};
 use crate::saveconfig::{PersistError, StateStore};
 use crate::server::{self, ControlConfig, ControlServer};
@@ -24,7 +24,7 @@ pub struct DaemonConfig {
     pub rpcport: u16,
     /// Where the control token lives; default `STATE_DIR/token`.
     pub token_file: Option<PathBuf>,
-    pub defaults: HandlerDefaults,
+    pub settings: Settings,
 }
 
 #[derive(Debug, Error)]
@@ -74,7 +74,7 @@ pub fn start(
         shards: shards as u32,
     };
     let registry =
-        Registry::load(store, saved, table, route, cfg.defaults.clone()).map_err(|e| {
+        Registry::load(store, saved, table, route, cfg.settings.clone()).map_err(|e| {
             DaemonError::Restore {
                 path: path.clone(),
                 message: e.to_string(),
@@ -82,19 +82,14 @@ pub fn start(
         })?;
     tracing::info!(state = %path.display(), backstores = count, "state loaded");
 
-    // Beyond loopback (or when the operator names a file) TCP callers
-    // must present the token.
-    let token = if cfg.rpchost.is_loopback() && cfg.token_file.is_none() {
-        None
-    } else {
-        let path = cfg
-            .token_file
-            .clone()
-            .unwrap_or_else(|| cfg.state_dir.join(token::FILE_NAME));
-        let t = token::load_or_create(&path)?;
-        tracing::info!(token_file = %path.display(), "control route over TCP requires this token");
-        Some(t)
-    };
+    // Every TCP caller presents the token, loopback included: any local
+    // user can reach loopback. The unix socket needs none (0600, peer uid).
+    let token_path = cfg
+        .token_file
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join(token::FILE_NAME));
+    let token = token::load_or_create(&token_path)?;
+    tracing::info!(token_file = %token_path.display(), "control route over TCP requires this token");
     let tcp = SocketAddr::new(cfg.rpchost, cfg.rpcport);
     let config = ControlConfig {
         tcp,

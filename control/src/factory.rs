@@ -1,14 +1,17 @@
 //! The single entry point to backstore storage (cloud-hypervisor's
 //! `block/src/factory.rs` is the model): every handler's key and option
 //! checks, opening, creating and removing, used by the runner's `--export`
-//! flags and by the control plane alike.
+//! flags and by the control plane alike. It is also the one place that
+//! decides what a control client may name ([`Origin::Control`]): file keys
+//! beneath the file roots, no host-file or host-address options unless the
+//! operator allows them, mem sizes within `--mem-limit`.
 
+use crate::confine::{FileRoots, IfMissing};
 use crate::model::Handler;
 use crate::saveconfig::SavedBackstore;
-use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend, Progress};
+use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend, MemBudget, Progress};
 use nbd_engine::config::export_spec;
 use std::collections::BTreeMap;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,6 +21,44 @@ use nbd_engine::backend::gluster::{GlusterBackend, VolfileServer};
 /// Runner-wide handler settings, keyed `HANDLER.NAME` (e.g. `gluster.server`,
 /// `ceph.conf`), from the runner's flags.
 pub type HandlerDefaults = BTreeMap<String, String>;
+
+/// Options that name host files or other hosts: a control client could use
+/// them to make the root daemon read any file (librados reads `conf` and
+/// `keyring`) or connect anywhere.
+const HOST_OPTIONS: [&str; 4] = ["conf", "keyring", "id", "server"];
+
+/// Runner-wide settings every open follows.
+#[derive(Clone)]
+pub struct Settings {
+    pub defaults: HandlerDefaults,
+    /// Where control-route file keys may live.
+    pub file_roots: FileRoots,
+    /// Control clients may give [`HOST_OPTIONS`].
+    pub allow_backstore_options: bool,
+    /// Shared by every mem backstore.
+    pub mem: Arc<MemBudget>,
+}
+
+impl Default for Settings {
+    /// No defaults, no roots, no host options, no memory limit (tests).
+    fn default() -> Self {
+        Settings {
+            defaults: HandlerDefaults::new(),
+            file_roots: FileRoots::default(),
+            allow_backstore_options: false,
+            mem: MemBudget::unlimited(),
+        }
+    }
+}
+
+/// Who named a backstore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The operator, on the runner's command line: trusted as typed.
+    Operator,
+    /// A control client (and what it saved, reopened at restart): confined.
+    Control,
+}
 
 /// What to open: one backstore's handler, key, size and options, whether
 /// it came from `--export` or from the control plane.
@@ -52,10 +93,24 @@ impl BackstoreSpec {
             .map(String::as_str)
     }
 
-    /// Key shape, option names, and that this build has the handler: one
-    /// line saying what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Key shape, option names, that this build has the handler, and what
+    /// `origin` may ask for: one line saying what is wrong.
+    pub fn validate(&self, origin: Origin, settings: &Settings) -> Result<(), String> {
         self.handler.check_key(&self.key)?;
+        if origin == Origin::Control && !settings.allow_backstore_options {
+            if let Some(bad) = self
+                .options
+                .keys()
+                .find(|k| HOST_OPTIONS.contains(&k.as_str()))
+            {
+                return Err(format!(
+                    "option {bad}= is refused: {} let a control client point the runner at \
+                     host files or hosts; the operator allows them with \
+                     nbd-runner --allow-backstore-options",
+                    HOST_OPTIONS.join(", ")
+                ));
+            }
+        }
         available(self.handler)?;
         let known = options(self.handler);
         if let Some(bad) = self.options.keys().find(|k| !known.contains(&k.as_str())) {
@@ -128,16 +183,16 @@ pub fn available(h: Handler) -> Result<(), String> {
 }
 
 /// Opens (or creates) a backstore's storage. The spec is validated first.
-#[cfg_attr(
-    not(any(feature = "ceph", feature = "gluster")),
-    allow(unused_variables)
-)]
 pub fn open(
     spec: &BackstoreSpec,
     mode: OpenMode,
-    defaults: &HandlerDefaults,
+    origin: Origin,
+    settings: &Settings,
 ) -> Result<Opened, BackendError> {
-    spec.validate().map_err(BackendError::Config)?;
+    spec.validate(origin, settings)
+        .map_err(BackendError::Config)?;
+    #[cfg(any(feature = "ceph", feature = "gluster"))]
+    let defaults = &settings.defaults;
     let (create, prealloc, _progress): (bool, bool, Progress) = match mode {
         OpenMode::Open => (false, false, &mut |_, _| {}),
         OpenMode::Create { prealloc, progress } => (true, prealloc, progress),
@@ -151,7 +206,57 @@ pub fn open(
         Handler::Mem => {
             let size =
                 size.ok_or_else(|| BackendError::Config("mem backstores need a size".into()))?;
-            opened(Arc::new(MemBackend::new(size, spec.read_only)?), true)
+            opened(
+                Arc::new(MemBackend::new(size, spec.read_only, &settings.mem)?),
+                true,
+            )
+        }
+        Handler::File if origin == Origin::Control => {
+            let missing = if create {
+                IfMissing::Create
+            } else {
+                IfMissing::Fail
+            };
+            let confined = settings
+                .file_roots
+                .open(&spec.key, spec.read_only, missing)
+                .map_err(|e| BackendError::Config(e.to_string()))?;
+            let path = Path::new(&spec.key);
+            let file_made = confined.created;
+            let sized = match (file_made, size) {
+                (true, Some(size)) => confined.file.set_len(size).map_err(|e| {
+                    BackendError::Config(format!("{}: cannot size to {size}: {e}", spec.key))
+                }),
+                _ => Ok(()),
+            };
+            let backend = sized.and_then(|()| {
+                let f = &confined.file;
+                if file_made && prealloc {
+                    preallocate(f, backend_len(f))?;
+                }
+                FileBackend::from_file(path, confined.file, spec.read_only)
+            });
+            let backend = match backend {
+                Ok(b) => b,
+                Err(e) => {
+                    if file_made {
+                        let _ = settings.file_roots.remove(&spec.key);
+                    }
+                    return Err(e);
+                }
+            };
+            // The file is beneath a root the caller may use, so its size is
+            // no secret; adopting needs it, so a typo cannot take a disk.
+            if let (false, true, Some(want)) = (file_made, create, size) {
+                if backend.size() != want {
+                    return Err(BackendError::Config(format!(
+                        "{} exists with size {}, not {want}; give its size to adopt it",
+                        spec.key,
+                        backend.size(),
+                    )));
+                }
+            }
+            opened(Arc::new(backend), file_made)
         }
         Handler::File => {
             let path = Path::new(&spec.key);
@@ -173,7 +278,14 @@ pub fn open(
                 }
             }
             if create && !existed && prealloc {
-                preallocate(path, backend.size())?;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| BackendError::io("open for preallocation", e))?;
+                if let Err(e) = preallocate(&f, backend.size()) {
+                    let _ = std::fs::remove_file(path);
+                    return Err(e);
+                }
             }
             opened(Arc::new(backend), create && !existed)
         }
@@ -206,7 +318,9 @@ pub fn open(
     not(any(feature = "ceph", feature = "gluster")),
     allow(unused_variables)
 )]
-pub fn remove(b: &SavedBackstore, defaults: &HandlerDefaults) -> Result<(), BackendError> {
+pub fn remove(b: &SavedBackstore, settings: &Settings) -> Result<(), BackendError> {
+    #[cfg(any(feature = "ceph", feature = "gluster"))]
+    let defaults = &settings.defaults;
     match b.handler {
         #[cfg(feature = "ceph")]
         Handler::Ceph if b.owned => ceph_spec(&BackstoreSpec::of(b), defaults)?.remove(),
@@ -214,11 +328,11 @@ pub fn remove(b: &SavedBackstore, defaults: &HandlerDefaults) -> Result<(), Back
         Handler::Gluster if b.owned => {
             GlusterBackend::remove(&gluster_server(&BackstoreSpec::of(b), defaults)?, &b.key)
         }
-        Handler::File if b.owned => match std::fs::remove_file(&b.key) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(BackendError::io("remove", e)),
-        },
+        // Saved backstores came through the control route: confined.
+        Handler::File if b.owned => settings
+            .file_roots
+            .remove(&b.key)
+            .map_err(|e| BackendError::Config(e.to_string())),
         _ => Ok(()),
     }
 }
@@ -247,19 +361,13 @@ fn gluster_server(
         })
 }
 
-fn preallocate(path: &Path, size: u64) -> Result<(), BackendError> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| BackendError::io("open for preallocation", e))?;
-    // SAFETY: fallocate on an fd we own.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        let _ = std::fs::remove_file(path);
-        return Err(BackendError::io("preallocate", e));
-    }
-    Ok(())
+fn preallocate(f: &std::fs::File, size: u64) -> Result<(), BackendError> {
+    rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), 0, size)
+        .map_err(|e| BackendError::io("preallocate", e.into()))
+}
+
+fn backend_len(f: &std::fs::File) -> u64 {
+    f.metadata().map_or(0, |m| m.len())
 }
 
 /// A parsed `--export HANDLER:KEY[,size=SIZE][,readonly][,OPTION=VALUE]...`.
@@ -285,14 +393,15 @@ impl std::str::FromStr for ExportSpec {
             read_only: raw.read_only,
             options: raw.options,
         };
-        out.validate().map_err(|e| bad(&e))?;
+        out.validate(Origin::Operator, &Settings::default())
+            .map_err(|e| bad(&e))?;
         Ok(ExportSpec(out))
     }
 }
 
 impl ExportSpec {
     /// Opens what the flag names, creating it when a size was given.
-    pub fn open(&self, defaults: &HandlerDefaults) -> Result<Opened, BackendError> {
+    pub fn open(&self, settings: &Settings) -> Result<Opened, BackendError> {
         let spec = &self.0;
         let mode = match (spec.size, spec.read_only) {
             (Some(_), false) => OpenMode::Create {
@@ -301,7 +410,7 @@ impl ExportSpec {
             },
             _ => OpenMode::Open,
         };
-        open(spec, mode, defaults)
+        open(spec, mode, Origin::Operator, settings)
     }
 }
 

@@ -65,21 +65,111 @@ fn every_handler_names_its_options() {
     };
     for h in Handler::ALL {
         for o in options(h) {
-            let r = spec(h, o).validate();
+            let r = spec(h, o).validate(Origin::Operator, &Settings::default());
             assert!(r.is_ok() || available(h).is_err(), "{h} {o}: {r:?}");
         }
-        let r = spec(h, "nonsense").validate().unwrap_err();
+        let r = spec(h, "nonsense")
+            .validate(Origin::Operator, &Settings::default())
+            .unwrap_err();
         assert!(r.contains("nonsense") || r.contains("without"), "{h}: {r}");
     }
 }
 
-fn no_defaults() -> HandlerDefaults {
-    HandlerDefaults::new()
+fn no_defaults() -> Settings {
+    Settings::default()
+}
+
+/// Settings whose only file root is `dir`.
+fn rooted(dir: &Path) -> Settings {
+    Settings {
+        file_roots: FileRoots {
+            roots: vec![dir.to_owned()],
+            allow_block_devices: false,
+        },
+        ..Settings::default()
+    }
+}
+
+#[test]
+fn control_clients_may_not_name_host_files_or_hosts() {
+    let spec = |handler, opt: &str| BackstoreSpec {
+        handler,
+        key: "pool/img".into(),
+        size: Some(1),
+        read_only: false,
+        options: BTreeMap::from([(opt.to_owned(), "/etc/shadow".to_owned())]),
+    };
+    let strict = Settings::default();
+    let lenient = Settings {
+        allow_backstore_options: true,
+        ..Settings::default()
+    };
+    for (h, o) in [
+        (Handler::Ceph, "conf"),
+        (Handler::Ceph, "keyring"),
+        (Handler::Ceph, "id"),
+        (Handler::Gluster, "server"),
+    ] {
+        if available(h).is_err() {
+            continue;
+        }
+        let e = spec(h, o).validate(Origin::Control, &strict).unwrap_err();
+        assert!(e.contains("--allow-backstore-options"), "{h} {o}: {e}");
+        assert!(!e.contains('\n'));
+        spec(h, o).validate(Origin::Control, &lenient).unwrap();
+        spec(h, o).validate(Origin::Operator, &strict).unwrap();
+    }
+    if available(Handler::Ceph).is_ok() {
+        // Options that name nothing on the host stay open to everyone.
+        spec(Handler::Ceph, "object_size")
+            .validate(Origin::Control, &strict)
+            .unwrap();
+    }
+}
+
+#[test]
+fn mem_backstores_share_the_budget() {
+    let settings = Settings {
+        mem: MemBudget::new(3 << 20),
+        ..Settings::default()
+    };
+    let spec = |key: &str, size| BackstoreSpec {
+        handler: Handler::Mem,
+        key: key.into(),
+        size: Some(size),
+        read_only: false,
+        options: BTreeMap::new(),
+    };
+    let create = |s: &BackstoreSpec| {
+        open(
+            s,
+            OpenMode::Create {
+                prealloc: false,
+                progress: &mut |_, _| {},
+            },
+            Origin::Control,
+            &settings,
+        )
+    };
+    let a = create(&spec("a", 2 << 20)).unwrap();
+    for size in [2 << 20, 1 << 50, u64::MAX] {
+        let e = create(&spec("b", size)).err().unwrap().to_string();
+        assert!(e.contains("--mem-limit is 3 MiB"), "{e}");
+    }
+    drop(a);
+    create(&spec("b", 3 << 20)).unwrap();
 }
 
 #[test]
 fn file_create_adopt_and_open() {
+    for origin in [Origin::Operator, Origin::Control] {
+        file_create_adopt_and_open_as(origin);
+    }
+}
+
+fn file_create_adopt_and_open_as(origin: Origin) {
     let dir = tempfile::tempdir().unwrap();
+    let settings = rooted(dir.path());
     let path = dir.path().join("a.raw");
     let key = path.to_str().unwrap().to_owned();
     let spec = |size| BackstoreSpec {
@@ -96,14 +186,19 @@ fn file_create_adopt_and_open() {
                 prealloc: false,
                 progress: &mut |_, _| {},
             },
-            &no_defaults(),
+            origin,
+            &settings,
         )
     };
     // Open needs the storage to be there.
-    let gone = open(&spec(Some(4096)), OpenMode::Open, &no_defaults())
+    let gone = open(&spec(Some(4096)), OpenMode::Open, origin, &settings)
         .err()
-        .unwrap();
-    assert!(gone.to_string().contains("gone"), "{gone}");
+        .unwrap()
+        .to_string();
+    assert!(
+        gone.contains("gone") || gone.contains("does not exist"),
+        "{gone}"
+    );
     let made = create(Some(1 << 20)).unwrap();
     assert!(made.created);
     assert_eq!(made.backend.size(), 1 << 20);
@@ -113,7 +208,7 @@ fn file_create_adopt_and_open() {
     let e = create(Some(2 << 20)).err().unwrap().to_string();
     assert!(e.contains("give its size to adopt it"), "{e}");
     // Open takes the file's own size.
-    let opened = open(&spec(None), OpenMode::Open, &no_defaults()).unwrap();
+    let opened = open(&spec(None), OpenMode::Open, origin, &settings).unwrap();
     assert_eq!(opened.backend.size(), 1 << 20);
     // Create without a size is refused.
     assert!(create(None).is_err());
@@ -141,4 +236,36 @@ fn export_spec_creates_only_with_a_size() {
             .capabilities()
             .read_only
     );
+}
+
+#[test]
+fn control_file_keys_stay_beneath_the_roots_and_reveal_no_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = rooted(dir.path());
+    let root = dir.path().to_str().unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", dir.path().join("shadow")).unwrap();
+    for key in [
+        "/etc/shadow".to_owned(),
+        format!("{root}/../x"),
+        format!("{root}/shadow"),
+        "/dev/null".to_owned(),
+    ] {
+        let spec = BackstoreSpec {
+            handler: Handler::File,
+            key: key.clone(),
+            size: Some(1),
+            read_only: false,
+            options: BTreeMap::new(),
+        };
+        let mode = OpenMode::Create {
+            prealloc: false,
+            progress: &mut |_, _| {},
+        };
+        let e = open(&spec, mode, Origin::Control, &settings)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!e.contains("size"), "{key}: {e}");
+        assert!(!e.contains('\n'), "{key}: {e}");
+    }
 }

@@ -3,6 +3,7 @@
 //! persistence, the server the runner embeds, and the client nbd-cli uses.
 
 pub mod client;
+pub mod confine;
 pub mod daemon;
 pub mod factory;
 pub mod model;
@@ -10,4 +11,5 @@ pub mod registry;
 pub mod saveconfig;
 pub mod server;
 pub mod token;
+pub mod trust;
 pub mod wire;

@@ -45,7 +45,9 @@ impl Handler {
         }
         match self {
             Handler::File if !key.starts_with('/') => bad("expected an absolute path"),
-            Handler::File if key.split('/').any(|c| c == "..") => bad("'..' is not allowed"),
+            Handler::File | Handler::Gluster if key.split('/').any(|c| c == "." || c == "..") => {
+                bad("'.' and '..' components are not allowed")
+            }
             Handler::Mem if key.contains('/') => bad("mem names cannot contain '/'"),
             Handler::Gluster | Handler::Ceph => {
                 let parts: Vec<&str> = key.split('/').collect();
@@ -397,6 +399,9 @@ mod tests {
         assert!(Handler::Mem.check_key("a/b").is_err());
         assert!(Handler::Gluster.check_key("vol/dir/file.img").is_ok());
         assert!(Handler::Gluster.check_key("vol").is_err());
+        assert!(Handler::Gluster.check_key("vol/../other/x").is_err());
+        assert!(Handler::Gluster.check_key("vol/./x").is_err());
+        assert!(Handler::File.check_key("/var/lib/./a").is_err());
         assert!(Handler::Ceph.check_key("rbd/img").is_ok());
         assert!(Handler::Ceph.check_key("rbd//img").is_err());
         assert!(Handler::Mem.check_key("").is_err());

@@ -1,7 +1,7 @@
 //! The backstores a runner knows, their state machine, and the link to the
 //! IO route's export table. Every change is saved before it is answered.
 
-use crate::factory::{self, BackstoreSpec, HandlerDefaults, OpenMode, Opened};
+use crate::factory::{self, BackstoreSpec, OpenMode, Opened, Origin, Settings};
 use crate::model::{
     next, BackstoreInfo, Event, Handler, ListFilter, OpReport, Refused, ShardConnections, State,
     StatsReport,
@@ -53,7 +53,7 @@ struct Entry {
 
 pub struct Registry {
     store: StateStore,
-    defaults: HandlerDefaults,
+    settings: Settings,
     entries: BTreeMap<String, Entry>,
     /// The runner's `--export` exports, there before the registry.
     statics: BTreeMap<String, Arc<Export>>,
@@ -70,7 +70,7 @@ pub struct Registry {
 pub struct PendingCreate {
     spec: BackstoreSpec,
     saved: SavedBackstore,
-    defaults: HandlerDefaults,
+    settings: Settings,
 }
 
 impl PendingCreate {
@@ -85,7 +85,7 @@ impl PendingCreate {
             prealloc: self.saved.prealloc,
             progress,
         };
-        factory::open(&self.spec, mode, &self.defaults)
+        factory::open(&self.spec, mode, Origin::Control, &self.settings)
     }
 }
 
@@ -112,13 +112,13 @@ impl PendingDelete {
 /// Storage to remove after a delete was recorded (outside the lock).
 pub struct Removal {
     saved: SavedBackstore,
-    defaults: HandlerDefaults,
+    settings: Settings,
 }
 
 impl Removal {
     pub fn run(self) {
         let key = self.saved.key.clone();
-        if let Err(e) = factory::remove(&self.saved, &self.defaults) {
+        if let Err(e) = factory::remove(&self.saved, &self.settings) {
             tracing::warn!(backstore = %key, error = %e, "deleted, but its storage was not removed");
         }
     }
@@ -132,7 +132,7 @@ impl Registry {
         cfg: SaveConfig,
         table: Arc<ExportTable>,
         io: IoRoute,
-        defaults: HandlerDefaults,
+        settings: Settings,
     ) -> Result<Registry, CtlError> {
         let statics = table
             .all()
@@ -141,7 +141,7 @@ impl Registry {
             .collect();
         let mut reg = Registry {
             store,
-            defaults,
+            settings,
             entries: BTreeMap::new(),
             statics,
             table,
@@ -169,7 +169,7 @@ impl Registry {
     /// Opens a saved backstore's storage again and serves it.
     fn open(&self, entry: &mut Entry) -> bool {
         let spec = BackstoreSpec::of(&entry.saved);
-        match factory::open(&spec, OpenMode::Open, &self.defaults) {
+        match factory::open(&spec, OpenMode::Open, Origin::Control, &self.settings) {
             Ok(Opened { backend, .. }) => match self.table.add(&entry.saved.key, backend) {
                 Ok(export) => {
                     entry.export = Some(export);
@@ -256,9 +256,6 @@ impl Registry {
 
     /// Checks a create and reserves its key.
     pub fn create_begin(&mut self, req: CreateRequest) -> Result<PendingCreate, CtlError> {
-        if let Err(m) = factory::available(req.handler) {
-            return fail(ErrorCode::Unsupported, m);
-        }
         let spec = BackstoreSpec {
             handler: req.handler,
             key: req.key.clone(),
@@ -266,8 +263,13 @@ impl Registry {
             read_only: false,
             options: req.options.clone(),
         };
-        if let Err(m) = spec.validate() {
-            return fail(ErrorCode::InvalidArgument, m);
+        if let Err(m) = spec.validate(Origin::Control, &self.settings) {
+            let code = if factory::available(req.handler).is_err() {
+                ErrorCode::Unsupported
+            } else {
+                ErrorCode::InvalidArgument
+            };
+            return fail(code, m);
         }
         self.check_not_busy(&req.key)?;
         if let Some(e) = self.entries.get(&req.key) {
@@ -297,12 +299,12 @@ impl Registry {
                 size: req.size,
                 state: State::Created,
                 device: None,
-                id: random_id(),
+                id: crate::trust::random_hex(16),
                 owned: false,
                 prealloc: req.prealloc,
                 options: req.options,
             },
-            defaults: self.defaults.clone(),
+            settings: self.settings.clone(),
         })
     }
 
@@ -338,7 +340,7 @@ impl Registry {
         if let Err(e) = self.save() {
             let entry = self.entries.remove(&key).expect("just inserted");
             self.table.remove(&key);
-            let _ = factory::remove(&entry.saved, &self.defaults);
+            let _ = factory::remove(&entry.saved, &self.settings);
             return Err(e);
         }
         tracing::info!(backstore = %key, %handler, size, "created");
@@ -422,7 +424,7 @@ impl Registry {
         // (an open rbd image has a watcher).
         Ok(Removal {
             saved: entry.saved,
-            defaults: self.defaults.clone(),
+            settings: self.settings.clone(),
         })
     }
 
@@ -758,15 +760,6 @@ fn cookie(s: &SavedBackstore) -> String {
     format!("nbd-runner:{}", s.id)
 }
 
-/// 128 random bits, hex.
-fn random_id() -> String {
-    let mut b = [0u8; 16];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    assert_eq!(n, b.len() as isize, "getrandom failed");
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -779,14 +772,15 @@ mod tests {
             port: 24111,
             shards: 2,
         };
-        Registry::load(
-            store,
-            cfg,
-            Arc::new(ExportTable::new(2)),
-            io,
-            Default::default(),
-        )
-        .unwrap()
+        // File keys in these tests live beside the state directory.
+        let settings = Settings {
+            file_roots: crate::confine::FileRoots {
+                roots: dir.parent().into_iter().map(Into::into).collect(),
+                allow_block_devices: false,
+            },
+            ..Settings::default()
+        };
+        Registry::load(store, cfg, Arc::new(ExportTable::new(2)), io, settings).unwrap()
     }
 
     #[test]
@@ -794,7 +788,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, cfg) = StateStore::open(dir.path()).unwrap();
         let table = Arc::new(ExportTable::new(2));
-        let mem = nbd_engine::backend::MemBackend::new(1 << 20, false).unwrap();
+        let mem = nbd_engine::backend::MemBackend::new(
+            1 << 20,
+            false,
+            &nbd_engine::backend::MemBudget::unlimited(),
+        )
+        .unwrap();
         table.add("boot", Arc::new(mem)).unwrap();
         let io = IoRoute {
             host: String::new(),

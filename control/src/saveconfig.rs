@@ -4,14 +4,17 @@
 //! fsync, rename, fsync of the directory) so a crash leaves either the old or
 //! the new document, never a torn one. The file is 0600 and the state
 //! directory is locked (flock) so two runners cannot share it. A file that
-//! cannot be read is reported, naming it, and never overwritten.
+//! cannot be read is reported, naming it, and never overwritten. The
+//! directory and its files must be the runner's own and writable by no one
+//! else ([`crate::trust`]), and the temp file has an unpredictable name.
 
 use crate::model::{Handler, State};
+use crate::trust::{self, Privacy, TrustError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -39,13 +42,18 @@ pub enum PersistError {
     Schema { path: PathBuf, found: u32 },
     #[error("state directory {0} is in use by another nbd-runner")]
     Locked(PathBuf),
+    #[error("refusing the state directory: {0}")]
+    Untrusted(#[from] TrustError),
 }
 
 impl PersistError {
     /// The state directory or a file in it is not ours to write.
     pub fn permission_denied(&self) -> bool {
-        matches!(self, PersistError::Io { error, .. }
-            if error.kind() == std::io::ErrorKind::PermissionDenied)
+        match self {
+            PersistError::Io { error, .. } => error.kind() == std::io::ErrorKind::PermissionDenied,
+            PersistError::Untrusted(e) => e.permission_denied(),
+            _ => false,
+        }
     }
 }
 
@@ -117,14 +125,18 @@ impl StateStore {
                 .create(dir)
                 .map_err(io_err(dir, "create state directory"))?;
         }
+        trust::check_dir(dir)?;
         let lock_path = dir.join(LOCK_NAME);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path, "open lock"))?;
+        let lock = trust::open(
+            &lock_path,
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600),
+            &[trust::euid()],
+            Privacy::NoOtherWriters,
+        )?;
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(PersistError::Locked(dir.to_owned()));
@@ -144,11 +156,20 @@ impl StateStore {
     }
 
     fn load(&self) -> Result<SaveConfig, PersistError> {
-        let text = match fs::read(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SaveConfig::default()),
-            Err(e) => return Err(io_err(&self.path, "read")(e)),
+        let opened = trust::open(
+            &self.path,
+            OpenOptions::new().read(true),
+            &[trust::euid()],
+            Privacy::NoOtherWriters,
+        );
+        let mut file = match opened {
+            Ok(f) => f,
+            Err(e) if e.not_found() => return Ok(SaveConfig::default()),
+            Err(e) => return Err(e.into()),
         };
+        let mut text = Vec::new();
+        file.read_to_end(&mut text)
+            .map_err(io_err(&self.path, "read"))?;
         let corrupt = |reason: String| PersistError::Corrupt {
             path: self.path.clone(),
             reason,
@@ -178,22 +199,12 @@ impl StateStore {
 
     /// Replaces the document atomically.
     pub fn save(&self, cfg: &SaveConfig) -> Result<(), PersistError> {
-        let tmp = self
-            .dir
-            .join(format!("{TMP_PREFIX}.{}", std::process::id()));
         let mut body = serde_json::to_vec_pretty(cfg).expect("state serialises");
         body.push(b'\n');
+        // A fresh, unpredictable name opened O_EXCL|O_NOFOLLOW: nothing
+        // planted in the directory can stand in for it.
+        let (tmp, mut f) = trust::create_unique(&self.dir, TMP_PREFIX)?;
         let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err(&tmp, "create"))?;
-            // An existing temp file keeps its mode; secrets may be in here.
-            f.set_permissions(fs::Permissions::from_mode(0o600))
-                .map_err(io_err(&tmp, "chmod"))?;
             f.write_all(&body).map_err(io_err(&tmp, "write"))?;
             f.sync_all().map_err(io_err(&tmp, "fsync"))?;
             fs::rename(&tmp, &self.path).map_err(io_err(&self.path, "rename"))?;
@@ -223,6 +234,7 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn sample(key: &str, state: State, device: Option<&str>) -> SavedBackstore {
         SavedBackstore {
@@ -295,6 +307,58 @@ mod tests {
         fs::write(&stale, "{half").unwrap();
         let _store = StateStore::open(dir.path()).unwrap();
         assert!(!stale.exists());
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        // Planted links at every name the runner writes, as another user would.
+        for name in [FILE_NAME, LOCK_NAME, &format!("{TMP_PREFIX}.1")] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
+        }
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = StateStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+        // Even in a private directory a linked state or lock file is refused.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let err = StateStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        fs::remove_file(dir.path().join(LOCK_NAME)).unwrap();
+        let err = StateStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+    }
+
+    #[test]
+    fn files_of_another_user_are_refused() {
+        if trust::euid() != 0 {
+            return; // needs chown; the suite runs as root in CI
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        fs::write(&path, "{\"schema\":1,\"backstores\":[]}").unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let err = StateStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("owned by uid 65534"), "{err}");
+    }
+
+    #[test]
+    fn saves_use_a_fresh_temp_name_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cfg) = StateStore::open(dir.path()).unwrap();
+        store.save(&cfg).unwrap();
+        store.save(&cfg).unwrap();
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with(TMP_PREFIX)),
+            "{names:?}"
+        );
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! in the state directory. Control traffic is rare and small, so it runs on
 //! plain threads, away from the IO shards.
 //!
-//! Access: with a token configured (the runner listens beyond loopback),
-//! every TCP peer must present it, loopback included, or it is refused and
-//! logged; the unix socket (0600) is for local administrators only.
+//! Access: every TCP peer must present the token, loopback included (any
+//! local user can reach loopback), or it is refused and logged. The unix
+//! socket is created 0600 and only peers running as the runner's user (or
+//! root, checked with SO_PEERCRED) are served, without a token.
 
 use crate::registry::{CtlError, Registry};
 use crate::wire::{
@@ -13,7 +14,7 @@ use crate::wire::{
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,8 +29,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct ControlConfig {
     pub tcp: SocketAddr,
     pub unix: Option<PathBuf>,
-    /// Required from every TCP peer when set.
-    pub token: Option<String>,
+    /// Required from every TCP peer.
+    pub token: String,
 }
 
 pub struct ControlServer {
@@ -48,7 +49,7 @@ impl ControlServer {
 
 struct Shared {
     registry: Arc<Mutex<Registry>>,
-    token: Option<String>,
+    token: String,
     clients: AtomicUsize,
 }
 
@@ -73,10 +74,9 @@ pub fn start(
     spawn_named("nbd-ctl-tcp", {
         let shared = shared.clone();
         move || {
-            let trusted = shared.token.is_none();
             for stream in tcp.incoming().flatten() {
                 let label = stream.peer_addr().map_or("tcp:?".into(), |p| p.to_string());
-                serve_in_thread(shared.clone(), stream, label, trusted);
+                serve_in_thread(shared.clone(), stream, label, Access::Token);
             }
         }
     })?;
@@ -84,7 +84,8 @@ pub fn start(
         let shared = shared.clone();
         spawn_named("nbd-ctl-unix", move || {
             for stream in listener.incoming().flatten() {
-                serve_in_thread(shared.clone(), stream, "unix".into(), true);
+                let (label, access) = unix_peer(&stream);
+                serve_in_thread(shared.clone(), stream, label, access);
             }
         })?;
     }
@@ -108,14 +109,60 @@ fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result
         .map(drop)
 }
 
+/// Binds the socket with mode 0600 from the start: the mode is set on the
+/// unbound socket, which bind() gives the new file, so there is no moment
+/// when others may connect and no chmod that could follow a planted path.
 fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
-    // A socket file left by a killed runner; the state-dir lock says it is ours.
-    if path.exists() {
-        std::fs::remove_file(path)?;
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    // A socket left by a killed runner; the state-dir lock says it is ours.
+    // Anything else at that name is not ours to remove.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} exists and is not a socket; remove it",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600))?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    rustix::net::listen(&fd, 128)?;
+    Ok(UnixListener::from(fd))
+}
+
+/// Who may use a connection without the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// The runner's own user or root on the unix socket.
+    Local,
+    /// Must present the token in its hello.
+    Token,
+    /// Another local user on the unix socket: always refused.
+    Stranger,
+}
+
+fn unix_peer(stream: &UnixStream) -> (String, Access) {
+    match rustix::net::sockopt::socket_peercred(stream) {
+        Ok(cred) => {
+            let uid = cred.uid.as_raw();
+            let ok = uid == 0 || uid == rustix::process::geteuid().as_raw();
+            let access = if ok { Access::Local } else { Access::Stranger };
+            (
+                format!("unix:uid={uid},pid={}", cred.pid.as_raw_nonzero()),
+                access,
+            )
+        }
+        Err(_) => ("unix:?".into(), Access::Stranger),
+    }
 }
 
 fn lock(r: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
@@ -140,7 +187,7 @@ impl Conn for UnixStream {
     }
 }
 
-fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, trusted: bool) {
+fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, access: Access) {
     if shared.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
         shared.clients.fetch_sub(1, Ordering::SeqCst);
         tracing::warn!(%peer, "control route busy; refusing");
@@ -153,7 +200,7 @@ fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, tr
         .spawn({
             let shared = shared.clone();
             move || {
-                if let Err(e) = serve(&shared, &mut stream, &peer, trusted) {
+                if let Err(e) = serve(&shared, &mut stream, &peer, access) {
                     tracing::debug!(%peer, error = %e, "control connection ended");
                 }
                 shared.clients.fetch_sub(1, Ordering::SeqCst);
@@ -176,7 +223,7 @@ fn serve<C: Conn>(
     shared: &Shared,
     stream: &mut C,
     peer: &str,
-    trusted: bool,
+    access: Access,
 ) -> Result<(), WireError> {
     stream.set_timeout(HELLO_TIMEOUT);
     let hello = match Hello::read_from(stream) {
@@ -195,15 +242,23 @@ fn serve<C: Conn>(
         stream.write_all(&reply(HelloStatus::VersionMismatch, &msg).encode())?;
         return Ok(());
     }
-    if !trusted && !token_ok(shared.token.as_deref(), hello.token.as_deref()) {
-        tracing::warn!(%peer, "refused control connection: missing or wrong token");
-        stream.write_all(
-            &reply(
-                HelloStatus::Unauthorized,
-                "access denied: this runner requires its token (nbd-cli --token-file)",
-            )
-            .encode(),
-        )?;
+    let refusal = match access {
+        Access::Local => None,
+        Access::Token if token_ok(&shared.token, hello.token.as_deref()) => None,
+        Access::Token => Some((
+            "missing or wrong token",
+            "access denied: this runner requires its token over TCP: run nbd-cli as root \
+             (it reads /etc/nbd-runner/token), pass --token-file STATE_DIR/token, or use the \
+             unix socket (--host STATE_DIR/nbd-runner.sock)",
+        )),
+        Access::Stranger => Some((
+            "unix socket peer is neither root nor the runner's user",
+            "access denied: the control socket is for root and the runner's user",
+        )),
+    };
+    if let Some((why, msg)) = refusal {
+        tracing::warn!(%peer, "refused control connection: {why}");
+        stream.write_all(&reply(HelloStatus::Unauthorized, msg).encode())?;
         return Ok(());
     }
     stream.write_all(&reply(HelloStatus::Welcome, env!("CARGO_PKG_VERSION")).encode())?;
@@ -239,8 +294,8 @@ fn error(code: ErrorCode, message: String) -> Response {
 }
 
 /// Compares without an early exit, so timing does not leak the token.
-fn token_ok(want: Option<&str>, got: Option<&str>) -> bool {
-    let (Some(want), Some(got)) = (want, got) else {
+fn token_ok(want: &str, got: Option<&str>) -> bool {
+    let Some(got) = got else {
         return false;
     };
     let (a, b) = (want.as_bytes(), got.as_bytes());
@@ -346,10 +401,10 @@ mod tests {
 
     #[test]
     fn token_comparison() {
-        assert!(token_ok(Some("abc"), Some("abc")));
-        assert!(!token_ok(Some("abc"), Some("abd")));
-        assert!(!token_ok(Some("abc"), Some("abcd")));
-        assert!(!token_ok(Some("abc"), None));
-        assert!(!token_ok(None, Some("abc")));
+        assert!(token_ok("abc", Some("abc")));
+        assert!(!token_ok("abc", Some("abd")));
+        assert!(!token_ok("abc", Some("abcd")));
+        assert!(!token_ok("abc", Some("")));
+        assert!(!token_ok("abc", None));
     }
 }

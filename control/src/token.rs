@@ -1,9 +1,12 @@
 //! The control route's shared secret: a token file readable only by its
-//! owner. The runner creates one when it listens beyond loopback; nbd-cli
+//! owner. The runner creates one in its state directory (or uses the file
+//! the operator names) and requires it from every TCP caller; nbd-cli
 //! presents it.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use crate::trust::{self, Privacy, TrustError};
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -16,12 +19,10 @@ pub enum TokenError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("token file {} is accessible by others (mode {mode:o}); run chmod 600 on it", path.display())]
-    TooOpen { path: PathBuf, mode: u32 },
+    #[error("token file: {0}")]
+    Untrusted(#[from] TrustError),
     #[error("token file {} is empty", path.display())]
     Empty { path: PathBuf },
-    #[error("getrandom failed: {0}")]
-    Random(std::io::Error),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TokenError + '_ {
@@ -31,16 +32,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TokenError + '_ {
     }
 }
 
-/// Reads a token, refusing a file others can read.
+/// Reads a token as nbd-cli does: the file must be this user's or root's,
+/// readable by no one else, and not a symlink.
 pub fn read(path: &Path) -> Result<String, TokenError> {
-    let meta = std::fs::metadata(path).map_err(io(path))?;
-    if meta.mode() & 0o077 != 0 {
-        return Err(TokenError::TooOpen {
-            path: path.to_owned(),
-            mode: meta.mode() & 0o777,
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    read_owned(path, &[trust::euid(), 0])
+}
+
+fn read_owned(path: &Path, owners: &[u32]) -> Result<String, TokenError> {
+    let mut f = trust::open(path, OpenOptions::new().read(true), owners, Privacy::Secret)?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(io(path))?;
     let token = text.trim().to_owned();
     if token.is_empty() {
         return Err(TokenError::Empty {
@@ -50,22 +51,19 @@ pub fn read(path: &Path) -> Result<String, TokenError> {
     Ok(token)
 }
 
-/// Reads the token at `path`, creating a random one (0600) if missing.
+/// The runner's token at `path`, created random (0600) if missing; an
+/// existing file must be the runner's user's own.
 pub fn load_or_create(path: &Path) -> Result<String, TokenError> {
-    if path.exists() {
-        return read(path);
+    match read_owned(path, &[trust::euid()]) {
+        Err(TokenError::Untrusted(e)) if e.not_found() => {}
+        other => return other,
     }
-    let mut bytes = [0u8; 32];
-    // SAFETY: getrandom fills at most bytes.len() bytes.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
-        return Err(TokenError::Random(std::io::Error::last_os_error()));
-    }
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = std::fs::OpenOptions::new()
+    let token = trust::random_hex(32);
+    let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(io(path))?;
     writeln!(f, "{token}").map_err(io(path))?;
@@ -76,7 +74,7 @@ pub fn load_or_create(path: &Path) -> Result<String, TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn created_private_and_read_back() {
@@ -90,14 +88,24 @@ mod tests {
     }
 
     #[test]
-    fn world_readable_or_empty_tokens_are_refused() {
+    fn world_readable_empty_or_linked_tokens_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(FILE_NAME);
         std::fs::write(&p, "secret\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(read(&p).unwrap_err().to_string().contains("chmod 600"));
+        assert!(load_or_create(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
         std::fs::write(&p, "\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(read(&p).unwrap_err().to_string().contains("empty"));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(load_or_create(&link)
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic link"));
     }
 }

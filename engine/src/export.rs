@@ -130,14 +130,29 @@ mod tests {
     #[test]
     fn default_export_only_when_unique() {
         let t = ExportTable::new(1);
-        t.add("a", Arc::new(MemBackend::new(1 << 20, false).unwrap()))
-            .unwrap();
+        t.add(
+            "a",
+            Arc::new(
+                MemBackend::new(1 << 20, false, &crate::backend::MemBudget::unlimited()).unwrap(),
+            ),
+        )
+        .unwrap();
         assert_eq!(t.get("").unwrap().name, "a");
-        t.add("b", Arc::new(MemBackend::new(1 << 20, false).unwrap()))
-            .unwrap();
+        t.add(
+            "b",
+            Arc::new(
+                MemBackend::new(1 << 20, false, &crate::backend::MemBudget::unlimited()).unwrap(),
+            ),
+        )
+        .unwrap();
         assert!(t.get("").is_none());
         assert!(matches!(
-            t.add("a", Arc::new(MemBackend::new(1, false).unwrap())),
+            t.add(
+                "a",
+                Arc::new(
+                    MemBackend::new(1, false, &crate::backend::MemBudget::unlimited()).unwrap()
+                )
+            ),
             Err(ExportError::Duplicate(_))
         ));
         assert_eq!(t.list().len(), 2);

@@ -28,6 +28,8 @@ pub struct Runner {
     pub rpc: String,
     /// The state directory, unless the test gave its own.
     pub state: Option<tempfile::TempDir>,
+    /// The control token nbd-cli presents over TCP.
+    pub token_file: PathBuf,
 }
 
 impl Runner {
@@ -48,10 +50,13 @@ impl Runner {
         if let Some(dir) = &state_arg {
             args.extend(["--state-dir", dir]);
         }
+        // Control-route file keys of the tests live in scratch directories.
+        let tmp = std::env::temp_dir();
         for (flag, default) in [
             ("--iohost", "127.0.0.1"),
             ("--ioport", "0"),
             ("--rpcport", "0"),
+            ("--file-root", path_str(&tmp)),
         ] {
             if !extra.contains(&flag) {
                 args.extend([flag, default]);
@@ -81,11 +86,19 @@ impl Runner {
             let status = child.wait().unwrap();
             panic!("nbd-runner did not start ({status}); first line {line:?}");
         };
+        let flag = |name: &str| {
+            let i = args.iter().position(|a| *a == name)?;
+            args.get(i + 1).map(PathBuf::from)
+        };
+        let token_file = flag("--token-file")
+            .or_else(|| flag("--state-dir").map(|d| d.join("token")))
+            .expect("a state directory");
         Runner {
             child,
             addr,
             rpc,
             state,
+            token_file,
         }
     }
 
@@ -97,6 +110,21 @@ impl Runner {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The control token, as nbd-cli reads it.
+    pub fn token(&self) -> String {
+        nbd_control::token::read(&self.token_file).expect("runner token")
+    }
+
+    /// A control-route client over TCP, presenting the token.
+    pub fn control(&self) -> nbd_control::client::Client {
+        nbd_control::client::Client::connect(
+            &nbd_control::client::Endpoint::parse(&self.rpc).unwrap(),
+            Some(self.token()),
+            Duration::from_secs(10),
+        )
+        .expect("control connection")
     }
 
     /// The CPUs the (first) shard thread may run on.
@@ -190,7 +218,7 @@ pub fn scratch() -> tempfile::TempDir {
 
 /// Runs a real peer and returns its output; a missing tool fails the test
 /// with the package to install (tests/run.sh installs them all).
-pub fn run(program: &str, args: &[&str]) -> Output {
+pub fn run<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> Output {
     let out = Command::new(program)
         .args(args)
         .env(
@@ -452,7 +480,8 @@ pub fn assert_healthy(addr: &str, export: &str) {
 
 /// nbd-cli against `runner`'s control route.
 pub fn cli(runner: &Runner, args: &[&str]) -> Output {
-    let mut full = vec!["--host", runner.rpc.as_str()];
+    let token = path_str(&runner.token_file);
+    let mut full = vec!["--host", runner.rpc.as_str(), "--token-file", token];
     full.extend_from_slice(args);
     run(env!("CARGO_BIN_EXE_nbd-cli"), &full)
 }

@@ -4,12 +4,15 @@
 step() { echo "--- $*"; }
 expect_eq() { [ "$1" = "$2" ] || fail "$3: got '$1', expected '$2'"; }
 
-# start_runner ARGS...: nbd-runner on the guest's loopback with 2 shards and
-# state in /tmp/st, plus ARGS; sets RP, returns once it is ready.
+# start_runner ARGS...: nbd-runner on the guest's loopback with 2 shards,
+# state in /tmp/st and file backstores beneath /tmp, plus ARGS; sets RP,
+# returns once it is ready.
 RP=
+# nbd-cli (default host 127.0.0.1:24110) presents this runner's token.
+export NBD_RUNNER_TOKEN_FILE=/tmp/st/token
 start_runner() {
   : >/tmp/runner.out
-  "$RUNNER" --iohost 127.0.0.1 --threads 2 --state-dir /tmp/st "$@" \
+  "$RUNNER" --iohost 127.0.0.1 --threads 2 --state-dir /tmp/st --file-root /tmp "$@" \
     >/tmp/runner.out 2>>/tmp/runner.log &
   RP=$!
   for _ in $(seq 300); do

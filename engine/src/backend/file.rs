@@ -19,10 +19,11 @@ const MAX_EXTENTS: usize = 1024;
 const ZERO_CHUNK: usize = 1 << 20;
 
 pub struct FileBackend {
-    path: PathBuf,
     size: u64,
     read_only: bool,
     storage: Probed,
+    /// The inode opened (and, for control-route keys, confined) at open.
+    file: Arc<std::fs::File>,
 }
 
 /// What the filesystem under a file can do, asked at open rather than
@@ -57,7 +58,9 @@ impl Probed {
 
 impl FileBackend {
     /// Opens `path`, creating a sparse file of `size` bytes (mode 0600) when
-    /// it is missing. An existing file keeps its own size.
+    /// it is missing. An existing file keeps its own size. The path is the
+    /// operator's (`--export`); control-route keys are confined first and
+    /// come in through [`FileBackend::from_file`].
     pub fn open_or_create(
         path: &Path,
         size: Option<u64>,
@@ -67,8 +70,12 @@ impl FileBackend {
         if !path.is_absolute() {
             return Err(cfg("file exports need an absolute path".into()));
         }
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
+        let open = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path);
+        let file = match open {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let size =
                     size.ok_or_else(|| cfg("does not exist; give size=SIZE to create it".into()))?;
@@ -76,6 +83,7 @@ impl FileBackend {
                     return Err(cfg("does not exist and the export is read-only".into()));
                 }
                 let f = std::fs::OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
@@ -83,50 +91,54 @@ impl FileBackend {
                     .map_err(|e| cfg(format!("cannot create: {e}")))?;
                 f.set_len(size)
                     .map_err(|e| cfg(format!("cannot size to {size}: {e}")))?;
-                f.metadata().map_err(|e| cfg(e.to_string()))?
+                f
             }
             Err(e) => return Err(cfg(e.to_string())),
         };
+        let backend = Self::from_file(path, file, read_only)?;
+        if let Some(want) = size.filter(|&s| s != backend.size) {
+            tracing::warn!(path = %path.display(), actual = backend.size, requested = want, "existing file keeps its own size");
+        }
+        Ok(backend)
+    }
+
+    /// Serves a file or block device already opened (read-write unless
+    /// `read_only`). Every connection reopens this very inode, so renaming
+    /// or replacing the path later changes nothing.
+    pub fn from_file(
+        path: &Path,
+        file: std::fs::File,
+        read_only: bool,
+    ) -> Result<Self, BackendError> {
+        let cfg = |msg: String| BackendError::Config(format!("{}: {msg}", path.display()));
+        let meta = file.metadata().map_err(|e| cfg(e.to_string()))?;
         let block_device = meta.file_type().is_block_device();
-        let actual = if block_device {
-            let f = std::fs::File::open(path).map_err(|e| cfg(e.to_string()))?;
+        let (size, storage) = if block_device {
             // SAFETY: lseek on a valid fd has no memory effects.
-            let end = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
+            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
             if end < 0 {
                 return Err(cfg(format!(
                     "cannot size: {}",
                     std::io::Error::last_os_error()
                 )));
             }
-            end as u64
+            // Discard on devices is BLKDISCARD, which this backend does not
+            // issue; a device's lseek reports it all as data.
+            let storage = Probed {
+                punch_hole: false,
+                seek_data: true,
+            };
+            (end as u64, storage)
         } else if meta.is_file() {
-            meta.len()
+            (meta.len(), Probed::file(&file, meta.len(), !read_only))
         } else {
             return Err(cfg("is neither a regular file nor a block device".into()));
         };
-        if let Some(want) = size.filter(|&s| s != actual) {
-            tracing::warn!(path = %path.display(), actual, requested = want, "existing file keeps its own size");
-        }
-        let storage = if block_device {
-            // Discard on devices is BLKDISCARD, which this backend does not
-            // issue; a device's lseek reports it all as data.
-            Probed {
-                punch_hole: false,
-                seek_data: true,
-            }
-        } else {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(!read_only)
-                .open(path)
-                .map_err(|e| cfg(format!("cannot open: {e}")))?;
-            Probed::file(&f, actual, !read_only)
-        };
         Ok(FileBackend {
-            path: path.to_owned(),
-            size: actual,
+            size,
             read_only,
             storage,
+            file: Arc::new(file),
         })
     }
 }
@@ -162,15 +174,20 @@ impl Backend for FileBackend {
     }
 
     fn attach(&self) -> IoFuture<'static, Rc<dyn BackendIo>> {
-        let path = self.path.clone();
+        // Each connection gets its own open file (io_uring registers it per
+        // shard) of the same inode: /proc/self/fd reopens what was checked
+        // at open instead of resolving the path again.
+        let held = self.file.clone();
         let (size, read_only) = (self.size, self.read_only);
         Box::pin(async move {
+            let reopen = PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
             let file = OpenOptions::new()
                 .read(true)
                 .write(!read_only)
-                .buffered_open(&path)
+                .buffered_open(&reopen)
                 .await
                 .map_err(|e| BackendError::io("open", e.into()))?;
+            drop(held);
             // A second handle for the fallocate modes io_uring cannot take
             // from glommio; they run on glommio's blocking pool.
             let fd = file.as_raw_fd();

@@ -5,7 +5,8 @@
 //! shared memory at once, which makes every flush trivially multi-conn safe.
 
 use super::*;
-use std::sync::{Arc, RwLock};
+use crate::config::size::human_size;
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Allocation and block-status granularity.
 pub const CHUNK: usize = 64 * 1024;
@@ -13,21 +14,97 @@ pub const CHUNK: usize = 64 * 1024;
 /// None until first written: a hole.
 type Chunk = RwLock<Option<Box<[u8]>>>;
 
+/// The RAM every mem backstore may claim together (`--mem-limit`). Each
+/// claims its whole size when it opens and gives it back when it goes, so
+/// the runner never promises more memory than the operator granted, and a
+/// control client cannot make it allocate (or abort on) a petabyte.
+pub struct MemBudget {
+    limit: u64,
+    used: Mutex<u64>,
+}
+
+impl MemBudget {
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(MemBudget {
+            limit,
+            used: Mutex::new(0),
+        })
+    }
+
+    /// No limit beyond what the allocator can give (tests, benches).
+    pub fn unlimited() -> Arc<Self> {
+        Self::new(u64::MAX)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn used(&self) -> u64 {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn claim(self: &Arc<Self>, size: u64) -> Result<Claim, BackendError> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if size > self.limit.saturating_sub(*used) {
+            return Err(BackendError::Config(format!(
+                "a mem backstore of {} does not fit: --mem-limit is {}, with {} claimed by other mem backstores",
+                human_size(size),
+                human_size(self.limit),
+                human_size(*used),
+            )));
+        }
+        *used += size;
+        Ok(Claim {
+            budget: self.clone(),
+            size,
+        })
+    }
+}
+
+/// One backstore's share of the budget, returned when it drops.
+struct Claim {
+    budget: Arc<MemBudget>,
+    size: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        *self.budget.used.lock().unwrap_or_else(|e| e.into_inner()) -= self.size;
+    }
+}
+
 pub struct MemBackend {
     size: u64,
     read_only: bool,
     chunks: Box<[Chunk]>,
+    _claim: Claim,
 }
 
 impl MemBackend {
-    pub fn new(size: u64, read_only: bool) -> Result<Arc<Self>, BackendError> {
-        let count = usize::try_from(size.div_ceil(CHUNK as u64))
-            .map_err(|_| BackendError::Config(format!("mem size {size} is too large")))?;
-        let chunks = (0..count).map(|_| RwLock::new(None)).collect();
+    pub fn new(
+        size: u64,
+        read_only: bool,
+        budget: &Arc<MemBudget>,
+    ) -> Result<Arc<Self>, BackendError> {
+        let claim = budget.claim(size)?;
+        let too_large = || {
+            BackendError::Config(format!(
+                "a mem backstore of {} needs more memory for its chunk table than there is",
+                human_size(size)
+            ))
+        };
+        let count = usize::try_from(size.div_ceil(CHUNK as u64)).map_err(|_| too_large())?;
+        // The table is the one allocation sized by the request: fallible,
+        // so an impossible size is an error, not an abort.
+        let mut chunks = Vec::new();
+        chunks.try_reserve_exact(count).map_err(|_| too_large())?;
+        chunks.extend((0..count).map(|_| RwLock::new(None)));
         Ok(Arc::new(MemBackend {
             size,
             read_only,
-            chunks,
+            chunks: chunks.into_boxed_slice(),
+            _claim: claim,
         }))
     }
 
@@ -209,7 +286,7 @@ mod tests {
 
     #[test]
     fn unwritten_space_reads_zero_and_costs_nothing() {
-        let m = MemBackend::new(1 << 30, false).unwrap();
+        let m = MemBackend::new(1 << 30, false, &MemBudget::unlimited()).unwrap();
         let mut buf = vec![0xffu8; 4096];
         m.read_into(12345, &mut buf);
         assert!(buf.iter().all(|&b| b == 0));
@@ -224,8 +301,40 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_refuses_what_does_not_fit_and_returns_what_drops() {
+        let budget = MemBudget::new(3 << 20);
+        let a = MemBackend::new(2 << 20, false, &budget).unwrap();
+        let err = MemBackend::new(2 << 20, false, &budget)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("does not fit") && err.contains("3 MiB") && err.contains("2 MiB claimed"),
+            "{err}"
+        );
+        assert_eq!(budget.used(), 2 << 20);
+        drop(a);
+        assert_eq!(budget.used(), 0);
+        let _b = MemBackend::new(3 << 20, false, &budget).unwrap();
+    }
+
+    #[test]
+    fn impossible_sizes_are_errors_not_aborts() {
+        let unlimited = MemBudget::unlimited();
+        // Tables larger than the address space: refused whatever the overcommit mode.
+        for size in [1u64 << 62, u64::MAX] {
+            let err = MemBackend::new(size, false, &unlimited)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("chunk table"), "{err}");
+        }
+        assert_eq!(unlimited.used(), 0);
+    }
+
+    #[test]
     fn write_spanning_chunks_reads_back() {
-        let m = MemBackend::new(1 << 20, false).unwrap();
+        let m = MemBackend::new(1 << 20, false, &MemBudget::unlimited()).unwrap();
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         m.write_from(CHUNK as u64 - 7, &data);
         let mut back = vec![0u8; data.len()];
@@ -237,7 +346,7 @@ mod tests {
 
     #[test]
     fn trim_makes_whole_chunks_holes_and_zeroes_partials() {
-        let m = MemBackend::new(4 * CHUNK as u64, false).unwrap();
+        let m = MemBackend::new(4 * CHUNK as u64, false, &MemBudget::unlimited()).unwrap();
         m.write_from(0, &vec![7u8; 4 * CHUNK]);
         m.zero(100, 2 * CHUNK as u64, false);
         let ext = m.extents_of(0, 4 * CHUNK as u64);
@@ -267,7 +376,7 @@ mod tests {
 
     #[test]
     fn read_to_vec_matches_read_into_over_holes_and_data() {
-        let m = MemBackend::new(4 * CHUNK as u64, false).unwrap();
+        let m = MemBackend::new(4 * CHUNK as u64, false, &MemBudget::unlimited()).unwrap();
         m.write_from(CHUNK as u64 + 5, &[3u8; 1000]);
         let mut a = vec![0xeeu8; 3 * CHUNK];
         m.read_into(100, &mut a);
@@ -280,14 +389,14 @@ mod tests {
 
     #[test]
     fn no_hole_zeroing_allocates() {
-        let m = MemBackend::new(2 * CHUNK as u64, false).unwrap();
+        let m = MemBackend::new(2 * CHUNK as u64, false, &MemBudget::unlimited()).unwrap();
         m.zero(0, CHUNK as u64, true);
         assert_eq!(m.extents_of(0, CHUNK as u64)[0].flags, DATA);
     }
 
     #[test]
     fn size_not_multiple_of_chunk_is_clipped() {
-        let m = MemBackend::new(CHUNK as u64 + 10, false).unwrap();
+        let m = MemBackend::new(CHUNK as u64 + 10, false, &MemBudget::unlimited()).unwrap();
         m.write_from(CHUNK as u64, &[9u8; 10]);
         let ext = m.extents_of(0, CHUNK as u64 + 10);
         assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), CHUNK as u64 + 10);
@@ -295,7 +404,7 @@ mod tests {
 
     #[test]
     fn concurrent_writers_on_threads_do_not_tear() {
-        let m = MemBackend::new(1 << 20, false).unwrap();
+        let m = MemBackend::new(1 << 20, false, &MemBudget::unlimited()).unwrap();
         let handles: Vec<_> = (0..4u8)
             .map(|t| {
                 let m = m.clone();

@@ -22,7 +22,7 @@ use std::rc::Rc;
 use thiserror::Error;
 
 pub use file::FileBackend;
-pub use mem::MemBackend;
+pub use mem::{MemBackend, MemBudget};
 
 /// Reports a long operation's progress: (bytes done, bytes in all).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);

@@ -62,6 +62,20 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     u64::try_from(bytes).map_err(|_| err("larger than 16 EiB"))
 }
 
+/// 1073741824 → "1 GiB", 1610612736 → "1.5 GiB".
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut unit = 0;
+    let mut v = bytes as f64;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    let s = format!("{v:.2}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
