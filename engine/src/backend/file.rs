@@ -93,6 +93,9 @@ impl FileBackend {
                     .map_err(|e| cfg(format!("cannot size to {size}: {e}")))?;
                 f
             }
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                return Err(cfg("is neither a regular file nor a block device".into()))
+            }
             Err(e) => return Err(cfg(e.to_string())),
         };
         let backend = Self::from_file(path, file, read_only)?;
