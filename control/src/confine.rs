@@ -81,31 +81,10 @@ impl FileRoots {
             Err(e) => return Err(e),
         };
         debug_assert!(rel.components().all(|c| matches!(c, Component::Normal(_))));
-        let io = |op: &'static str| {
-            move |e: rustix::io::Errno| ConfineError::Io {
-                key: key.into(),
-                op,
-                message: std::io::Error::from(e).to_string(),
-            }
-        };
-        let dir = rustix::fs::open(
-            root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io("open its file root"))?;
+        let errno = |op| errno(key, op);
+        let dir = open_root(root, key)?;
         let resolve = Self::RESOLVE;
-        let escape = |e: rustix::io::Errno| {
-            match e {
-            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => ConfineError::Escape { key: key.into() },
-            rustix::io::Errno::NOSYS => ConfineError::Io {
-                key: key.into(),
-                op: "openat2",
-                message: "this kernel has no openat2 (Linux 5.6+); control-route file keys cannot be confined".into(),
-            },
-            e => io("open")(e),
-        }
-        };
+        let escape = errno("open");
         // Look before opening: opening a FIFO or a device has side effects.
         let probe = rustix::fs::openat2(
             &dir,
@@ -140,7 +119,7 @@ impl FileRoots {
                 created: true,
             });
         };
-        let seen = rustix::fs::fstat(&probe).map_err(io("stat"))?;
+        let seen = rustix::fs::fstat(&probe).map_err(errno("stat"))?;
         self.check_type(key, rustix::fs::FileType::from_raw_mode(seen.st_mode))?;
         let fd = rustix::fs::openat2(&dir, rel, base, Mode::empty(), resolve).map_err(escape)?;
         let file = File::from(fd);
@@ -164,22 +143,10 @@ impl FileRoots {
     /// elsewhere. A missing file is already gone.
     pub fn remove(&self, key: &str) -> Result<(), ConfineError> {
         let (root, rel) = self.split(key)?;
-        let io = |op: &'static str| {
-            move |e: rustix::io::Errno| ConfineError::Io {
-                key: key.into(),
-                op,
-                message: std::io::Error::from(e).to_string(),
-            }
-        };
         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
             return Err(ConfineError::Escape { key: key.into() });
         };
-        let root = rustix::fs::open(
-            root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io("open its file root"))?;
+        let root = open_root(root, key)?;
         let parent = if parent.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -192,15 +159,10 @@ impl FileRoots {
             Mode::empty(),
             Self::RESOLVE,
         )
-        .map_err(|e| match e {
-            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
-                ConfineError::Escape { key: key.into() }
-            }
-            e => io("open its directory")(e),
-        })?;
+        .map_err(errno(key, "open its directory"))?;
         match rustix::fs::unlinkat(&dir, name, rustix::fs::AtFlags::empty()) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(e) => Err(io("remove")(e)),
+            Err(e) => Err(errno(key, "remove")(e)),
         }
     }
 
@@ -273,6 +235,36 @@ impl FileRoots {
         let names: Vec<String> = self.roots.iter().map(|r| r.display().to_string()).collect();
         names.join(", ")
     }
+}
+
+/// What an errno from resolving `key` means: a symlink or a way out of
+/// the root is an escape; anything else is reported as it is.
+fn errno<'k>(key: &'k str, op: &'static str) -> impl Fn(rustix::io::Errno) -> ConfineError + 'k {
+    move |e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
+            ConfineError::Escape { key: key.into() }
+        }
+        rustix::io::Errno::NOSYS => ConfineError::Io {
+            key: key.into(),
+            op: "openat2",
+            message: "this kernel has no openat2 (Linux 5.6+), so file keys cannot be confined"
+                .into(),
+        },
+        e => ConfineError::Io {
+            key: key.into(),
+            op,
+            message: std::io::Error::from(e).to_string(),
+        },
+    }
+}
+
+fn open_root(root: &Path, key: &str) -> Result<rustix::fd::OwnedFd, ConfineError> {
+    rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno(key, "open its file root"))
 }
 
 #[cfg(test)]

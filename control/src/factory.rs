@@ -211,43 +211,15 @@ pub fn open(
                 true,
             )
         }
-        Handler::File if origin == Origin::Control => {
-            let missing = if create {
-                IfMissing::Create
-            } else {
-                IfMissing::Fail
+        Handler::File => {
+            let (backend, made) = match origin {
+                Origin::Control => open_confined_file(spec, create, prealloc, settings)?,
+                Origin::Operator => open_operator_file(spec, create, prealloc)?,
             };
-            let confined = settings
-                .file_roots
-                .open(&spec.key, spec.read_only, missing)
-                .map_err(|e| BackendError::Config(e.to_string()))?;
-            let path = Path::new(&spec.key);
-            let file_made = confined.created;
-            let sized = match (file_made, size) {
-                (true, Some(size)) => confined.file.set_len(size).map_err(|e| {
-                    BackendError::Config(format!("{}: cannot size to {size}: {e}", spec.key))
-                }),
-                _ => Ok(()),
-            };
-            let backend = sized.and_then(|()| {
-                let f = &confined.file;
-                if file_made && prealloc {
-                    preallocate(f, backend_len(f))?;
-                }
-                FileBackend::from_file(path, confined.file, spec.read_only)
-            });
-            let backend = match backend {
-                Ok(b) => b,
-                Err(e) => {
-                    if file_made {
-                        let _ = settings.file_roots.remove(&spec.key);
-                    }
-                    return Err(e);
-                }
-            };
-            // The file is beneath a root the caller may use, so its size is
-            // no secret; adopting needs it, so a typo cannot take a disk.
-            if let (false, true, Some(want)) = (file_made, create, size) {
+            // Adopting needs the file's own size, so a typo cannot take a
+            // disk. A confined file lies beneath a root the caller may use,
+            // so its size is no secret.
+            if let (false, true, Some(want)) = (made, create, size) {
                 if backend.size() != want {
                     return Err(BackendError::Config(format!(
                         "{} exists with size {}, not {want}; give its size to adopt it",
@@ -256,38 +228,7 @@ pub fn open(
                     )));
                 }
             }
-            opened(Arc::new(backend), file_made)
-        }
-        Handler::File => {
-            let path = Path::new(&spec.key);
-            let existed = path.exists();
-            if !existed && !create {
-                return Err(BackendError::Config(format!(
-                    "{}: the file is gone",
-                    path.display()
-                )));
-            }
-            let backend = FileBackend::open_or_create(path, size, spec.read_only)?;
-            if let (true, true, Some(want)) = (existed, create, size) {
-                if backend.size() != want {
-                    return Err(BackendError::Config(format!(
-                        "{} exists with size {}, not {want}; give its size to adopt it",
-                        path.display(),
-                        backend.size(),
-                    )));
-                }
-            }
-            if create && !existed && prealloc {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| BackendError::io("open for preallocation", e))?;
-                if let Err(e) = preallocate(&f, backend.size()) {
-                    let _ = std::fs::remove_file(path);
-                    return Err(e);
-                }
-            }
-            opened(Arc::new(backend), create && !existed)
+            opened(Arc::new(backend), made)
         }
         #[cfg(feature = "ceph")]
         Handler::Ceph => {
@@ -366,8 +307,68 @@ fn preallocate(f: &std::fs::File, size: u64) -> Result<(), BackendError> {
         .map_err(|e| BackendError::io("preallocate", e.into()))
 }
 
-fn backend_len(f: &std::fs::File) -> u64 {
-    f.metadata().map_or(0, |m| m.len())
+/// A control client's file key, beneath the roots; true if made here.
+fn open_confined_file(
+    spec: &BackstoreSpec,
+    create: bool,
+    prealloc: bool,
+    settings: &Settings,
+) -> Result<(FileBackend, bool), BackendError> {
+    let missing = if create {
+        IfMissing::Create
+    } else {
+        IfMissing::Fail
+    };
+    let confined = settings
+        .file_roots
+        .open(&spec.key, spec.read_only, missing)
+        .map_err(|e| BackendError::Config(e.to_string()))?;
+    let made = confined.created;
+    let file = confined.file;
+    let result = (|| {
+        if let (true, Some(size)) = (made, spec.size) {
+            file.set_len(size).map_err(|e| {
+                BackendError::Config(format!("{}: cannot size to {size}: {e}", spec.key))
+            })?;
+            if prealloc {
+                preallocate(&file, size)?;
+            }
+        }
+        FileBackend::from_file(Path::new(&spec.key), file, spec.read_only)
+    })();
+    if result.is_err() && made {
+        let _ = settings.file_roots.remove(&spec.key);
+    }
+    result.map(|b| (b, made))
+}
+
+/// The operator's `--export` path, as typed; true if made here.
+fn open_operator_file(
+    spec: &BackstoreSpec,
+    create: bool,
+    prealloc: bool,
+) -> Result<(FileBackend, bool), BackendError> {
+    let path = Path::new(&spec.key);
+    let existed = path.exists();
+    if !existed && !create {
+        return Err(BackendError::Config(format!(
+            "{}: the file is gone",
+            path.display()
+        )));
+    }
+    let backend = FileBackend::open_or_create(path, spec.size, spec.read_only)?;
+    let made = create && !existed;
+    if made && prealloc {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| BackendError::io("open for preallocation", e))?;
+        if let Err(e) = preallocate(&f, backend.size()) {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+    }
+    Ok((backend, made))
 }
 
 /// A parsed `--export HANDLER:KEY[,size=SIZE][,readonly][,OPTION=VALUE]...`.
