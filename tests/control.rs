@@ -408,6 +408,12 @@ fn a_state_directory_others_can_write_is_refused_and_planted_links_write_nothing
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    // Something that is not a socket where the socket goes: left alone.
+    std::fs::remove_file(state.join("token")).unwrap();
+    std::os::unix::fs::symlink(&victim, state.join("nbd-runner.sock")).unwrap();
+    let err = runner_refuses(&args);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
 }
 
 #[test]
