@@ -23,6 +23,8 @@ pub struct Global {
     pub host: Option<String>,
     pub json: bool,
     pub token_file: Option<PathBuf>,
+    /// Client TLS credentials (ca-cert.pem, client-cert.pem, client-key.pem).
+    pub tls_certificates: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,9 +81,10 @@ pub struct Invocation {
 }
 
 /// Flags that take a value (`--NAME VALUE` or `--NAME=VALUE`), anywhere.
-const VALUE_FLAGS: [&str; 8] = [
+const VALUE_FLAGS: [&str; 9] = [
     "host",
     "token-file",
+    "tls-certificates",
     "size",
     "option",
     "server",
@@ -236,6 +239,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
     let mut words = Words::new(args)?;
     words.global.host = words.value("host")?;
     words.global.token_file = words.value("token-file")?.map(PathBuf::from);
+    words.global.tls_certificates = words.value("tls-certificates")?.map(PathBuf::from);
     words.global.json = words.switch("json");
     if words.switch("help") {
         let handler = words.rest.first().and_then(|w| w.parse().ok());

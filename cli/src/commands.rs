@@ -216,7 +216,21 @@ fn connect(global: &Global) -> Result<Client> {
              NBD_RUNNER_TOKEN_FILE (the local default token is only sent to this host)"
         ),
     };
-    Client::connect(&endpoint, token, TIMEOUT).context("control route")
+    let tls = match tls_dir(global) {
+        Some(dir) if matches!(endpoint, Endpoint::Tcp { .. }) => {
+            Some(nbd_control::tls::client_config(&dir).context("--tls-certificates")?)
+        }
+        _ => None,
+    };
+    Client::connect_tls(&endpoint, token, TIMEOUT, tls).context("control route")
+}
+
+/// `--tls-certificates` or NBD_RUNNER_TLS_CERTIFICATES: TLS on both routes.
+fn tls_dir(global: &Global) -> Option<PathBuf> {
+    global
+        .tls_certificates
+        .clone()
+        .or_else(|| std::env::var_os("NBD_RUNNER_TLS_CERTIFICATES").map(PathBuf::from))
 }
 
 fn help(handler: Option<Handler>) -> String {
@@ -240,6 +254,7 @@ fn help(handler: Option<Handler>) -> String {
          \tnbd-cli help | version | {h} help\n\n\
          Options anywhere: --host HOST[:PORT] (default 127.0.0.1:24110, or a unix socket path),\n\
          --json, --token-file PATH (TCP needs the runner's token; the local default is read for loopback),\n\
+         --tls-certificates DIR (ca-cert.pem, client-cert.pem, client-key.pem: TLS to the runner),\n\
          --size SIZE, --prealloc, --readonly, --timeout T, --connections N, --device /dev/nbdX.\n"
     );
     if let Some(h) = handler {

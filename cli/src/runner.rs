@@ -2,16 +2,18 @@
 //! startup exports, signals, the control plane and the engine, then an
 //! orderly stop. The binary only parses flags and sets up logging.
 
-use crate::runner_args::RunnerArgs;
+use crate::runner_args::{RunnerArgs, TlsArg};
 use anyhow::{Context, Result};
 use nbd_control::daemon;
 use nbd_engine::export::ExportTable;
+use nbd_engine::protocol::TlsPolicy;
 use nbd_engine::server::{self, EngineConfig, Limits, Shutdown};
 use std::io::Write;
 use std::sync::Arc;
 
 /// Serves until SIGINT/SIGTERM; a second signal exits at once.
 pub fn run(args: RunnerArgs) -> Result<()> {
+    let tls = tls_server(&args)?;
     let threads = args.threads();
     // Before any thread starts: every thread inherits both settings below.
     if let Err(e) = server::placement::set_sched_policy(args.sched.into()) {
@@ -55,7 +57,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
     let listener = server::bind(args.io_addr())?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let control = daemon::start(
-        &args.daemon_config(settings),
+        &args.daemon_config(settings, tls.as_ref().map(|t| t.config.clone())),
         table.clone(),
         addr,
         threads,
@@ -77,6 +79,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
                 list_exports: args.list_exports,
                 ..Limits::default()
             },
+            tls,
         },
         table.clone(),
         shutdown,
@@ -103,6 +106,21 @@ pub fn run(args: RunnerArgs) -> Result<()> {
     }
     tracing::info!("nbd-runner stopped");
     Ok(())
+}
+
+/// The IO route's TLS from the flags; the same credentials serve the
+/// control route.
+fn tls_server(args: &RunnerArgs) -> Result<Option<server::TlsServer>> {
+    let choice = args.tls_choice().map_err(anyhow::Error::msg)?;
+    let policy = match choice.mode {
+        TlsArg::Off => return Ok(None),
+        TlsArg::On => TlsPolicy::On,
+        TlsArg::Require => TlsPolicy::Require,
+    };
+    let config = nbd_control::tls::server_config(&choice.dir, choice.verify_peer)
+        .context("--tls-certificates")?;
+    tracing::info!(dir = %choice.dir.display(), ?policy, verify_peer = choice.verify_peer, "TLS on the IO and control routes");
+    Ok(Some(server::TlsServer { policy, config }))
 }
 
 /// Creates the default file root (0700) when the operator named none and it

@@ -22,6 +22,14 @@ impl From<Sched> for nbd_engine::server::placement::SchedPolicy {
     }
 }
 
+/// `--tls`, nbdkit's spelling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsArg {
+    Off,
+    On,
+    Require,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nbd-runner",
@@ -39,8 +47,9 @@ pub struct RunnerArgs {
     /// Control route TCP port.
     #[arg(long, default_value_t = 24110)]
     pub rpcport: u16,
-    /// Address the NBD IO route listens on; IPv4 or IPv6.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address the NBD IO route listens on; IPv4 or IPv6. Anything but
+    /// loopback needs TLS (--tls-certificates) or an explicit --tls off.
+    #[arg(long, default_value = "127.0.0.1")]
     pub iohost: IpAddr,
     /// NBD IO route TCP port (0 picks a free one).
     #[arg(long, default_value_t = 24111)]
@@ -116,6 +125,27 @@ pub struct RunnerArgs {
     /// of the machine's memory].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub mem_limit: Option<u64>,
+    /// TLS on the IO route (NBD STARTTLS) and the TCP control route: `off`,
+    /// `on` (offered; plain clients are served too) or `require` [default:
+    /// require when --tls-certificates is given, else off; a non-loopback
+    /// --iohost or --rpchost must have one or the other].
+    #[arg(long, value_enum)]
+    pub tls: Option<TlsArg>,
+    /// Directory holding ca-cert.pem, server-cert.pem and server-key.pem
+    /// (0600), nbdkit's layout [default: STATE_DIR/pki].
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Clients must present a certificate signed by ca-cert.pem.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+}
+
+/// The TLS mode a runner's flags come to, and where its credentials are.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TlsChoice {
+    pub mode: TlsArg,
+    pub dir: PathBuf,
+    pub verify_peer: bool,
 }
 
 /// Where control-route file backstores live unless `--file-root` says otherwise.
@@ -137,6 +167,7 @@ impl RunnerArgs {
     pub fn daemon_config(
         &self,
         settings: nbd_control::factory::Settings,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     ) -> nbd_control::daemon::DaemonConfig {
         nbd_control::daemon::DaemonConfig {
             state_dir: self.state_dir.clone(),
@@ -144,6 +175,7 @@ impl RunnerArgs {
             rpcport: self.rpcport,
             token_file: self.token_file.clone(),
             settings,
+            tls,
         }
     }
 
@@ -187,6 +219,40 @@ impl RunnerArgs {
         d
     }
 
+    /// Applies the safe default: plain text only on loopback unless the
+    /// operator wrote `--tls off`.
+    pub fn tls_choice(&self) -> Result<TlsChoice, String> {
+        let mode = match (self.tls, &self.tls_certificates) {
+            (Some(m), _) => m,
+            (None, Some(_)) => TlsArg::Require,
+            (None, None) => {
+                if let Some(host) = [self.iohost, self.rpchost]
+                    .into_iter()
+                    .find(|h| !h.is_loopback())
+                {
+                    return Err(format!(
+                        "{host} is not a loopback address and TLS is not configured: give \
+                         --tls-certificates DIR to require TLS, or --tls off to serve in \
+                         plain text to the network"
+                    ));
+                }
+                TlsArg::Off
+            }
+        };
+        if mode == TlsArg::Off && self.tls_verify_peer {
+            return Err("--tls-verify-peer needs TLS; drop --tls off".into());
+        }
+        let dir = self
+            .tls_certificates
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("pki"));
+        Ok(TlsChoice {
+            mode,
+            dir,
+            verify_peer: self.tls_verify_peer,
+        })
+    }
+
     pub fn io_addr(&self) -> SocketAddr {
         SocketAddr::new(self.iohost, self.ioport)
     }
@@ -218,6 +284,8 @@ const KEYWORDS: &[(&str, bool)] = &[
     ("gluster-server", true),
     ("file-root", true),
     ("mem-limit", true),
+    ("tls", true),
+    ("tls-certificates", true),
 ];
 
 /// Rewrites keyword forms into flags, leaving values untouched.
@@ -282,6 +350,29 @@ mod tests {
         assert!(a.threads() >= 1);
         assert_eq!(a.sched, Sched::Batch);
         assert!(!a.no_pin);
+        assert_eq!(a.iohost.to_string(), "127.0.0.1");
+        assert_eq!(a.tls_choice().unwrap().mode, TlsArg::Off);
+    }
+
+    #[test]
+    fn plain_text_beyond_loopback_must_be_asked_for() {
+        for host in [["--iohost", "0.0.0.0"], ["--rpchost", "10.1.2.3"]] {
+            let a = parse(&["nbd-runner", host[0], host[1]]).unwrap();
+            let e = a.tls_choice().unwrap_err();
+            assert!(e.contains("--tls off") && e.contains(host[1]), "{e}");
+            let a = parse(&["nbd-runner", host[0], host[1], "--tls", "off"]).unwrap();
+            assert_eq!(a.tls_choice().unwrap().mode, TlsArg::Off);
+        }
+        let a = parse(&["nbd-runner", "--iohost", "::", "--tls-certificates", "/pki"]).unwrap();
+        let c = a.tls_choice().unwrap();
+        assert_eq!((c.mode, c.dir), (TlsArg::Require, PathBuf::from("/pki")));
+        let a = parse(&["nbd-runner", "--tls", "on"]).unwrap();
+        assert_eq!(
+            a.tls_choice().unwrap().dir,
+            PathBuf::from("/etc/nbd-runner/pki")
+        );
+        let a = parse(&["nbd-runner", "--tls", "off", "--tls-verify-peer"]).unwrap();
+        assert!(a.tls_choice().is_err());
     }
 
     #[test]

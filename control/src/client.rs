@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -105,6 +106,17 @@ impl Client {
         token: Option<String>,
         timeout: Duration,
     ) -> Result<Client, ClientError> {
+        Self::connect_tls(endpoint, token, timeout, None)
+    }
+
+    /// Like [`connect`](Self::connect); with `tls`, TCP runs over TLS and
+    /// the runner's certificate must match the host name.
+    pub fn connect_tls(
+        endpoint: &Endpoint,
+        token: Option<String>,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
         let connect_err = |source| ClientError::Connect {
             endpoint: endpoint.clone(),
             source,
@@ -128,8 +140,12 @@ impl Client {
                 }
                 let s = found.ok_or_else(|| connect_err(last))?;
                 s.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+                s.set_write_timeout(Some(timeout)).map_err(connect_err)?;
                 let _ = s.set_nodelay(true);
-                Box::new(s)
+                match tls {
+                    Some(config) => Box::new(tls_stream(config, host, s)?),
+                    None => Box::new(s),
+                }
             }
             Endpoint::Unix(path) => {
                 let s = UnixStream::connect(path).map_err(connect_err)?;
@@ -181,6 +197,25 @@ impl Client {
             }
         }
     }
+}
+
+/// Runs the TLS handshake now, so a refused certificate is reported as such
+/// rather than as a broken hello.
+fn tls_stream(
+    config: Arc<rustls::ClientConfig>,
+    host: &str,
+    mut sock: TcpStream,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, ClientError> {
+    let tls_err = |e: String| ClientError::Refused(format!("TLS with nbd-runner at {host}: {e}"));
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| tls_err(e.to_string()))?;
+    let mut conn =
+        rustls::ClientConnection::new(config, name).map_err(|e| tls_err(e.to_string()))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)
+            .map_err(|e| tls_err(e.to_string()))?;
+    }
+    Ok(rustls::StreamOwned::new(conn, sock))
 }
 
 #[cfg(test)]

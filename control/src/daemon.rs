@@ -25,6 +25,8 @@ pub struct DaemonConfig {
     /// Where the control token lives; default `STATE_DIR/token`.
     pub token_file: Option<PathBuf>,
     pub settings: Settings,
+    /// TCP peers may (from other hosts: must) speak TLS.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, Error)]
@@ -95,6 +97,7 @@ pub fn start(
         tcp,
         unix: Some(cfg.state_dir.join(SOCKET_NAME)),
         token,
+        tls: cfg.tls.clone(),
     };
     server::start(config, Arc::new(Mutex::new(registry)), stop)
         .map_err(|source| DaemonError::Listen { addr: tcp, source })

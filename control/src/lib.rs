@@ -10,6 +10,7 @@ pub mod model;
 pub mod registry;
 pub mod saveconfig;
 pub mod server;
+pub mod tls;
 pub mod token;
 pub mod trust;
 pub mod wire;

@@ -6,6 +6,10 @@
 //! local user can reach loopback), or it is refused and logged. The unix
 //! socket is created 0600 and only peers running as the runner's user (or
 //! root, checked with SO_PEERCRED) are served, without a token.
+//!
+//! With TLS credentials, a TCP peer whose first byte opens a TLS handshake
+//! gets TLS (the token then never crosses the network in clear); a peer on
+//! another host that speaks plain text is refused.
 
 use crate::registry::{CtlError, Registry};
 use crate::wire::{
@@ -31,6 +35,7 @@ pub struct ControlConfig {
     pub unix: Option<PathBuf>,
     /// Required from every TCP peer.
     pub token: String,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub struct ControlServer {
@@ -50,6 +55,7 @@ impl ControlServer {
 struct Shared {
     registry: Arc<Mutex<Registry>>,
     token: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
     clients: AtomicUsize,
 }
 
@@ -65,6 +71,7 @@ pub fn start(
     let shared = Arc::new(Shared {
         registry: registry.clone(),
         token: cfg.token,
+        tls: cfg.tls,
         clients: AtomicUsize::new(0),
     });
     let unix = match &cfg.unix {
@@ -76,7 +83,7 @@ pub fn start(
         move || {
             for stream in tcp.incoming().flatten() {
                 let label = stream.peer_addr().map_or("tcp:?".into(), |p| p.to_string());
-                serve_in_thread(shared.clone(), stream, label, Access::Token);
+                serve_in_thread(shared.clone(), TcpConn::Plain(stream), label, Access::Token);
             }
         }
     })?;
@@ -169,14 +176,94 @@ fn lock(r: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
     r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-trait Conn: Read + Write + Send + 'static {
+trait Conn: Read + Write + Send + Sized + 'static {
     fn set_timeout(&self, t: Duration);
+    /// Runs in the connection's thread before the hello.
+    fn prepare(self, _shared: &Shared, _peer: &str) -> Result<Self, WireError> {
+        Ok(self)
+    }
 }
 
-impl Conn for TcpStream {
+/// A TCP peer, in plain text or after a TLS handshake.
+enum TcpConn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+/// The first byte of a TLS record carrying a handshake message.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+impl TcpConn {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            TcpConn::Plain(s) => s,
+            TcpConn::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for TcpConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            TcpConn::Plain(s) => s.read(buf),
+            TcpConn::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for TcpConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            TcpConn::Plain(s) => s.write(buf),
+            TcpConn::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            TcpConn::Plain(s) => s.flush(),
+            TcpConn::Tls(t) => t.flush(),
+        }
+    }
+}
+
+impl Conn for TcpConn {
     fn set_timeout(&self, t: Duration) {
-        let _ = self.set_read_timeout(Some(t));
-        let _ = self.set_write_timeout(Some(t));
+        let _ = self.socket().set_read_timeout(Some(t));
+        let _ = self.socket().set_write_timeout(Some(t));
+    }
+
+    fn prepare(self, shared: &Shared, peer: &str) -> Result<Self, WireError> {
+        let (TcpConn::Plain(sock), Some(config)) = (self, &shared.tls) else {
+            unreachable!("prepare runs once, on a fresh plain connection")
+        };
+        let _ = sock.set_read_timeout(Some(HELLO_TIMEOUT));
+        let _ = sock.set_write_timeout(Some(HELLO_TIMEOUT));
+        let mut first = [0u8; 1];
+        if sock.peek(&mut first)? == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+            let conn = rustls::ServerConnection::new(config.clone())
+                .map_err(|e| WireError::Io(std::io::Error::other(e)))?;
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            while tls.conn.is_handshaking() {
+                if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                    tracing::warn!(%peer, error = %e, "refused control connection: TLS handshake failed");
+                    return Err(e.into());
+                }
+            }
+            return Ok(TcpConn::Tls(Box::new(tls)));
+        }
+        let local = sock
+            .peer_addr()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
+        if !local {
+            tracing::warn!(%peer, "refused control connection: plain text from another host");
+            let mut sock = sock;
+            let msg = "access denied: this runner's control route needs TLS from other hosts: \
+                       give nbd-cli --tls-certificates DIR";
+            sock.write_all(&reply(HelloStatus::Unauthorized, msg).encode())?;
+            return Err(WireError::Closed);
+        }
+        Ok(TcpConn::Plain(sock))
     }
 }
 
@@ -188,6 +275,7 @@ impl Conn for UnixStream {
 }
 
 fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, access: Access) {
+    let tls = shared.tls.is_some();
     if shared.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
         shared.clients.fetch_sub(1, Ordering::SeqCst);
         tracing::warn!(%peer, "control route busy; refusing");
@@ -200,7 +288,12 @@ fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, ac
         .spawn({
             let shared = shared.clone();
             move || {
-                if let Err(e) = serve(&shared, &mut stream, &peer, access) {
+                let prepared = match access {
+                    Access::Token if tls => stream.prepare(&shared, &peer),
+                    _ => Ok(stream),
+                };
+                let result = prepared.and_then(|mut s| serve(&shared, &mut s, &peer, access));
+                if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "control connection ended");
                 }
                 shared.clients.fetch_sub(1, Ordering::SeqCst);

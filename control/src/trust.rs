@@ -18,8 +18,7 @@ pub enum TrustError {
         source: std::io::Error,
     },
     #[error(
-        "{} is owned by uid {owner}, not by this runner's user (uid {me}); \
-         chown it or choose another --state-dir",
+        "{} is owned by uid {owner}, not by this process's user (uid {me}); chown it",
         path.display()
     )]
     Owner { path: PathBuf, owner: u32, me: u32 },
@@ -182,7 +181,7 @@ mod tests {
         let other = [euid() + 1];
         let e =
             super::open(&p, OpenOptions::new().read(true), &other, Privacy::Secret).unwrap_err();
-        assert!(e.to_string().contains("not by this runner's user"), "{e}");
+        assert!(e.to_string().contains("not by this process's user"), "{e}");
     }
 
     #[test]

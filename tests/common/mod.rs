@@ -43,6 +43,16 @@ impl Runner {
     }
 
     pub fn start_with(extra: &[&str]) -> Runner {
+        Self::launch_at(extra, Stdio::inherit(), "warn")
+    }
+
+    /// Like [`start_with`](Self::start_with), with the log (at info) in `log`.
+    pub fn start_logged(extra: &[&str], log: &Path) -> Runner {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::launch_at(extra, file.into(), "info")
+    }
+
+    fn launch_at(extra: &[&str], stderr: Stdio, level: &str) -> Runner {
         // Each runner gets its own state directory unless the test names one.
         let state = (!extra.contains(&"--state-dir")).then(scratch);
         let state_arg = state.as_ref().map(|d| path_str(d.path()).to_owned());
@@ -67,10 +77,10 @@ impl Runner {
             .args(&args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| level.into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn nbd-runner");
         let mut line = String::new();
@@ -595,6 +605,16 @@ pub fn hole_bytes(uri: &str) -> u64 {
         .filter(|e| e["type"].as_u64().unwrap() & 1 != 0)
         .map(|e| e["length"].as_u64().unwrap())
         .sum()
+}
+
+/// Test TLS credentials (tests/tls/make-certs.sh, with openssl) in a new
+/// directory: a CA, a server certificate for localhost/127.0.0.1/::1 and a
+/// client certificate.
+pub fn make_certs() -> tempfile::TempDir {
+    let dir = scratch();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/tls/make-certs.sh");
+    run_ok("bash", &[script, path_str(dir.path())]);
+    dir
 }
 
 /// Runs nbd-runner with `args` expecting it to refuse to start; its stderr.

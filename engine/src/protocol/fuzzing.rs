@@ -149,14 +149,21 @@ enum Phase {
 }
 
 /// Drives a handshake with `data`: byte 0 chooses when the server starts
-/// shutting down (bit 7 set: before option number `data[0] & 0x7f`), the rest
+/// shutting down (bit 7 set: before option number `data[0] & 0x7f`) or,
+/// bit 7 clear, the TLS policy (bits 0-1: off, on, require, off); the rest
 /// is the client's byte stream, fed exactly as [`Handshake::want`] asks.
+/// An accepted STARTTLS counts as upgraded at once.
 pub fn drive_handshake(data: &[u8]) -> HandshakeOutcome {
     let Some((&ctl, mut rest)) = data.split_first() else {
         return HandshakeOutcome::default();
     };
     let shutdown_at = (ctl & 0x80 != 0).then_some(u32::from(ctl & 0x7f));
-    let mut hs = Handshake::new();
+    let policy = match (shutdown_at, ctl & 3) {
+        (None, 1) => TlsPolicy::On,
+        (None, 2) => TlsPolicy::Require,
+        _ => TlsPolicy::Off,
+    };
+    let mut hs = Handshake::new().tls(policy);
     let greeting = Greeting::newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_bytes();
     assert_eq!(hs.take_output(), greeting);
 
@@ -174,6 +181,7 @@ pub fn drive_handshake(data: &[u8]) -> HandshakeOutcome {
         if phase == Phase::Header && shutdown_at == Some(options) {
             hs.begin_shutdown();
         }
+        let plain = !hs.tls_active();
         let result = hs.receive(chunk, &TestCatalog);
         let out = hs.take_output();
         assert!(!hs.has_output());
@@ -190,7 +198,9 @@ pub fn drive_handshake(data: &[u8]) -> HandshakeOutcome {
             }
             Phase::Data(option) => {
                 outcome.last_option = Some(option);
-                outcome.replies |= check_option_replies(option, &result, &out, &hs);
+                let bits = check_option_replies(option, &result, &out, &hs);
+                check_tls(policy, plain, option, &result, bits, &mut hs);
+                outcome.replies |= bits;
                 Phase::Header
             }
         };
@@ -213,6 +223,32 @@ pub fn drive_handshake(data: &[u8]) -> HandshakeOutcome {
         ));
     }
     outcome
+}
+
+/// Under `Require`, nothing but STARTTLS and ABORT is served in the clear;
+/// STARTTLS is accepted once, and only where TLS is configured.
+fn check_tls(
+    policy: TlsPolicy,
+    plain: bool,
+    option: u32,
+    result: &Result<(), HandshakeError>,
+    bits: u32,
+    hs: &mut Handshake,
+) {
+    let upgraded = hs.take_starttls();
+    assert!(!hs.take_starttls());
+    if upgraded {
+        assert!(policy != TlsPolicy::Off && plain && option == OPT_STARTTLS);
+        assert_eq!(bits, reply_bit(REP_ACK));
+    }
+    if policy == TlsPolicy::Require && plain && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+        if option == OPT_EXPORT_NAME {
+            assert_eq!(result, &Err(HandshakeError::TlsRequired));
+        } else {
+            assert_eq!(bits, reply_bit(REP_ERR_TLS_REQD));
+        }
+        assert!(hs.negotiated().is_none());
+    }
 }
 
 fn check_client_flags(chunk: &[u8], result: &Result<(), HandshakeError>, out: &[u8]) -> Phase {
@@ -281,6 +317,7 @@ fn check_option_replies(
                     result,
                     Err(HandshakeError::UnknownExport(_)
                         | HandshakeError::ShuttingDown
+                        | HandshakeError::TlsRequired
                         | HandshakeError::ExportNameAfterExtended)
                 ));
             }
@@ -795,10 +832,11 @@ mod smoke {
     ];
 
     fn handshake_input(rng: &mut Rng) -> Vec<u8> {
-        let ctl = if rng.chance(80) {
-            0
-        } else {
-            0x80 | rng.below(6) as u8
+        // Mostly no TLS, then TLS offered or required, then a shutdown.
+        let ctl = match rng.below(10) {
+            0..=5 => 0,
+            6..=7 => 1 + rng.below(2) as u8,
+            _ => 0x80 | rng.below(6) as u8,
         };
         let mut d = vec![ctl];
         let flags = match rng.below(20) {
@@ -973,6 +1011,7 @@ mod smoke {
             UnknownExport(String::new()),
             Aborted,
             ShuttingDown,
+            TlsRequired,
         ];
         for e in &every_error {
             assert!(errors.contains(&discriminant(e)), "never saw {e:?}");
@@ -987,6 +1026,8 @@ mod smoke {
             REP_ERR_UNKNOWN,
             REP_ERR_SHUTDOWN,
             REP_ERR_TOO_BIG,
+            REP_ERR_POLICY,
+            REP_ERR_TLS_REQD,
         ];
         for kind in every_reply {
             assert!(replies & reply_bit(kind) != 0, "never saw reply {kind:#x}");

@@ -73,6 +73,8 @@ pub enum HandshakeError {
     Aborted,
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("NBD_OPT_EXPORT_NAME before TLS on a server that requires TLS")]
+    TlsRequired,
     #[error("handshake is over")]
     Finished,
     #[error("wrong input size: wanted {want}, got {got}")]
@@ -86,6 +88,18 @@ enum State {
     OptionData { option: u32, len: u32 },
     Done,
     Closed,
+}
+
+/// What the server offers on STARTTLS (the NBD spec's NOTLS, SELECTIVETLS
+/// with no TLS-only export, and FORCEDTLS modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    #[default]
+    Off,
+    /// TLS if the client asks; plain clients are served too.
+    On,
+    /// Nothing but STARTTLS and ABORT before TLS.
+    Require,
 }
 
 /// The server side of one handshake.
@@ -103,6 +117,12 @@ pub struct Handshake {
     /// NBD_OPT_LIST names the exports; off, it reveals nothing.
     list_exports: bool,
     negotiated: Option<Negotiated>,
+    tls: TlsPolicy,
+    /// TLS is up (the driver finished the TLS handshake after our ACK).
+    tls_active: bool,
+    /// An ACK to STARTTLS is in the output: the driver must send it, then
+    /// upgrade before it reads another byte.
+    starttls: bool,
 }
 
 impl Default for Handshake {
@@ -127,6 +147,9 @@ impl Handshake {
             shutting_down: false,
             list_exports: true,
             negotiated: None,
+            tls: TlsPolicy::Off,
+            tls_active: false,
+            starttls: false,
         }
     }
 
@@ -136,6 +159,24 @@ impl Handshake {
     pub fn list_exports(mut self, on: bool) -> Self {
         self.list_exports = on;
         self
+    }
+
+    pub fn tls(mut self, policy: TlsPolicy) -> Self {
+        self.tls = policy;
+        self
+    }
+
+    /// True once after STARTTLS was accepted: send the output in plain
+    /// text, then run the TLS handshake. Bytes the client sent after
+    /// STARTTLS and before TLS must be thrown away, never parsed as options
+    /// (they were not protected: CVE-2021-3716).
+    pub fn take_starttls(&mut self) -> bool {
+        std::mem::take(&mut self.starttls)
+    }
+
+    /// Whether options are being read over TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// From now on every option is answered with NBD_REP_ERR_SHUTDOWN.
@@ -258,6 +299,17 @@ impl Handshake {
             self.reply_error(option, REP_ERR_SHUTDOWN, "server is shutting down");
             return Ok(());
         }
+        if self.tls == TlsPolicy::Require && !self.tls_active {
+            match option {
+                OPT_STARTTLS | OPT_ABORT => {}
+                // No reply can refuse EXPORT_NAME.
+                OPT_EXPORT_NAME => return Err(HandshakeError::TlsRequired),
+                _ => {
+                    self.reply_error(option, REP_ERR_TLS_REQD, "TLS is required on this server");
+                    return Ok(());
+                }
+            }
+        }
         match option {
             OPT_EXPORT_NAME => self.on_export_name(data, catalog),
             OPT_ABORT => {
@@ -319,13 +371,32 @@ impl Handshake {
                 Ok(())
             }
             OPT_STARTTLS => {
-                self.reply_error(option, REP_ERR_UNSUP, "TLS is not supported");
+                self.on_starttls(data);
                 Ok(())
             }
             _ => {
                 self.reply_error(option, REP_ERR_UNSUP, "unsupported option");
                 Ok(())
             }
+        }
+    }
+
+    fn on_starttls(&mut self, data: &[u8]) {
+        let option = OPT_STARTTLS;
+        if self.tls == TlsPolicy::Off {
+            self.reply_error(option, REP_ERR_POLICY, "TLS is off on this server");
+        } else if !data.is_empty() {
+            self.reply_error(option, REP_ERR_INVALID, "STARTTLS takes no data");
+        } else if self.tls_active {
+            self.reply_error(option, REP_ERR_INVALID, "TLS is already negotiated");
+        } else {
+            self.reply(option, REP_ACK, &[]);
+            // Nothing negotiated in the clear survives the upgrade.
+            self.structured = false;
+            self.headers = HeaderMode::Compact;
+            self.meta_export = None;
+            self.tls_active = true;
+            self.starttls = true;
         }
     }
 

@@ -502,13 +502,21 @@ fn meta_context_errors_continue() {
 #[test]
 fn unsupported_options_get_unsup_and_stay_in_sync() {
     let mut hs = fixed();
-    // STARTTLS, the withdrawn PEEK_EXPORT and made-up ones.
-    let options = [OPT_STARTTLS, 4, 0, 12, 0x1234_5678, u32::MAX];
+    // The withdrawn PEEK_EXPORT and made-up ones.
+    let options = [4, 0, 12, 0x1234_5678, u32::MAX];
     for option in options {
         // The payload looks like an option header: it must be skipped, not parsed.
         send_refused(&mut hs, option, &option_header(OPT_GO, 0), REP_ERR_UNSUP);
     }
-    send_refused(&mut hs, OPT_STARTTLS, &[], REP_ERR_UNSUP);
+    // Without TLS configured, STARTTLS is refused by policy (NOTLS mode).
+    send_refused(
+        &mut hs,
+        OPT_STARTTLS,
+        &option_header(OPT_GO, 0),
+        REP_ERR_POLICY,
+    );
+    send_refused(&mut hs, OPT_STARTTLS, &[], REP_ERR_POLICY);
+    assert!(!hs.take_starttls());
     go(&mut hs, "disk");
 }
 
@@ -716,4 +724,92 @@ fn list_can_be_turned_off_and_then_reveals_nothing() {
     assert!(!text.contains("disk") && !text.contains("ro"), "{text}");
     // Everything else still works: a client that knows the name connects.
     assert_eq!(go(&mut hs, "disk").export.name, "disk");
+}
+
+fn with_tls(policy: TlsPolicy) -> Handshake {
+    let mut hs = Handshake::new().tls(policy);
+    hs.take_output();
+    hs.receive(&CLIENT_FIXED_NEWSTYLE.to_be_bytes(), &Catalog)
+        .unwrap();
+    hs
+}
+
+/// STARTTLS that must be accepted: one ACK, and the driver is told to
+/// upgrade exactly once.
+fn starttls(hs: &mut Handshake) {
+    assert_eq!(kinds(&send(hs, OPT_STARTTLS, &[])), [REP_ACK]);
+    assert!(hs.take_starttls() && !hs.take_starttls());
+    assert!(hs.tls_active());
+}
+
+#[test]
+fn require_tls_refuses_everything_but_starttls_and_abort_and_reveals_nothing() {
+    let mut hs = with_tls(TlsPolicy::Require);
+    for (option, data) in [
+        (OPT_LIST, vec![]),
+        (OPT_INFO, info_request(b"disk", &[])),
+        (OPT_GO, info_request(b"disk", &[])),
+        (OPT_STRUCTURED_REPLY, vec![]),
+        (OPT_EXTENDED_HEADERS, vec![]),
+        (
+            OPT_LIST_META_CONTEXT,
+            meta_request(b"disk", &[b"base:allocation"]),
+        ),
+        (0x1234, vec![1, 2, 3]),
+    ] {
+        let replies = send(&mut hs, option, &data);
+        assert_eq!(kinds(&replies), [REP_ERR_TLS_REQD], "option {option}");
+        let text = String::from_utf8_lossy(&replies[0].body);
+        assert!(!text.contains("disk"), "{text}");
+    }
+    // EXPORT_NAME cannot be refused with a reply: the server hangs up.
+    let (result, out) = send_raw(&mut hs, OPT_EXPORT_NAME, b"disk");
+    assert_eq!(result, Err(HandshakeError::TlsRequired));
+    assert!(out.is_empty() && hs.is_closed());
+    // ABORT still works before TLS.
+    let mut hs = with_tls(TlsPolicy::Require);
+    let (result, _) = send_raw(&mut hs, OPT_ABORT, &[]);
+    assert_eq!(result, Err(HandshakeError::Aborted));
+}
+
+#[test]
+fn starttls_upgrades_once_and_forgets_what_was_negotiated_in_the_clear() {
+    let mut hs = with_tls(TlsPolicy::On);
+    // Plain options work in `On` mode, but do not survive the upgrade.
+    assert_eq!(kinds(&send(&mut hs, OPT_STRUCTURED_REPLY, &[])), [REP_ACK]);
+    let replies = send(
+        &mut hs,
+        OPT_SET_META_CONTEXT,
+        &meta_request(b"disk", &[b"base:allocation"]),
+    );
+    assert_eq!(kinds(&replies), [REP_META_CONTEXT, REP_ACK]);
+    // STARTTLS with data is invalid and changes nothing.
+    send_refused(&mut hs, OPT_STARTTLS, &[0], REP_ERR_INVALID);
+    assert!(!hs.take_starttls() && !hs.tls_active());
+    starttls(&mut hs);
+    // A second STARTTLS inside TLS is invalid.
+    send_refused(&mut hs, OPT_STARTTLS, &[], REP_ERR_INVALID);
+    assert!(!hs.take_starttls());
+    let n = go(&mut hs, "disk");
+    assert!(
+        !n.structured_replies && n.base_allocation.is_none(),
+        "{n:?}"
+    );
+    assert_eq!(n.headers, HeaderMode::Compact);
+}
+
+#[test]
+fn after_tls_a_require_server_answers_normally() {
+    let mut hs = with_tls(TlsPolicy::Require);
+    starttls(&mut hs);
+    assert_eq!(kinds(&send(&mut hs, OPT_STRUCTURED_REPLY, &[])), [REP_ACK]);
+    let replies = send(&mut hs, OPT_INFO, &info_request(b"disk", &[]));
+    assert_eq!(replies.last().map(|r| r.kind), Some(REP_ACK));
+    assert!(go(&mut hs, "disk").structured_replies);
+    // And EXPORT_NAME over TLS is fine.
+    let mut hs = with_tls(TlsPolicy::Require);
+    starttls(&mut hs);
+    let (result, out) = send_raw(&mut hs, OPT_EXPORT_NAME, b"disk");
+    assert_eq!(result, Ok(()));
+    assert!(!out.is_empty() && hs.is_done());
 }

@@ -19,7 +19,7 @@ pub mod transmission;
 
 pub use client::{ClientError, ClientHandshake, ClientNegotiated};
 pub use errno::Errno;
-pub use handshake::{ExportCatalog, ExportInfo, Handshake, HandshakeError, Negotiated};
+pub use handshake::{ExportCatalog, ExportInfo, Handshake, HandshakeError, Negotiated, TlsPolicy};
 pub use msgs::{BadMagic, HeaderMode, RequestHeader};
 pub use reply::{encode_extents, Extent, ReplyHeader, ReplyStyle};
 pub use request::{validate, Command, Session, MAX_PAYLOAD};

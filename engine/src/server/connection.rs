@@ -9,11 +9,12 @@ use super::outbox::{Body, Outbox, Reply};
 use super::recvbuf::Reader;
 use super::shard::ShardCtx;
 use super::socket::NbdSocket;
+use super::tls::TlsSession;
 use crate::backend::{BackendError, BackendIo, ReadBuf, ZeroFlags};
 use crate::export::Export;
 use crate::protocol::transmission::{self, Next, Outcome};
 use crate::protocol::{
-    Command, Extent, Handshake, Negotiated, ReplyHeader, RequestHeader, Transmission,
+    Command, Extent, Handshake, Negotiated, ReplyHeader, RequestHeader, TlsPolicy, Transmission,
 };
 use crate::stats::Op;
 use futures_lite::future::poll_once;
@@ -46,7 +47,8 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
     reader.set_timeout(Some(shard.limits.handshake_timeout));
     let _registration = shard.register(socket.clone());
     let mut stream = stream;
-    let negotiated = match negotiate(&shard, &mut stream, &mut reader).await {
+    let (negotiated, tls) = match negotiate(&shard, &socket, &mut stream, &mut reader, &peer).await
+    {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
@@ -72,7 +74,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
         }
     };
     tracing::debug!(%peer, export = %export.name, shard = shard.index, "client attached");
-    let outbox = Rc::new(Outbox::default());
+    let outbox = Rc::new(Outbox::new(tls));
     let writer = glommio::spawn_local({
         let outbox = outbox.clone();
         async move { outbox.run(&socket, stream).await }
@@ -114,23 +116,40 @@ impl Drop for Attached {
     }
 }
 
-/// Runs the handshake; None when the client left or was refused.
+/// Runs the handshake (and TLS, when the client starts it); None when the
+/// client left or was refused.
 async fn negotiate(
     shard: &ShardCtx,
+    socket: &NbdSocket,
     stream: &mut TcpStream,
     reader: &mut Reader,
-) -> io::Result<Option<Negotiated>> {
-    let mut hs = Handshake::new().list_exports(shard.limits.list_exports);
-    loop {
+    peer: &str,
+) -> io::Result<Option<(Negotiated, Option<Rc<TlsSession>>)>> {
+    let policy = shard.tls.as_ref().map_or(TlsPolicy::Off, |t| t.policy);
+    let mut hs = Handshake::new()
+        .list_exports(shard.limits.list_exports)
+        .tls(policy);
+    let mut tls: Option<Rc<TlsSession>> = None;
+    let result = loop {
         if hs.has_output() {
             let out = hs.take_output();
-            stream.write_all(&out).await?;
+            match &tls {
+                Some(t) => t.send(stream, &[&out]).await?,
+                None => stream.write_all(&out).await?,
+            }
+        }
+        if hs.take_starttls() {
+            tls = Some(Rc::new(
+                start_tls(shard, socket, stream, reader, peer).await?,
+            ));
+            reader.set_tls(tls.clone().expect("just set"));
+            continue;
         }
         if hs.is_closed() {
-            return Ok(None);
+            break None;
         }
         if let Some(n) = hs.negotiated() {
-            return Ok(Some(n.clone()));
+            break Some((n.clone(), tls));
         }
         let want = hs.want();
         if !reader.ensure(want).await? {
@@ -143,9 +162,48 @@ async fn negotiate(
         reader.consume(want);
         if let Err(e) = result {
             let out = hs.take_output();
-            let _ = stream.write_all(&out).await;
-            tracing::debug!(error = %e, "handshake refused");
-            return Ok(None);
+            let _ = match &tls {
+                Some(t) => t.send(stream, &[&out]).await,
+                None => stream.write_all(&out).await,
+            };
+            tracing::debug!(%peer, error = %e, "handshake refused");
+            break None;
+        }
+    };
+    if result.is_none() && policy == TlsPolicy::Require && !hs.tls_active() {
+        tracing::info!(%peer, "refused a client that did not start TLS (--tls require)");
+    }
+    Ok(result)
+}
+
+/// Upgrades the connection after the ACK to STARTTLS has gone out.
+async fn start_tls(
+    shard: &ShardCtx,
+    socket: &NbdSocket,
+    stream: &mut TcpStream,
+    reader: &Reader,
+    peer: &str,
+) -> io::Result<TlsSession> {
+    let config = shard
+        .tls
+        .as_ref()
+        .expect("STARTTLS is accepted only with TLS")
+        .config
+        .clone();
+    if reader.len() > 0 {
+        // The client spoke before TLS was up: those bytes were never
+        // protected and must not be taken as options (CVE-2021-3716).
+        tracing::warn!(%peer, bytes = reader.len(), "refused: data after STARTTLS before the TLS handshake");
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    match TlsSession::accept(config, socket, stream, reader.deadline()).await {
+        Ok(t) => {
+            tracing::debug!(%peer, session = %t.describe(), "TLS established");
+            Ok(t)
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "refused: TLS handshake failed");
+            Err(e)
         }
     }
 }

@@ -15,8 +15,10 @@ pub mod placement;
 mod recvbuf;
 mod shard;
 mod socket;
+mod tls;
 
 use crate::export::ExportTable;
+use crate::protocol::TlsPolicy;
 use futures_lite::future::or;
 use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::net::{AcceptedTcpStream, TcpListener};
@@ -56,6 +58,14 @@ impl Default for Limits {
     }
 }
 
+/// TLS on the IO route: the STARTTLS policy and the server's credentials.
+#[derive(Clone, Debug)]
+pub struct TlsServer {
+    /// `On` or `Require`; with `Off` there is no TlsServer at all.
+    pub policy: TlsPolicy,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub threads: usize,
@@ -67,6 +77,7 @@ pub struct EngineConfig {
     /// Spin this long for new work before an idle shard sleeps: trades CPU
     /// for latency when clients wait on each reply (QD1).
     pub spin_before_park: Duration,
+    pub tls: Option<TlsServer>,
 }
 
 #[derive(Debug, Error)]
@@ -126,22 +137,24 @@ pub fn run(
     let next_index = Arc::new(AtomicUsize::new(0));
     let load = ShardLoad::new(threads);
     let limits = config.limits;
+    let tls = config.tls.clone();
     let placement = placement::pool_placement(threads, config.shard_cpus.as_deref());
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("nbd-shard")
         .spin_before_park(config.spin_before_park)
         .on_all_shards(move || {
-            let (senders, receivers, table, shutdown, next_index, load) = (
+            let (senders, receivers, table, shutdown, next_index, load, tls) = (
                 senders.clone(),
                 receivers.clone(),
                 table.clone(),
                 shutdown.clone(),
                 next_index.clone(),
                 load.clone(),
+                tls.clone(),
             );
             async move {
                 let index = next_index.fetch_add(1, Ordering::SeqCst);
-                let shard = ShardCtx::new(index, table, limits);
+                let shard = ShardCtx::new(index, table, limits, tls);
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
                 if index == 0 {
                     let txs = senders.lock().unwrap().take().unwrap_or_default();

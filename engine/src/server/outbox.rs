@@ -5,6 +5,7 @@
 
 use super::budget::Permit;
 use super::socket::NbdSocket;
+use super::tls::TlsSession;
 use crate::backend::ReadBuf;
 use crate::protocol::ReplyHeader;
 use futures_lite::AsyncWriteExt;
@@ -12,6 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
+use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 pub enum Body {
@@ -38,9 +40,18 @@ pub struct Outbox {
     failed: Cell<bool>,
     /// Vec bodies come back here for the reader to reuse.
     pub pool: BufferPool,
+    /// Replies are encrypted here once STARTTLS has run.
+    tls: Option<Rc<TlsSession>>,
 }
 
 impl Outbox {
+    pub fn new(tls: Option<Rc<TlsSession>>) -> Self {
+        Outbox {
+            tls,
+            ..Default::default()
+        }
+    }
+
     pub fn push(&self, reply: Reply) {
         if self.failed.get() {
             return; // the client is gone; dropping releases the permit
@@ -74,6 +85,11 @@ impl Outbox {
             if self.closed.get() {
                 return Poll::Ready(false);
             }
+            if let Some(tls) = &self.tls {
+                if tls.poll_flush(cx.waker()) {
+                    return Poll::Ready(true); // records only, no replies
+                }
+            }
             self.writer.set(Some(cx.waker().clone()));
             Poll::Pending
         })
@@ -96,7 +112,10 @@ impl Outbox {
                         [r.header.as_bytes(), body]
                     })
                     .collect();
-                send_all(socket, &mut wr, &slices).await
+                match &self.tls {
+                    Some(tls) => tls.send(&mut wr, &slices).await,
+                    None => send_all(socket, &mut wr, &slices).await,
+                }
             };
             for r in batch.drain(..) {
                 match r.body {
@@ -117,6 +136,9 @@ impl Outbox {
                 socket.shut_both();
                 return;
             }
+        }
+        if let Some(tls) = &self.tls {
+            let _ = tls.close(&mut wr).await;
         }
         let _ = wr.flush().await;
     }

@@ -9,6 +9,7 @@
 //! initialised memory.
 
 use super::socket::NbdSocket;
+use super::tls::TlsSession;
 use std::io;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,8 @@ pub struct Reader {
     end: usize,
     /// A wait past this instant fails with TimedOut (handshake slowloris guard).
     deadline: Option<Instant>,
+    /// Set once STARTTLS has run: bytes come out of the session, not the socket.
+    tls: Option<Rc<TlsSession>>,
 }
 
 impl Reader {
@@ -30,7 +33,19 @@ impl Reader {
             start: 0,
             end: 0,
             deadline: None,
+            tls: None,
         }
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// From now on every byte is decrypted by `tls`. Nothing may be
+    /// buffered: bytes read before TLS were never protected.
+    pub fn set_tls(&mut self, tls: Rc<TlsSession>) {
+        debug_assert_eq!(self.len(), 0);
+        self.tls = Some(tls);
     }
 
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
@@ -64,8 +79,12 @@ impl Reader {
         }
         loop {
             let space = &mut self.buf[self.end..];
-            // SAFETY: space is valid writable memory of space.len() bytes.
-            if let Some(r) = unsafe { self.socket.recv(space.as_mut_ptr(), space.len()) } {
+            let got = match &self.tls {
+                Some(tls) => tls.recv(&self.socket, space),
+                // SAFETY: space is valid writable memory of space.len() bytes.
+                None => unsafe { self.socket.recv(space.as_mut_ptr(), space.len()) },
+            };
+            if let Some(r) = got {
                 let n = r?;
                 self.end += n;
                 return Ok(n);
@@ -97,6 +116,19 @@ impl Reader {
         dst.extend_from_slice(&self.data()[..have]);
         self.consume(have);
         dst.reserve(len - dst.len());
+        if let Some(tls) = &self.tls {
+            // rustls copies into initialised memory only.
+            let mut at = dst.len();
+            dst.resize(len, 0);
+            while at < len {
+                match tls.recv(&self.socket, &mut dst[at..]) {
+                    None => self.socket.readable(self.deadline).await?,
+                    Some(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Some(r) => at += r?,
+                }
+            }
+            return Ok(());
+        }
         while dst.len() < len {
             let at = dst.len();
             // SAFETY: the spare capacity holds at least len - at bytes.

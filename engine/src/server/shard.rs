@@ -3,7 +3,7 @@
 
 use super::budget::Budget;
 use super::socket::NbdSocket;
-use super::Limits;
+use super::{Limits, TlsServer};
 use crate::backend::{BackendError, BackendIo};
 use crate::export::{Export, ExportTable};
 use std::cell::{Cell, RefCell};
@@ -22,6 +22,7 @@ pub struct ShardCtx {
     pub index: usize,
     pub table: Arc<ExportTable>,
     pub limits: Limits,
+    pub tls: Option<TlsServer>,
     pub budget: Rc<Budget>,
     closing: Cell<bool>,
     next_conn: Cell<u64>,
@@ -44,10 +45,16 @@ impl Drop for ConnRegistration {
 }
 
 impl ShardCtx {
-    pub fn new(index: usize, table: Arc<ExportTable>, limits: Limits) -> Rc<Self> {
+    pub fn new(
+        index: usize,
+        table: Arc<ExportTable>,
+        limits: Limits,
+        tls: Option<TlsServer>,
+    ) -> Rc<Self> {
         Rc::new(ShardCtx {
             index,
             table,
+            tls,
             budget: Budget::new(limits.shard_requests, limits.shard_bytes),
             limits,
             closing: Cell::new(false),

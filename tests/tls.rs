@@ -1,0 +1,310 @@
+//! TLS on the IO and control routes, against peers nobody here wrote:
+//! libnbd (nbdinfo, nbdcopy) and qemu (GnuTLS both), with openssl-made
+//! certificates. Every refusal is checked from the client's side and in
+//! the runner's log, which must name the peer.
+
+mod common;
+
+use common::*;
+use nbd_engine::protocol::consts::*;
+use std::io::Write;
+use std::path::Path;
+
+fn tls_uri(r: &Runner, export: &str, pki: &Path) -> String {
+    // libnbd checks the certificate against the host name.
+    let port = r.addr.rsplit(':').next().unwrap();
+    format!(
+        "nbds://localhost:{port}/{export}?tls-certificates={}",
+        pki.display()
+    )
+}
+
+fn qemu_tls_args(r: &Runner, export: &str, pki: &Path) -> Vec<String> {
+    let port = r.addr.rsplit(':').next().unwrap();
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            pki.display()
+        ),
+        "--image-opts".into(),
+        format!("driver=nbd,host=localhost,port={port},export={export},tls-creds=tls0"),
+    ]
+}
+
+fn fails_with(program: &str, args: &[String]) -> String {
+    let out = run(program, args);
+    assert!(!out.status.success(), "{program} {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A client directory holding only some of `pki`'s files.
+fn client_dir(pki: &Path, files: &[(&str, &Path)]) -> tempfile::TempDir {
+    let dir = scratch();
+    for (name, from) in files {
+        std::fs::copy(from, dir.path().join(name)).unwrap();
+    }
+    let _ = pki;
+    dir
+}
+
+#[test]
+fn libnbd_and_qemu_move_data_over_tls_with_client_certificates() {
+    let pki = make_certs();
+    let pki = pki.path();
+    let r = Runner::start_with(&[
+        "--export",
+        "mem:disk0,size=64M",
+        "--tls-certificates",
+        path_str(pki),
+        "--tls-verify-peer",
+    ]);
+    let uri = tls_uri(&r, "disk0", pki);
+    let info = run_ok("nbdinfo", &[&uri]);
+    assert!(info.contains("with TLS"), "{info}");
+
+    // nbdcopy in and out: the bytes survive the round trip.
+    let dir = scratch();
+    let (src, back) = (tmp_path(&dir, "src"), tmp_path(&dir, "back"));
+    write_file(&src, &pattern(8 << 20, 42));
+    run_ok("nbdcopy", &[path_str(&src), &uri]);
+    run_ok("nbdcopy", &[&uri, path_str(&back)]);
+    let back = std::fs::read(&back).unwrap();
+    assert!(back[..8 << 20] == pattern(8 << 20, 42)[..], "data differs");
+
+    // qemu-io writes and reads patterns through its own TLS stack.
+    let mut args = qemu_tls_args(&r, "disk0", pki);
+    for c in [
+        "write -P 0xab 16M 1M",
+        "read -P 0xab 16M 1M",
+        "read -P 0 17M 64k",
+    ] {
+        args.extend(["-c".into(), c.into()]);
+    }
+    let out = run("qemu-io", &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("fail"), "{text}");
+    assert_eq!(text.matches("read ").count(), 2, "{text}");
+    // qemu-img sees the same export size.
+    let mut args = vec!["info".to_string()];
+    args.extend(qemu_tls_args(&r, "disk0", pki));
+    let info = String::from_utf8_lossy(&run("qemu-img", &args).stdout).into_owned();
+    assert!(info.contains("64 MiB"), "{info}");
+}
+
+#[test]
+fn plain_clients_wrong_certificates_and_plaintext_injection_are_refused_and_logged() {
+    let pki = make_certs();
+    let pki = pki.path();
+    let other = make_certs();
+    let dir = scratch();
+    let log = tmp_path(&dir, "runner.log");
+    let r = Runner::start_logged(
+        &[
+            "--export",
+            "mem:disk0,size=16M",
+            "--tls-certificates",
+            path_str(pki),
+            "--tls-verify-peer",
+            "--list-exports",
+        ],
+        &log,
+    );
+    // Plain nbd:// gets nothing, not even the list of names.
+    let err = fails_with("nbdinfo", &[r.uri("disk0")]);
+    assert!(err.contains("opt_go") || err.contains("TLS"), "{err}");
+    let err = fails_with("nbdinfo", &["--list".into(), r.uri("")]);
+    assert!(!err.contains("disk0"), "{err}");
+    let mut s = connect(&r.addr);
+    s.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+    s.write_all(&option(OPT_LIST, &[])).unwrap();
+    let (_, kind, body) = read_option_reply(&mut s).unwrap();
+    assert_eq!(kind, REP_ERR_TLS_REQD);
+    assert!(!String::from_utf8_lossy(&body).contains("disk0"));
+    // EXPORT_NAME before TLS cannot be refused in words: the server hangs up.
+    s.write_all(&option(OPT_EXPORT_NAME, b"disk0")).unwrap();
+    assert!(closed_by_peer(&mut s));
+
+    // No client certificate, a client certificate from another CA, and a
+    // client that trusts another CA: all refused at the TLS handshake.
+    let ca = pki.join("ca-cert.pem");
+    let no_cert = client_dir(pki, &[("ca-cert.pem", &ca)]);
+    let foreign_cert = client_dir(
+        pki,
+        &[
+            ("ca-cert.pem", &ca),
+            ("client-cert.pem", &other.path().join("client-cert.pem")),
+            ("client-key.pem", &other.path().join("client-key.pem")),
+        ],
+    );
+    for client in [no_cert.path(), foreign_cert.path(), other.path()] {
+        let err = fails_with("nbdinfo", &[tls_uri(&r, "disk0", client)]);
+        assert!(
+            err.to_lowercase().contains("tls") || err.contains("certificate"),
+            "{err}"
+        );
+        let err = fails_with("qemu-img", &{
+            let mut a = vec!["info".to_string()];
+            a.extend(qemu_tls_args(&r, "disk0", client));
+            a
+        });
+        assert!(!err.is_empty());
+    }
+
+    // Options sent in the clear right behind STARTTLS must not be acted on
+    // (CVE-2021-3716): the server ACKs STARTTLS, then drops the connection.
+    let mut s = connect(&r.addr);
+    let mut burst = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    burst.extend(option(OPT_STARTTLS, &[]));
+    burst.extend(option(OPT_GO, &go_data("disk0")));
+    s.write_all(&burst).unwrap();
+    let (option, kind, _) = read_option_reply(&mut s).unwrap();
+    assert_eq!((option, kind), (OPT_STARTTLS, REP_ACK));
+    assert!(
+        closed_by_peer(&mut s),
+        "plaintext after STARTTLS was served"
+    );
+
+    // Through all of that the runner kept serving a proper client.
+    let info = run_ok("nbdinfo", &[&tls_uri(&r, "disk0", pki)]);
+    assert!(info.contains("with TLS"), "{info}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    for want in [
+        "did not start TLS",
+        "peer sent no certificates",
+        "data after STARTTLS",
+    ] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(want))
+            .unwrap_or_else(|| panic!("no {want:?} in the log:\n{log}"));
+        assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    }
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("TLS handshake failed"))
+            .count()
+            >= 3,
+        "{log}"
+    );
+}
+
+#[test]
+fn tls_on_serves_both_and_tls_off_refuses_starttls() {
+    let pki = make_certs();
+    let r = Runner::start_with(&[
+        "--export",
+        "mem:disk0,size=16M",
+        "--tls",
+        "on",
+        "--tls-certificates",
+        path_str(pki.path()),
+    ]);
+    // Server-only TLS: a client with just the CA is fine, and so is plain.
+    let ca_only = client_dir(
+        pki.path(),
+        &[("ca-cert.pem", &pki.path().join("ca-cert.pem"))],
+    );
+    assert!(run_ok("nbdinfo", &[&tls_uri(&r, "disk0", ca_only.path())]).contains("with TLS"));
+    assert!(run_ok("nbdinfo", &[&r.uri("disk0")]).contains("without TLS"));
+    let plain = Runner::start(&["mem:disk0,size=16M"]);
+    // libnbd requires TLS with nbds:// and hangs up on NBD_REP_ERR_POLICY.
+    fails_with("nbdinfo", &[tls_uri(&plain, "disk0", pki.path())]);
+    let mut s = connect(&plain.addr);
+    s.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+    s.write_all(&option(OPT_STARTTLS, &[])).unwrap();
+    let (_, kind, _) = read_option_reply(&mut s).unwrap();
+    assert_eq!(kind, REP_ERR_POLICY);
+    assert_healthy(&plain.addr, "disk0");
+}
+
+#[test]
+fn plain_text_beyond_loopback_or_a_readable_key_stops_the_runner_at_start() {
+    let state = scratch();
+    let base = [
+        "--state-dir",
+        path_str(state.path()),
+        "--ioport",
+        "0",
+        "--rpcport",
+        "0",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--iohost", "0.0.0.0"]);
+    let err = runner_refuses(&args);
+    assert!(
+        err.contains("--tls off") && err.contains("0.0.0.0"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    let pki = make_certs();
+    let key = pki.path().join("server-key.pem");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--tls-certificates", path_str(pki.path())]);
+    let err = runner_refuses(&args);
+    assert!(
+        err.contains("server-key.pem") && err.contains("chmod 600"),
+        "{err}"
+    );
+    let empty = scratch();
+    let mut args = base.to_vec();
+    args.extend([
+        "--tls",
+        "require",
+        "--tls-certificates",
+        path_str(empty.path()),
+    ]);
+    let err = runner_refuses(&args);
+    assert!(err.contains("server-cert.pem"), "{err}");
+
+    // With the operator's explicit --tls off, all addresses are served.
+    let mut r = Runner::start_with(&[
+        "--iohost",
+        "0.0.0.0",
+        "--tls",
+        "off",
+        "--export",
+        "mem:d,size=1M",
+    ]);
+    assert!(r.addr.starts_with("0.0.0.0:"), "{}", r.addr);
+    r.assert_alive();
+}
+
+#[test]
+fn nbd_cli_reaches_the_control_route_over_tls() {
+    let pki = make_certs();
+    let r = Runner::start_with(&["--tls-certificates", path_str(pki.path())]);
+    let token = path_str(&r.token_file).to_owned();
+    let with_tls = |args: &[&str]| {
+        let mut full = vec![
+            "--host",
+            r.rpc.as_str(),
+            "--token-file",
+            &token,
+            "--tls-certificates",
+            path_str(pki.path()),
+        ];
+        full.extend_from_slice(args);
+        run(env!("CARGO_BIN_EXE_nbd-cli"), &full)
+    };
+    let out = with_tls(&["mem", "create", "tlsdisk", "size", "1M"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_tls(&["list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tlsdisk"));
+    // Loopback in plain text still works with the token.
+    assert!(cli_ok(&r, &["list"]).contains("tlsdisk"));
+    // A client that trusts another CA does not get in.
+    let other = make_certs();
+    let mut full = vec!["--host", r.rpc.as_str(), "--token-file", &token];
+    full.extend(["--tls-certificates", path_str(other.path()), "list"]);
+    let out = run(env!("CARGO_BIN_EXE_nbd-cli"), &full);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("TLS"), "{err}");
+}
