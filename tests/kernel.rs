@@ -158,6 +158,22 @@ fn kernel_attach_in_vm() {
             ],
         ),
     ];
+    // A map over kernel TLS, with packet captures of TLS and plain maps.
+    runs.push((
+        "guest-tls.sh",
+        format!(
+            "NBD_RUNNER='{}' NBD_CLI='{}' REPO='{}'",
+            runner.display(),
+            cli.display(),
+            repo().display()
+        ),
+        &[
+            "GUEST-TLS-OK",
+            "TLS: plain map refused",
+            "TLS: ext4 over a kernel-TLS map round-trips, no plaintext on the wire",
+            "TLS: the plain map shows",
+        ],
+    ));
     // Gluster in the guest: the guest has no NIC, so it runs its own glusterd
     // (tests/run.sh installs the packages and builds with the feature).
     if cfg!(feature = "gluster") && std::env::var_os("NBD_TEST_GLUSTER_VOLUME").is_some() {

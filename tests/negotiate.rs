@@ -84,7 +84,7 @@ fn unknown_export_is_a_clear_error() {
 #[test]
 fn several_connections_agree() {
     let runner = Runner::start(&["mem:disk0,size=16M"]);
-    let (socks, info) = connect_export_many(&runner.addr, "disk0", 4, T).unwrap();
+    let (socks, info) = connect_export_many(&runner.addr, "disk0", 4, T, None).unwrap();
     assert_eq!(socks.len(), 4);
     assert_eq!(info.size, 16 << 20);
     // A write on one connection is visible on another.

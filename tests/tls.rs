@@ -308,3 +308,46 @@ fn nbd_cli_reaches_the_control_route_over_tls() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("TLS"), "{err}");
 }
+
+#[test]
+fn the_kernel_maps_handshake_negotiates_tls_then_hands_the_session_to_kernel_tls() {
+    use nbd_cli::kernel::{connect_export_with, NegotiateError};
+    use std::time::Duration;
+    let pki = make_certs();
+    let r = Runner::start_with(&[
+        "--export",
+        "mem:disk0,size=16M",
+        "--tls-certificates",
+        path_str(pki.path()),
+        "--tls-verify-peer",
+    ]);
+    let port = r.addr.rsplit(':').next().unwrap();
+    let addr = format!("localhost:{port}");
+    let t = Duration::from_secs(10);
+    let good = nbd_control::tls::client_config(pki.path()).unwrap();
+    match connect_export_with(&addr, "disk0", t, Some(&good)) {
+        // This kernel has TLS: the socket now encrypts by itself, so plain
+        // NBD requests written to it reach the runner.
+        Ok((mut s, info)) => {
+            assert_eq!(info.size, 16 << 20);
+            assert_eq!(write_at(&mut s, 4096, &pattern(4096, 9)), 0);
+            assert_eq!(read_at(&mut s, 4096, 4096).unwrap(), pattern(4096, 9));
+        }
+        // Hosts without the tls module get there and say so (the VM test
+        // proves the kernel path); the handshake itself must have passed.
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("kernel has no TLS support"), "{e}");
+        }
+    }
+    // Credentials that do not fit are refused at the TLS handshake.
+    let other = make_certs();
+    let wrong = nbd_control::tls::client_config(other.path()).unwrap();
+    let e = connect_export_with(&addr, "disk0", t, Some(&wrong)).unwrap_err();
+    assert!(matches!(e, NegotiateError::Tls { .. }), "{e}");
+    // A runner without TLS says so before any export is asked for.
+    let plain = Runner::start(&["mem:disk0,size=16M"]);
+    let port = plain.addr.rsplit(':').next().unwrap();
+    let e = connect_export_with(&format!("localhost:{port}"), "disk0", t, Some(&good)).unwrap_err();
+    assert!(e.to_string().contains("does not offer TLS"), "{e}");
+}

@@ -76,6 +76,7 @@ fn run(args: &[String]) -> Result<()> {
                 export,
                 count(n)?,
                 negotiate::DEFAULT_TIMEOUT,
+                None,
             )?;
             let fds = socks.iter().map(|s| s.as_raw_fd()).collect();
             let mut p = ConnectParams::from_negotiated(&info, read_only, cookie(export), fds);
@@ -103,6 +104,7 @@ fn run(args: &[String]) -> Result<()> {
                 export,
                 count(n)?,
                 negotiate::DEFAULT_TIMEOUT,
+                None,
             )?;
             netlink::reconfigure(&ReconfigureParams {
                 index,

@@ -88,6 +88,7 @@ pub fn run(inv: Invocation) -> Result<()> {
                 timeout,
                 readonly,
                 connections,
+                tls: tls_config(&global)?,
             };
             let dev = map::map(&mut client, handler, &key, &opts)?;
             emit(
@@ -216,21 +217,22 @@ fn connect(global: &Global) -> Result<Client> {
              NBD_RUNNER_TOKEN_FILE (the local default token is only sent to this host)"
         ),
     };
-    let tls = match tls_dir(global) {
-        Some(dir) if matches!(endpoint, Endpoint::Tcp { .. }) => {
-            Some(nbd_control::tls::client_config(&dir).context("--tls-certificates")?)
-        }
-        _ => None,
+    let tls = match endpoint {
+        Endpoint::Tcp { .. } => tls_config(global)?,
+        Endpoint::Unix(_) => None,
     };
     Client::connect_tls(&endpoint, token, TIMEOUT, tls).context("control route")
 }
 
 /// `--tls-certificates` or NBD_RUNNER_TLS_CERTIFICATES: TLS on both routes.
-fn tls_dir(global: &Global) -> Option<PathBuf> {
-    global
+fn tls_config(global: &Global) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    let dir = global
         .tls_certificates
         .clone()
         .or_else(|| std::env::var_os("NBD_RUNNER_TLS_CERTIFICATES").map(PathBuf::from))
+        .filter(|d| !d.as_os_str().is_empty());
+    dir.map(|d| nbd_control::tls::client_config(&d).context("--tls-certificates"))
+        .transpose()
 }
 
 fn help(handler: Option<Handler>) -> String {

@@ -16,6 +16,8 @@ pub struct MapOptions {
     pub timeout: Option<u64>,
     pub readonly: bool,
     pub connections: Option<u32>,
+    /// TLS on the IO route, handed to the kernel's TLS.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// How long a device waits for a reattach once its connections are dead,
@@ -66,8 +68,14 @@ fn io_address(client: &Client, target: &MapTarget) -> String {
 fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<String> {
     let count = opts.connections.unwrap_or(target.shards).max(1) as usize;
     let addr = io_address(client, target);
-    let (sockets, info) = kernel::connect_export_many(&addr, &target.key, count, NEGOTIATE_TIMEOUT)
-        .with_context(|| format!("connecting to the IO route at {addr}"))?;
+    let (sockets, info) = kernel::connect_export_many(
+        &addr,
+        &target.key,
+        count,
+        NEGOTIATE_TIMEOUT,
+        opts.tls.as_ref(),
+    )
+    .with_context(|| format!("connecting to the IO route at {addr}"))?;
     let fds: Vec<_> = sockets.iter().map(|s| s.as_raw_fd()).collect();
     if let Some(dead) = &target.reattach {
         if opts.device.as_deref().is_some_and(|d| d != dead) {

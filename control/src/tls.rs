@@ -21,17 +21,17 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Untrusted(#[from] TrustError),
     #[error("{}: {what}", path.display())]
     Pem { path: PathBuf, what: String },
-    #[error("TLS credentials in {}: {source}", dir.display())]
-    Rustls { dir: PathBuf, source: rustls::Error },
+    #[error("TLS credentials in {}: {cause}", dir.display())]
+    Rustls { dir: PathBuf, cause: rustls::Error },
     #[error("cannot verify peers with {}: {what}", path.display())]
     Verifier { path: PathBuf, what: String },
 }
@@ -45,9 +45,9 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         path: path.to_owned(),
         what,
     };
-    let data = std::fs::read(path).map_err(|source| TlsError::Read {
+    let data = std::fs::read(path).map_err(|cause| TlsError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     let certs = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
@@ -66,9 +66,9 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         Privacy::Secret,
     )?;
     let mut data = Vec::new();
-    f.read_to_end(&mut data).map_err(|source| TlsError::Read {
+    f.read_to_end(&mut data).map_err(|cause| TlsError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     PrivateKeyDer::from_pem_slice(&data).map_err(|e| TlsError::Pem {
         path: path.to_owned(),
@@ -91,9 +91,9 @@ fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
 /// present a certificate signed by `ca-cert.pem`: that is the
 /// authentication (nbdkit's `--tls-verify-peer`).
 pub fn server_config(dir: &Path, verify_peer: bool) -> Result<Arc<ServerConfig>, TlsError> {
-    let rustls_err = |source| TlsError::Rustls {
+    let rustls_err = |cause| TlsError::Rustls {
         dir: dir.to_owned(),
-        source,
+        cause,
     };
     let chain = certs(&dir.join("server-cert.pem"))?;
     let key = key(&dir.join("server-key.pem"))?;
@@ -124,9 +124,9 @@ pub fn server_config(dir: &Path, verify_peer: bool) -> Result<Arc<ServerConfig>,
 /// A client's credentials from `dir`: the CA that signed the server, and
 /// the client's own certificate when `client-cert.pem` is there.
 pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
-    let rustls_err = |source| TlsError::Rustls {
+    let rustls_err = |cause| TlsError::Rustls {
         dir: dir.to_owned(),
-        source,
+        cause,
     };
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

@@ -20,9 +20,10 @@ openssl req -x509 -new -key ca/ca-key.pem -out ca-cert.pem -days "$days" -subj "
   -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
 sign() { # NAME SUBJECT EXTENSIONS
   key "$1-key.pem"
+  printf '%s\n' "$3" >"ca/$1.ext"
   openssl req -new -key "$1-key.pem" -subj "$2" -out "ca/$1.csr"
   openssl x509 -req -in "ca/$1.csr" -CA ca-cert.pem -CAkey ca/ca-key.pem -CAserial ca/serial -CAcreateserial \
-    -days "$days" -out "$1-cert.pem" -extfile <(printf '%s\n' "$3") 2>/dev/null
+    -days "$days" -out "$1-cert.pem" -extfile "ca/$1.ext" 2>/dev/null
 }
 sign server "/CN=nbd-runner" "subjectAltName=$names
 basicConstraints=critical,CA:FALSE

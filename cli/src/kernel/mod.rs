@@ -9,10 +9,13 @@
 //! [`netlink::reconfigure`] and fresh sockets; unmap is
 //! [`netlink::disconnect`].
 
+pub mod ktls;
 pub mod negotiate;
 pub mod netlink;
 
-pub use negotiate::{connect_export, connect_export_many, negotiate, NegotiateError, Negotiated};
+pub use negotiate::{
+    connect_export, connect_export_many, connect_export_with, negotiate, NegotiateError, Negotiated,
+};
 pub use netlink::{
     backend_id, connect, devices, disconnect, reconfigure, status, ConnectParams, DeviceStatus,
     NetlinkError, ReconfigureParams,

@@ -3,14 +3,21 @@
 //! around the sans-IO [`ClientHandshake`] (`nbd_engine::protocol::client`),
 //! which holds every protocol decision.
 //!
+//! With TLS the whole negotiation runs inside a rustls session, which is
+//! then handed to the kernel's TLS (see [`super::ktls`]), so the socket the
+//! kernel gets encrypts by itself.
+//!
 //! A read timeout guards the handshake and is cleared afterwards, because the
 //! kernel's receive thread inherits the socket's `SO_RCVTIMEO` and would treat
 //! an idle connection as dead.
 
 pub use nbd_engine::protocol::client::{ClientError, ClientNegotiated as Negotiated};
 use nbd_engine::protocol::ClientHandshake;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a handshake failed. Every message names the export or the phase.
@@ -34,6 +41,8 @@ pub enum NegotiateError {
         "the server does not allow {wanted} connections to export {name:?} (no CAN_MULTI_CONN)"
     )]
     NoMultiConn { name: String, wanted: usize },
+    #[error("TLS with {host}: {why}")]
+    Tls { host: String, why: String },
     #[error("connections to export {name:?} disagree on its size or flags ({a:?} vs {b:?})")]
     Inconsistent {
         name: String,
@@ -55,6 +64,31 @@ pub fn connect_export(
     export: &str,
     timeout: Duration,
 ) -> Result<(TcpStream, Negotiated), NegotiateError> {
+    connect_export_with(addr, export, timeout, None)
+}
+
+/// [`connect_export`], over TLS when `tls` is given: the server's
+/// certificate must match the host in `addr`, and the session ends up in
+/// the kernel's TLS on the returned socket.
+pub fn connect_export_with(
+    addr: &str,
+    export: &str,
+    timeout: Duration,
+    tls: Option<&Arc<ClientConfig>>,
+) -> Result<(TcpStream, Negotiated), NegotiateError> {
+    let tls = match tls {
+        None => None,
+        Some(config) => {
+            let host = nbd_engine::config::hostport::split_host_port(addr)
+                .map(|(h, _)| h.to_owned())
+                .unwrap_or_else(|_| addr.to_owned());
+            let name = ServerName::try_from(host.clone()).map_err(|e| NegotiateError::Tls {
+                host: host.clone(),
+                why: e.to_string(),
+            })?;
+            Some((config.clone(), name, host))
+        }
+    };
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|source| NegotiateError::Connect {
@@ -66,7 +100,7 @@ pub fn connect_export(
     for a in &addrs {
         match TcpStream::connect_timeout(a, timeout) {
             Ok(s) => {
-                let info = negotiate(&s, export, timeout)?;
+                let info = negotiate_with(&s, export, timeout, tls.clone())?;
                 return Ok((s, info));
             }
             Err(e) => last = Some(e),
@@ -91,9 +125,10 @@ pub fn connect_export_many(
     export: &str,
     count: usize,
     timeout: Duration,
+    tls: Option<&Arc<ClientConfig>>,
 ) -> Result<(Vec<TcpStream>, Negotiated), NegotiateError> {
     assert!(count > 0, "at least one connection");
-    let (first, info) = connect_export(addr, export, timeout)?;
+    let (first, info) = connect_export_with(addr, export, timeout, tls)?;
     if count > 1 && !info.can_multi_conn() {
         return Err(NegotiateError::NoMultiConn {
             name: export.to_owned(),
@@ -102,7 +137,7 @@ pub fn connect_export_many(
     }
     let mut socks = vec![first];
     for _ in 1..count {
-        let (s, other) = connect_export(addr, export, timeout)?;
+        let (s, other) = connect_export_with(addr, export, timeout, tls)?;
         if other.size != info.size || other.flags != info.flags {
             return Err(NegotiateError::Inconsistent {
                 name: export.to_owned(),
@@ -123,6 +158,19 @@ pub fn negotiate(
     export: &str,
     timeout: Duration,
 ) -> Result<Negotiated, NegotiateError> {
+    negotiate_with(stream, export, timeout, None)
+}
+
+/// What TLS needs: the client's credentials, the name the server's
+/// certificate must carry, and that name for messages.
+type TlsTarget = (Arc<ClientConfig>, ServerName<'static>, String);
+
+fn negotiate_with(
+    stream: &TcpStream,
+    export: &str,
+    timeout: Duration,
+    tls: Option<TlsTarget>,
+) -> Result<Negotiated, NegotiateError> {
     let setup = |during| move |source| NegotiateError::Io { during, source };
     stream
         .set_read_timeout(Some(timeout))
@@ -132,7 +180,33 @@ pub fn negotiate(
         .map_err(setup("socket setup"))?;
     let _ = stream.set_nodelay(true);
     let mut s = stream;
-    let result = handshake(&mut s, export);
+    let result = match tls {
+        None => handshake(&mut s, export),
+        Some((config, name, host)) => {
+            let tls_err = |why: String| NegotiateError::Tls {
+                host: host.clone(),
+                why,
+            };
+            let mut upgrade = |s: &mut &TcpStream| {
+                let mut conn = ClientConnection::new(config.clone(), name.clone())
+                    .map_err(|e| tls_err(e.to_string()))?;
+                while conn.is_handshaking() {
+                    conn.complete_io(s).map_err(|e| tls_err(e.to_string()))?;
+                }
+                Ok(conn)
+            };
+            drive(
+                &mut s,
+                ClientHandshake::new(export)?.with_tls(),
+                &mut upgrade,
+            )
+            .and_then(|(info, conn)| {
+                let conn = conn.ok_or_else(|| tls_err("the handshake ended before TLS".into()))?;
+                super::ktls::install(stream, conn).map_err(|e| tls_err(e.to_string()))?;
+                Ok(info)
+            })
+        }
+    };
     let clear = stream
         .set_read_timeout(None)
         .and_then(|_| stream.set_write_timeout(None));
@@ -144,22 +218,46 @@ pub fn negotiate(
 /// The handshake itself, over any byte stream (unit tests use pipes): a
 /// thin blocking driver of [`ClientHandshake`].
 pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Negotiated, NegotiateError> {
-    let mut hs = ClientHandshake::new(export)?;
+    let mut no_tls = |_: &mut S| -> Result<ClientConnection, NegotiateError> {
+        unreachable!("a plain handshake never starts TLS")
+    };
+    drive(s, ClientHandshake::new(export)?, &mut no_tls).map(|(n, _)| n)
+}
+
+/// Drives `hs` over `s`; when it asks for TLS, `upgrade` runs the TLS
+/// handshake and every later byte goes through the session, which is
+/// returned with the result.
+fn drive<S: Read + Write>(
+    s: &mut S,
+    mut hs: ClientHandshake,
+    upgrade: &mut dyn FnMut(&mut S) -> Result<ClientConnection, NegotiateError>,
+) -> Result<(Negotiated, Option<ClientConnection>), NegotiateError> {
+    let mut tls: Option<ClientConnection> = None;
     let mut buf = Vec::new();
     loop {
         if hs.has_output() {
             let during = hs.phase();
             let out = hs.take_output();
-            s.write_all(&out)
-                .and_then(|()| s.flush())
+            let sent = match &mut tls {
+                Some(c) => rustls::Stream::new(c, s).write_all(&out),
+                None => s.write_all(&out),
+            };
+            sent.and_then(|()| s.flush())
                 .map_err(|e| io_error(e, during, &hs))?;
         }
+        if hs.take_starttls() {
+            tls = Some(upgrade(s)?);
+            continue;
+        }
         if let Some(n) = hs.negotiated() {
-            return Ok(*n);
+            return Ok((*n, tls));
         }
         buf.resize(hs.want(), 0);
-        s.read_exact(&mut buf)
-            .map_err(|e| io_error(e, hs.phase(), &hs))?;
+        let got = match &mut tls {
+            Some(c) => rustls::Stream::new(c, s).read_exact(&mut buf),
+            None => s.read_exact(&mut buf),
+        };
+        got.map_err(|e| io_error(e, hs.phase(), &hs))?;
         hs.receive(&buf)?;
     }
 }

@@ -459,7 +459,7 @@ fn many_connections_need_multi_conn() {
         );
         reply(&mut s, GO, c::REP_ACK, &[]);
     });
-    let err = connect_export_many(&addr, "x", 2, Duration::from_secs(5)).unwrap_err();
+    let err = connect_export_many(&addr, "x", 2, Duration::from_secs(5), None).unwrap_err();
     assert!(
         matches!(err, NegotiateError::NoMultiConn { wanted: 2, .. }),
         "{err:?}"

@@ -4,8 +4,12 @@
 //! structured replies and no extended headers (the kernel understands only
 //! simple replies). A server without `NBD_OPT_GO` gets `NBD_OPT_EXPORT_NAME`.
 //!
+//! With [`ClientHandshake::with_tls`] the first option is `NBD_OPT_STARTTLS`
+//! and nothing about the export is asked before TLS is up.
+//!
 //! The driver sends [`ClientHandshake::take_output`], reads exactly
-//! [`ClientHandshake::want`] bytes into [`ClientHandshake::receive`], and
+//! [`ClientHandshake::want`] bytes into [`ClientHandshake::receive`], runs
+//! the TLS handshake when [`ClientHandshake::take_starttls`] says so, and
 //! asks [`ClientHandshake::on_eof`] what a closed connection means.
 
 use super::codec::Codec;
@@ -71,6 +75,8 @@ pub enum ClientError {
         reason: &'static str,
         message: String,
     },
+    #[error("the server does not offer TLS{}", detail(.message))]
+    NoTls { message: String },
     #[error("the server closed the connection during {during}")]
     Closed { during: &'static str },
     #[error("NBD protocol error: {0}")]
@@ -90,6 +96,8 @@ enum State {
     Greeting,
     ReplyHeader,
     ReplyBody(OptionReplyHeader),
+    /// STARTTLS was acknowledged; the driver upgrades before anything else.
+    Upgrade,
     ExportName,
     Done,
     Failed,
@@ -105,6 +113,9 @@ pub struct ClientHandshake {
     export_info: Option<(u64, u16)>,
     blocks: Option<(u32, u32, u32)>,
     negotiated: Option<ClientNegotiated>,
+    tls: bool,
+    /// STARTTLS is sent and its reply not yet read.
+    awaiting_starttls: bool,
 }
 
 impl ClientHandshake {
@@ -123,7 +134,25 @@ impl ClientHandshake {
             export_info: None,
             blocks: None,
             negotiated: None,
+            tls: false,
+            awaiting_starttls: false,
         })
+    }
+
+    /// Starts TLS before anything else, and fails if the server will not.
+    pub fn with_tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// True once STARTTLS is acknowledged: run the TLS handshake now; every
+    /// byte from here on goes through TLS.
+    pub fn take_starttls(&mut self) -> bool {
+        if self.state != State::Upgrade {
+            return false;
+        }
+        self.send_go();
+        true
     }
 
     /// Bytes needed next; 0 once done or failed.
@@ -133,7 +162,7 @@ impl ClientHandshake {
             State::ReplyHeader => OptionReplyHeader::LEN,
             State::ReplyBody(h) => h.len as usize,
             State::ExportName => ExportNameReply::len(self.no_zeroes),
-            State::Done | State::Failed => 0,
+            State::Upgrade | State::Done | State::Failed => 0,
         }
     }
 
@@ -143,6 +172,7 @@ impl ClientHandshake {
             State::Greeting => "the greeting",
             State::ReplyHeader | State::ReplyBody(_) => "an option reply",
             State::ExportName => "NBD_OPT_EXPORT_NAME",
+            State::Upgrade => "the TLS handshake",
             State::Done | State::Failed => "the end of the handshake",
         }
     }
@@ -175,7 +205,9 @@ impl ClientHandshake {
 
     /// Feeds exactly [`want`](Self::want) bytes.
     pub fn receive(&mut self, input: &[u8]) -> Result<(), ClientError> {
-        if input.len() != self.want() || matches!(self.state, State::Done | State::Failed) {
+        if input.len() != self.want()
+            || matches!(self.state, State::Upgrade | State::Done | State::Failed)
+        {
             return Err(ClientError::Protocol(format!(
                 "handshake fed {} bytes while wanting {}",
                 input.len(),
@@ -190,7 +222,7 @@ impl ClientHandshake {
                 self.on_reply(h, input)
             }
             State::ExportName => self.on_export_name(input),
-            State::Done | State::Failed => unreachable!("checked above"),
+            State::Upgrade | State::Done | State::Failed => unreachable!("checked above"),
         };
         if result.is_err() {
             self.state = State::Failed;
@@ -229,6 +261,17 @@ impl ClientHandshake {
             cflags |= CLIENT_NO_ZEROES;
         }
         cflags.encode(&mut self.out);
+        if self.tls {
+            self.out.extend(OptionHeader::with_data(OPT_STARTTLS, &[]));
+            self.awaiting_starttls = true;
+            self.state = State::ReplyHeader;
+        } else {
+            self.send_go();
+        }
+        Ok(())
+    }
+
+    fn send_go(&mut self) {
         let go = InfoRequest {
             name: self.export.clone(),
             infos: vec![INFO_BLOCK_SIZE],
@@ -236,7 +279,28 @@ impl ClientHandshake {
         self.out
             .extend(OptionHeader::with_data(OPT_GO, &go.to_bytes()));
         self.state = State::ReplyHeader;
-        Ok(())
+    }
+
+    fn on_starttls_reply(&mut self, h: OptionReplyHeader, body: &[u8]) -> Result<(), ClientError> {
+        if h.option != OPT_STARTTLS {
+            return Err(ClientError::Protocol(format!(
+                "reply to option {} while waiting for NBD_OPT_STARTTLS",
+                h.option
+            )));
+        }
+        self.awaiting_starttls = false;
+        match h.kind {
+            REP_ACK => {
+                self.state = State::Upgrade;
+                Ok(())
+            }
+            k if is_error_reply(k) => Err(ClientError::NoTls {
+                message: String::from_utf8_lossy(body).trim().to_owned(),
+            }),
+            k => Err(ClientError::Protocol(format!(
+                "unexpected reply type {k:#x} to NBD_OPT_STARTTLS"
+            ))),
+        }
     }
 
     fn on_reply_header(&mut self, input: &[u8]) -> Result<(), ClientError> {
@@ -262,6 +326,9 @@ impl ClientHandshake {
     }
 
     fn on_reply(&mut self, h: OptionReplyHeader, body: &[u8]) -> Result<(), ClientError> {
+        if self.awaiting_starttls {
+            return self.on_starttls_reply(h, body);
+        }
         if h.option != OPT_GO {
             return Err(ClientError::Protocol(format!(
                 "reply to option {} while waiting for NBD_OPT_GO",

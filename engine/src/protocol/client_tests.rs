@@ -12,6 +12,8 @@ struct Pair {
     server: Handshake,
     to_server: Vec<u8>,
     to_client: Vec<u8>,
+    /// Times each side was told to upgrade (TLS itself is transparent here).
+    upgrades: (u32, u32),
 }
 
 impl Pair {
@@ -21,7 +23,15 @@ impl Pair {
             server: Handshake::new(),
             to_server: Vec::new(),
             to_client: Vec::new(),
+            upgrades: (0, 0),
         }
+    }
+
+    fn with_tls(export: &str, policy: crate::protocol::TlsPolicy) -> Self {
+        let mut p = Pair::new(export);
+        p.client = ClientHandshake::new(export).unwrap().with_tls();
+        p.server = Handshake::new().tls(policy);
+        p
     }
 
     /// Moves bytes both ways until neither side can make progress; the
@@ -30,6 +40,8 @@ impl Pair {
         loop {
             self.to_client.extend(self.server.take_output());
             self.to_server.extend(self.client.take_output());
+            self.upgrades.0 += u32::from(self.client.take_starttls());
+            self.upgrades.1 += u32::from(self.server.take_starttls());
             if let Some(n) = self.client.negotiated() {
                 return (Ok(*n), self.server.negotiated().cloned());
             }
@@ -259,4 +271,47 @@ fn hostile_servers_get_one_clear_error() {
         assert!(!msg.contains('\n'), "{what}: one line");
         assert_eq!(c.want(), 0, "{what}: a failed handshake wants nothing");
     }
+}
+
+#[test]
+fn tls_comes_first_and_the_export_is_asked_for_only_inside_it() {
+    use crate::protocol::TlsPolicy;
+    for policy in [TlsPolicy::On, TlsPolicy::Require] {
+        let mut p = Pair::with_tls("disk", policy);
+        let (c, s) = p.drive();
+        assert_eq!(c.unwrap().size, DISK_SIZE);
+        assert!(s.is_some());
+        assert_eq!(p.upgrades, (1, 1));
+        assert!(p.server.tls_active());
+    }
+    // A server without TLS: one clear error, and no export is asked for.
+    let mut p = Pair::with_tls("disk", TlsPolicy::Off);
+    let (c, s) = p.drive();
+    let e = c.unwrap_err();
+    assert!(matches!(e, ClientError::NoTls { .. }), "{e:?}");
+    assert!(e.to_string().contains("does not offer TLS"), "{e}");
+    assert!(s.is_none() && p.upgrades == (0, 0));
+}
+
+#[test]
+fn a_server_that_acks_starttls_again_inside_tls_is_refused() {
+    use crate::protocol::msgs::OptionReplyHeader;
+    let mut c = ClientHandshake::new("disk").unwrap().with_tls();
+    let mut greeting = Vec::new();
+    crate::protocol::msgs::Greeting::newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        .encode(&mut greeting);
+    c.receive(&greeting).unwrap();
+    c.take_output();
+    let mut ack = Vec::new();
+    OptionReplyHeader::put(&mut ack, OPT_STARTTLS, REP_ACK, &[]);
+    c.receive(&ack).unwrap();
+    assert_eq!(c.want(), 0);
+    assert!(
+        c.receive(&[]).is_err(),
+        "nothing may be read before the upgrade"
+    );
+    assert!(c.take_starttls() && !c.take_starttls());
+    assert!(c.has_output(), "GO goes out inside TLS");
+    let e = c.receive(&ack).unwrap_err();
+    assert!(matches!(e, ClientError::Protocol(_)), "{e:?}");
 }
