@@ -6,6 +6,8 @@ pub mod client;
 pub mod confine;
 pub mod daemon;
 pub mod factory;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod model;
 pub mod registry;
 pub mod saveconfig;

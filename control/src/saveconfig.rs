@@ -97,6 +97,36 @@ impl Default for SaveConfig {
 }
 
 impl SaveConfig {
+    /// The document in `text` (read from `path`, for messages), checked:
+    /// the schema first, so a newer file is named as such, not as corrupt;
+    /// then every key, and no key twice.
+    pub fn parse(text: &[u8], path: &Path) -> Result<SaveConfig, PersistError> {
+        let corrupt = |reason: String| PersistError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
+        #[derive(Deserialize)]
+        struct Schema {
+            schema: u32,
+        }
+        let schema: Schema = serde_json::from_slice(text).map_err(|e| corrupt(e.to_string()))?;
+        if schema.schema != SCHEMA_VERSION {
+            return Err(PersistError::Schema {
+                path: path.to_owned(),
+                found: schema.schema,
+            });
+        }
+        let cfg: SaveConfig = serde_json::from_slice(text).map_err(|e| corrupt(e.to_string()))?;
+        let mut seen = std::collections::HashSet::new();
+        for b in &cfg.backstores {
+            b.handler.check_key(&b.key).map_err(corrupt)?;
+            if !seen.insert(&b.key) {
+                return Err(corrupt(format!("backstore {:?} appears twice", b.key)));
+            }
+        }
+        Ok(cfg)
+    }
+
     /// What a restart means: a device the kernel may still hold has lost its
     /// server, so it is dead until reattached; an unfinished map never happened.
     pub fn after_restart(mut self) -> Self {
@@ -170,31 +200,7 @@ impl StateStore {
         let mut text = Vec::new();
         file.read_to_end(&mut text)
             .map_err(io_err(&self.path, "read"))?;
-        let corrupt = |reason: String| PersistError::Corrupt {
-            path: self.path.clone(),
-            reason,
-        };
-        // Read the schema first so a newer file is named as such, not as corrupt.
-        #[derive(Deserialize)]
-        struct Schema {
-            schema: u32,
-        }
-        let schema: Schema = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
-        if schema.schema != SCHEMA_VERSION {
-            return Err(PersistError::Schema {
-                path: self.path.clone(),
-                found: schema.schema,
-            });
-        }
-        let cfg: SaveConfig = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
-        let mut seen = std::collections::HashSet::new();
-        for b in &cfg.backstores {
-            b.handler.check_key(&b.key).map_err(corrupt)?;
-            if !seen.insert(&b.key) {
-                return Err(corrupt(format!("backstore {:?} appears twice", b.key)));
-            }
-        }
-        Ok(cfg)
+        SaveConfig::parse(&text, &self.path)
     }
 
     /// Replaces the document atomically.
