@@ -63,21 +63,31 @@ fn libnbd_and_qemu_move_data_over_tls_with_client_certificates() {
     let info = run_ok("nbdinfo", &[&uri]);
     assert!(info.contains("with TLS"), "{info}");
 
-    // nbdcopy in and out: the bytes survive the round trip.
+    // nbdcopy in and out, 64 requests in flight on each of 4 connections,
+    // 4 KiB (many records per read) and 1 MiB (many records per request):
+    // the bytes survive the round trip.
     let dir = scratch();
     let (src, back) = (tmp_path(&dir, "src"), tmp_path(&dir, "back"));
-    write_file(&src, &pattern(8 << 20, 42));
-    run_ok("nbdcopy", &[path_str(&src), &uri]);
-    run_ok("nbdcopy", &[&uri, path_str(&back)]);
-    let back = std::fs::read(&back).unwrap();
-    assert!(back[..8 << 20] == pattern(8 << 20, 42)[..], "data differs");
+    let data = pattern(24 << 20, 42);
+    write_file(&src, &data);
+    for size in ["4096", "1048576"] {
+        let rs = format!("--request-size={size}");
+        run_ok("nbdcopy", &[&rs, path_str(&src), &uri]);
+        run_ok("nbdcopy", &[&rs, &uri, path_str(&back)]);
+        let got = std::fs::read(&back).unwrap();
+        assert!(
+            got[..data.len()] == data[..],
+            "data differs at request size {size}"
+        );
+        std::fs::remove_file(&back).unwrap();
+    }
 
     // qemu-io writes and reads patterns through its own TLS stack.
     let mut args = qemu_tls_args(&r, "disk0", pki);
     for c in [
-        "write -P 0xab 16M 1M",
-        "read -P 0xab 16M 1M",
-        "read -P 0 17M 64k",
+        "write -P 0xab 40M 1M",
+        "read -P 0xab 40M 1M",
+        "read -P 0 41M 64k",
     ] {
         args.extend(["-c".into(), c.into()]);
     }
@@ -350,4 +360,66 @@ fn the_kernel_maps_handshake_negotiates_tls_then_hands_the_session_to_kernel_tls
     let port = plain.addr.rsplit(':').next().unwrap();
     let e = connect_export_with(&format!("localhost:{port}"), "disk0", t, Some(&good)).unwrap_err();
     assert!(e.to_string().contains("does not offer TLS"), "{e}");
+}
+
+#[test]
+fn from_another_host_plain_text_is_refused_on_both_routes_and_tls_gets_in() {
+    let ns = match NetNs::new() {
+        Ok(ns) => ns,
+        // Root makes namespaces; tests/run.sh runs as root in CI.
+        Err(e) if nbd_control::trust::euid() != 0 => return eprintln!("skipped: {e}"),
+        Err(e) => panic!("cannot make a network namespace as root: {e}"),
+    };
+    let pki = make_certs_for(&format!("IP:{}", ns.host_ip));
+    let pki = pki.path();
+    let r = Runner::start_with(&[
+        "--iohost",
+        &ns.host_ip,
+        "--rpchost",
+        &ns.host_ip,
+        "--export",
+        "mem:disk0,size=16M",
+        "--tls-certificates",
+        path_str(pki),
+    ]);
+    let token = path_str(&r.token_file).to_owned();
+    let cli = env!("CARGO_BIN_EXE_nbd-cli");
+    // The control route from the other host: plain text is refused even
+    // with the right token; TLS with it gets in.
+    let out = ns.run(cli, &["--host", &r.rpc, "--token-file", &token, "list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs TLS from other hosts"),
+        "{err}"
+    );
+    let out = ns.run(
+        cli,
+        &[
+            "--host",
+            &r.rpc,
+            "--token-file",
+            &token,
+            "--tls-certificates",
+            path_str(pki),
+            "list",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("disk0"));
+    // The IO route: plain nbd:// is refused, nbds:// with the certificate works.
+    let out = ns.run("nbdinfo", &[&r.uri("disk0")]);
+    assert!(!out.status.success());
+    let port = r.addr.rsplit(':').next().unwrap();
+    let uri = format!(
+        "nbds://{}:{port}/disk0?tls-certificates={}",
+        ns.host_ip,
+        pki.display()
+    );
+    let out = ns.run("nbdinfo", &[&uri]);
+    let info = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && info.contains("with TLS"), "{info}");
 }

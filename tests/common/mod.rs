@@ -233,7 +233,10 @@ pub fn run<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> Output {
         .args(args)
         .env(
             "PATH",
-            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+            format!(
+                "/usr/bin:/usr/sbin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            ),
         )
         .output()
         .unwrap_or_else(|e| {
@@ -611,10 +614,72 @@ pub fn hole_bytes(uri: &str) -> u64 {
 /// directory: a CA, a server certificate for localhost/127.0.0.1/::1 and a
 /// client certificate.
 pub fn make_certs() -> tempfile::TempDir {
+    make_certs_for("DNS:localhost,IP:127.0.0.1,IP:::1")
+}
+
+/// [`make_certs`] with the server certificate for `names` (a SAN list).
+pub fn make_certs_for(names: &str) -> tempfile::TempDir {
     let dir = scratch();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/tls/make-certs.sh");
-    run_ok("bash", &[script, path_str(dir.path())]);
+    run_ok("bash", &[script, path_str(dir.path()), names]);
     dir
+}
+
+/// A network namespace joined to this one by a veth pair: this side is
+/// `host_ip`, the namespace's side `peer_ip`, a real non-loopback network
+/// for "another host". Removed (with its veth) when dropped.
+pub struct NetNs {
+    pub name: String,
+    pub host_ip: String,
+    pub peer_ip: String,
+}
+
+impl NetNs {
+    /// Fails (with the reason) where namespaces cannot be made (not root).
+    pub fn new() -> Result<NetNs, String> {
+        let id = std::process::id() % 200 + 20;
+        let ns = NetNs {
+            name: format!("nbdt{}", std::process::id()),
+            host_ip: format!("10.213.{id}.1"),
+            peer_ip: format!("10.213.{id}.2"),
+        };
+        let (a, b) = (format!("{}a", ns.name), format!("{}b", ns.name));
+        let host_cidr = format!("{}/24", ns.host_ip);
+        let peer_cidr = format!("{}/24", ns.peer_ip);
+        let steps: [&[&str]; 7] = [
+            &["netns", "add", &ns.name],
+            &["link", "add", &a, "type", "veth", "peer", "name", &b],
+            &["link", "set", &b, "netns", &ns.name],
+            &["addr", "add", &host_cidr, "dev", &a],
+            &["link", "set", &a, "up"],
+            &["-n", &ns.name, "addr", "add", &peer_cidr, "dev", &b],
+            &["-n", &ns.name, "link", "set", &b, "up"],
+        ];
+        for step in steps {
+            let out = run("ip", step);
+            if !out.status.success() {
+                return Err(format!(
+                    "ip {step:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(ns)
+    }
+
+    /// Runs `program` inside the namespace.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", &self.name, program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
 }
 
 /// Runs nbd-runner with `args` expecting it to refuse to start; its stderr.
