@@ -234,8 +234,12 @@ impl Conn for TcpConn {
     }
 
     fn prepare(self, shared: &Shared, peer: &str) -> Result<Self, WireError> {
-        let (TcpConn::Plain(sock), Some(config)) = (self, &shared.tls) else {
-            unreachable!("prepare runs once, on a fresh plain connection")
+        let Some(config) = &shared.tls else {
+            return Ok(self);
+        };
+        let sock = match self {
+            TcpConn::Plain(sock) => sock,
+            done => return Ok(done),
         };
         let _ = sock.set_read_timeout(Some(HELLO_TIMEOUT));
         let _ = sock.set_write_timeout(Some(HELLO_TIMEOUT));
@@ -275,7 +279,6 @@ impl Conn for UnixStream {
 }
 
 fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, access: Access) {
-    let tls = shared.tls.is_some();
     if shared.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
         shared.clients.fetch_sub(1, Ordering::SeqCst);
         tracing::warn!(%peer, "control route busy; refusing");
@@ -288,10 +291,7 @@ fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, ac
         .spawn({
             let shared = shared.clone();
             move || {
-                let prepared = match access {
-                    Access::Token if tls => stream.prepare(&shared, &peer),
-                    _ => Ok(stream),
-                };
+                let prepared = stream.prepare(&shared, &peer);
                 let result = prepared.and_then(|mut s| serve(&shared, &mut s, &peer, access));
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "control connection ended");

@@ -132,11 +132,7 @@ async fn negotiate(
     let mut tls: Option<Rc<TlsSession>> = None;
     let result = loop {
         if hs.has_output() {
-            let out = hs.take_output();
-            match &tls {
-                Some(t) => t.send(stream, &[&out]).await?,
-                None => stream.write_all(&out).await?,
-            }
+            send(stream, tls.as_deref(), &hs.take_output()).await?;
         }
         if hs.take_starttls() {
             tls = Some(Rc::new(
@@ -153,7 +149,7 @@ async fn negotiate(
         }
         let want = hs.want();
         if !reader.ensure(want).await? {
-            return Ok(None);
+            break None;
         }
         if shard.is_closing() {
             hs.begin_shutdown();
@@ -161,11 +157,7 @@ async fn negotiate(
         let result = hs.receive(&reader.data()[..want], &*shard.table);
         reader.consume(want);
         if let Err(e) = result {
-            let out = hs.take_output();
-            let _ = match &tls {
-                Some(t) => t.send(stream, &[&out]).await,
-                None => stream.write_all(&out).await,
-            };
+            let _ = send(stream, tls.as_deref(), &hs.take_output()).await;
             tracing::debug!(%peer, error = %e, "handshake refused");
             break None;
         }
@@ -176,6 +168,14 @@ async fn negotiate(
     Ok(result)
 }
 
+/// Sends handshake bytes, through TLS once it is up.
+async fn send(stream: &mut TcpStream, tls: Option<&TlsSession>, out: &[u8]) -> io::Result<()> {
+    match tls {
+        Some(t) => t.send(stream, &[out]).await,
+        None => stream.write_all(out).await,
+    }
+}
+
 /// Upgrades the connection after the ACK to STARTTLS has gone out.
 async fn start_tls(
     shard: &ShardCtx,
@@ -184,12 +184,12 @@ async fn start_tls(
     reader: &Reader,
     peer: &str,
 ) -> io::Result<TlsSession> {
+    // The handshake accepts STARTTLS only when the shard has TLS.
     let config = shard
         .tls
         .as_ref()
-        .expect("STARTTLS is accepted only with TLS")
-        .config
-        .clone();
+        .map(|t| t.config.clone())
+        .ok_or(io::ErrorKind::Unsupported)?;
     if reader.len() > 0 {
         // The client spoke before TLS was up: those bytes were never
         // protected and must not be taken as options (CVE-2021-3716).
