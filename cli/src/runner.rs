@@ -14,6 +14,7 @@ use std::sync::Arc;
 /// Serves until SIGINT/SIGTERM; a second signal exits at once.
 pub fn run(args: RunnerArgs) -> Result<()> {
     let tls = tls_server(&args)?;
+    let max_connections = raise_fd_limit(args.max_connections as usize);
     let threads = args.threads();
     // Before any thread starts: every thread inherits both settings below.
     if let Err(e) = server::placement::set_sched_policy(args.sched.into()) {
@@ -77,6 +78,10 @@ pub fn run(args: RunnerArgs) -> Result<()> {
             limits: Limits {
                 handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
                 list_exports: args.list_exports,
+                max_connections,
+                max_connections_per_peer: args.max_connections_per_host as usize,
+                write_timeout: (args.write_timeout > 0)
+                    .then(|| std::time::Duration::from_secs(args.write_timeout)),
                 ..Limits::default()
             },
             tls,
@@ -106,6 +111,31 @@ pub fn run(args: RunnerArgs) -> Result<()> {
     }
     tracing::info!("nbd-runner stopped");
     Ok(())
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (the default soft 1,024
+/// would run out under load, failing accepts and state saves alike) and
+/// returns the connection cap that fits in it: two descriptors per
+/// connection and room for the rest of the runner.
+fn raise_fd_limit(wanted: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!("cannot raise RLIMIT_NOFILE to the hard limit: {e}");
+        }
+    }
+    let fds = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let fits = (fds.saturating_sub(256) / 2).max(1) as usize;
+    if fits < wanted {
+        tracing::warn!(
+            fds,
+            max_connections = fits,
+            "RLIMIT_NOFILE allows fewer IO connections than --max-connections"
+        );
+    }
+    wanted.min(fits)
 }
 
 /// The IO route's TLS from the flags; the same credentials serve the

@@ -105,6 +105,18 @@ pub struct RunnerArgs {
     /// dropped (guards against clients that connect and stall).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout: u64,
+    /// Seconds a client may take no reply bytes before its connection is
+    /// dropped (0: never); frees what a client that stopped reading holds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub write_timeout: u64,
+    /// IO connections the runner holds at once; more are closed at accept
+    /// (also kept under what RLIMIT_NOFILE allows, at two descriptors each).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// IO connections from one address at once (a kernel map uses one per
+    /// connection; 64 devices of 4 connections are 256).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_host: u32,
     /// Let NBD_OPT_LIST name the exports (off by default: export names of
     /// file backstores are host paths, and any peer of the IO route may ask).
     #[arg(long)]
@@ -286,6 +298,9 @@ const KEYWORDS: &[(&str, bool)] = &[
     ("mem-limit", true),
     ("tls", true),
     ("tls-certificates", true),
+    ("max-connections", true),
+    ("max-connections-per-host", true),
+    ("write-timeout", true),
 ];
 
 /// Rewrites keyword forms into flags, leaving values untouched.

@@ -23,10 +23,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Concurrent control connections; more are refused with `Busy`.
 const MAX_CLIENTS: usize = 64;
+/// Of those, slots only the unix socket may take: a crowd on the TCP port
+/// cannot lock the operator out.
+const UNIX_RESERVED: usize = 8;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -57,6 +60,8 @@ struct Shared {
     token: String,
     tls: Option<Arc<rustls::ServerConfig>>,
     clients: AtomicUsize,
+    /// When a busy refusal was last logged, and how many were not since.
+    busy_log: Mutex<(Option<Instant>, u64)>,
 }
 
 /// Binds both listeners and serves them on background threads until
@@ -73,6 +78,7 @@ pub fn start(
         token: cfg.token,
         tls: cfg.tls,
         clients: AtomicUsize::new(0),
+        busy_log: Mutex::new((None, 0)),
     });
     let unix = match &cfg.unix {
         Some(path) => Some(bind_unix(path)?),
@@ -83,7 +89,8 @@ pub fn start(
         move || {
             for stream in tcp.incoming().flatten() {
                 let label = stream.peer_addr().map_or("tcp:?".into(), |p| p.to_string());
-                serve_in_thread(shared.clone(), TcpConn::Plain(stream), label, Access::Token);
+                let limit = MAX_CLIENTS - UNIX_RESERVED;
+                serve_in_thread(&shared, TcpConn::Plain(stream), label, Access::Token, limit);
             }
         }
     })?;
@@ -92,7 +99,7 @@ pub fn start(
         spawn_named("nbd-ctl-unix", move || {
             for stream in listener.incoming().flatten() {
                 let (label, access) = unix_peer(&stream);
-                serve_in_thread(shared.clone(), stream, label, access);
+                serve_in_thread(&shared, stream, label, access, MAX_CLIENTS);
             }
         })?;
     }
@@ -176,6 +183,48 @@ fn lock(r: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
     r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Reads and writes that share one absolute deadline: a peer dribbling a
+/// byte at a time cannot stretch the hello (or the TLS handshake) beyond it.
+struct Deadline<'a, S> {
+    inner: &'a mut S,
+    at: Instant,
+    set: fn(&S, Duration),
+}
+
+impl<S> Deadline<'_, S> {
+    fn arm(&mut self) -> std::io::Result<()> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        (self.set)(self.inner, left);
+        Ok(())
+    }
+}
+
+impl<S: Read> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.inner.read(buf)
+    }
+}
+
+impl<S: Write> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn set_tcp_timeout(s: &TcpStream, t: Duration) {
+    let _ = s.set_read_timeout(Some(t));
+    let _ = s.set_write_timeout(Some(t));
+}
+
 trait Conn: Read + Write + Send + Sized + 'static {
     fn set_timeout(&self, t: Duration);
     /// Runs in the connection's thread before the hello.
@@ -241,15 +290,20 @@ impl Conn for TcpConn {
             TcpConn::Plain(sock) => sock,
             done => return Ok(done),
         };
-        let _ = sock.set_read_timeout(Some(HELLO_TIMEOUT));
-        let _ = sock.set_write_timeout(Some(HELLO_TIMEOUT));
+        set_tcp_timeout(&sock, HELLO_TIMEOUT);
         let mut first = [0u8; 1];
         if sock.peek(&mut first)? == 1 && first[0] == TLS_HANDSHAKE_RECORD {
             let conn = rustls::ServerConnection::new(config.clone())
                 .map_err(|e| WireError::Io(std::io::Error::other(e)))?;
             let mut tls = rustls::StreamOwned::new(conn, sock);
+            let at = Instant::now() + HELLO_TIMEOUT;
             while tls.conn.is_handshaking() {
-                if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                let mut io = Deadline {
+                    inner: &mut tls.sock,
+                    at,
+                    set: set_tcp_timeout,
+                };
+                if let Err(e) = tls.conn.complete_io(&mut io) {
                     tracing::warn!(%peer, error = %e, "refused control connection: TLS handshake failed");
                     return Err(e.into());
                 }
@@ -278,10 +332,24 @@ impl Conn for UnixStream {
     }
 }
 
-fn serve_in_thread<C: Conn>(shared: Arc<Shared>, mut stream: C, peer: String, access: Access) {
-    if shared.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+fn serve_in_thread<C: Conn>(
+    shared: &Arc<Shared>,
+    mut stream: C,
+    peer: String,
+    access: Access,
+    limit: usize,
+) {
+    if shared.clients.fetch_add(1, Ordering::SeqCst) >= limit {
         shared.clients.fetch_sub(1, Ordering::SeqCst);
-        tracing::warn!(%peer, "control route busy; refusing");
+        let mut log = shared.busy_log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            log.1 += 1;
+        } else {
+            let suppressed = std::mem::take(&mut log.1);
+            *log = (Some(Instant::now()), 0);
+            tracing::warn!(%peer, suppressed, "control route busy; refusing");
+        }
+        drop(log);
         let _ =
             stream.write_all(&reply(HelloStatus::Busy, "too many control connections").encode());
         return;
@@ -318,8 +386,12 @@ fn serve<C: Conn>(
     peer: &str,
     access: Access,
 ) -> Result<(), WireError> {
-    stream.set_timeout(HELLO_TIMEOUT);
-    let hello = match Hello::read_from(stream) {
+    let hello = Hello::read_from(&mut Deadline {
+        inner: stream,
+        at: Instant::now() + HELLO_TIMEOUT,
+        set: |s: &C, t| s.set_timeout(t),
+    });
+    let hello = match hello {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "refused control connection: bad hello");

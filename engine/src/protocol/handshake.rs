@@ -449,7 +449,14 @@ impl Handshake {
                 flags: export.flags,
             },
         );
+        // Each kind once: a client repeating NAME thousands of times in one
+        // 64 KiB option must not make the server write megabytes.
+        let mut seen = Vec::with_capacity(4);
         for req in infos {
+            if seen.contains(&req) {
+                continue;
+            }
+            seen.push(req);
             match req {
                 INFO_NAME => self.info(option, InfoBlock::Name(export.name.clone())),
                 INFO_DESCRIPTION if !export.description.is_empty() => {

@@ -813,3 +813,26 @@ fn after_tls_a_require_server_answers_normally() {
     assert_eq!(result, Ok(()));
     assert!(!out.is_empty() && hs.is_done());
 }
+
+#[test]
+fn repeated_info_requests_are_answered_once_each() {
+    // A 64 KiB option repeating NAME and DESCRIPTION: the answer stays small.
+    let mut hs = fixed();
+    let infos: Vec<u16> = (0..30_000)
+        .map(|i| {
+            if i % 2 == 0 {
+                INFO_NAME
+            } else {
+                INFO_DESCRIPTION
+            }
+        })
+        .collect();
+    let (result, out) = send_raw(&mut hs, OPT_INFO, &info_request(b"disk", &infos));
+    assert_eq!(result, Ok(()));
+    assert!(out.len() < 1024, "{} bytes of replies", out.len());
+    let names = parse_replies(&out)
+        .iter()
+        .filter(|r| r.kind == REP_INFO && r.info_type() == INFO_NAME)
+        .count();
+    assert_eq!(names, 1);
+}

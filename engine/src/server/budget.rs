@@ -1,6 +1,11 @@
 //! Bounds on requests and bytes in flight, per connection and per shard.
 //! A permit is held from the moment a request is accepted until its reply
 //! has left the socket, so it also bounds queued reply data.
+//!
+//! Fairness: the last quarter of a shard's budget goes only to connections
+//! with nothing in flight, so clients that stop reading (each holding its
+//! full connection budget until the write timeout drops it) cannot starve
+//! the others: every connection can always get one request through.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -37,6 +42,19 @@ impl Budget {
         self.requests.get() == 0
             || (self.requests.get() < self.max_requests
                 && self.bytes.get() + bytes <= self.max_bytes)
+    }
+
+    /// The shard's side: anything while under three quarters of both
+    /// limits; past that, only a connection that has nothing in flight.
+    fn admits(&self, bytes: u64, conn_idle: bool) -> bool {
+        if !self.fits(bytes) {
+            return false;
+        }
+        let (requests, total) = (self.requests.get() + 1, self.bytes.get() + bytes);
+        conn_idle
+            || self.requests.get() == 0
+            || (requests <= self.max_requests - self.max_requests / 4
+                && total <= self.max_bytes - self.max_bytes / 4)
     }
 
     fn take(&self, bytes: u64) {
@@ -76,7 +94,7 @@ pub struct Permit {
 impl Permit {
     pub async fn acquire(conn: &Rc<Budget>, shard: &Rc<Budget>, bytes: u64) -> Permit {
         poll_fn(|cx| {
-            if conn.fits(bytes) && shard.fits(bytes) {
+            if conn.fits(bytes) && shard.admits(bytes, conn.requests.get() == 0) {
                 return Poll::Ready(());
             }
             let waker = cx.waker().clone();
@@ -122,6 +140,40 @@ mod tests {
                 .expect("released slot not reused");
             assert_eq!(conn.in_flight(), 2);
             assert_eq!(shard.in_flight(), 2);
+        });
+    }
+
+    #[test]
+    fn the_last_quarter_of_a_shard_is_for_connections_with_nothing_in_flight() {
+        let shard = Budget::new(8, 800);
+        let hog = Budget::new(100, 1 << 20);
+        let other = Budget::new(100, 1 << 20);
+        block_on(async {
+            let mut held = Vec::new();
+            for _ in 0..6 {
+                held.push(Permit::acquire(&hog, &shard, 100).await);
+            }
+            // The hog is at three quarters: its next request waits...
+            let mut more = Box::pin(Permit::acquire(&hog, &shard, 100));
+            assert!(
+                poll_once(&mut more).await.is_none(),
+                "the hog took the reserve"
+            );
+            // ...while a connection with nothing in flight still gets one,
+            let first = Permit::acquire(&other, &shard, 100).await;
+            // but not a second one from the reserve.
+            let mut second = Box::pin(Permit::acquire(&other, &shard, 100));
+            assert!(poll_once(&mut second).await.is_none());
+            drop(first);
+            assert!(poll_once(&mut second).await.is_some());
+            // Bytes count the same way as requests.
+            let bytes = Budget::new(100, 400);
+            let a = Budget::new(100, 1 << 20);
+            let _x = Permit::acquire(&a, &bytes, 300).await;
+            assert!(poll_once(&mut Box::pin(Permit::acquire(&a, &bytes, 50)))
+                .await
+                .is_none());
+            drop(held);
         });
     }
 

@@ -17,7 +17,7 @@ use crate::protocol::{
     Command, Extent, Handshake, Negotiated, ReplyHeader, RequestHeader, TlsPolicy, Transmission,
 };
 use crate::stats::Op;
-use futures_lite::future::poll_once;
+use futures_lite::future::{or, poll_once};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::cell::RefCell;
@@ -28,6 +28,9 @@ use std::time::Instant;
 
 /// Receive buffer: room for a batch of pipelined 4 KiB writes.
 const RECV_BUF: usize = 256 * 1024;
+/// Before negotiation: enough for every option but the rare long one
+/// (the buffer grows to what an option needs, at most 64 KiB).
+const HANDSHAKE_BUF: usize = 4096;
 
 /// Serves one accepted connection to completion.
 pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
@@ -43,12 +46,21 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
             return;
         }
     };
-    let mut reader = Reader::new(socket.clone(), RECV_BUF);
+    let mut reader = Reader::new(socket.clone(), HANDSHAKE_BUF);
     reader.set_timeout(Some(shard.limits.handshake_timeout));
     let _registration = shard.register(socket.clone());
     let mut stream = stream;
-    let (negotiated, tls) = match negotiate(&shard, &socket, &mut stream, &mut reader, &peer).await
-    {
+    // The whole handshake, writes and TLS included, within the timeout: a
+    // peer that stops reading our replies cannot hold it open either.
+    let limit = shard.limits.handshake_timeout;
+    let negotiation = or(
+        negotiate(&shard, &socket, &mut stream, &mut reader, &peer),
+        async {
+            glommio::timer::sleep(limit).await;
+            Err(io::ErrorKind::TimedOut.into())
+        },
+    );
+    let (negotiated, tls) = match negotiation.await {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
@@ -57,6 +69,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
         }
     };
     reader.set_timeout(None);
+    reader.grow(RECV_BUF);
     let Some(export) = shard.table.get(&negotiated.export.name) else {
         return; // removed while we negotiated
     };
@@ -74,7 +87,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
         }
     };
     tracing::debug!(%peer, export = %export.name, shard = shard.index, "client attached");
-    let outbox = Rc::new(Outbox::new(tls));
+    let outbox = Rc::new(Outbox::new(tls, shard.limits.write_timeout));
     let writer = glommio::spawn_local({
         let outbox = outbox.clone();
         async move { outbox.run(&socket, stream).await }
@@ -171,7 +184,7 @@ async fn negotiate(
 /// Sends handshake bytes, through TLS once it is up.
 async fn send(stream: &mut TcpStream, tls: Option<&TlsSession>, out: &[u8]) -> io::Result<()> {
     match tls {
-        Some(t) => t.send(stream, &[out]).await,
+        Some(t) => t.send(stream, &[out], None).await,
         None => stream.write_all(out).await,
     }
 }

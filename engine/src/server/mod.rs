@@ -8,6 +8,7 @@
 //! connections (probes, `nbdinfo`) come and go between them. The handshake
 //! and all IO then stay on that shard.
 
+mod admission;
 mod budget;
 mod connection;
 mod outbox;
@@ -19,6 +20,7 @@ mod tls;
 
 use crate::export::ExportTable;
 use crate::protocol::TlsPolicy;
+use admission::{Admission, Admitted};
 use futures_lite::future::or;
 use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::net::{AcceptedTcpStream, TcpListener};
@@ -43,6 +45,13 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// NBD_OPT_LIST names the exports (off by default: names are host paths).
     pub list_exports: bool,
+    /// IO connections in all, and from one peer address; more are closed
+    /// at accept.
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    /// A connection whose peer takes no reply bytes for this long is
+    /// dropped, releasing what it held of the shard's budget.
+    pub write_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -54,6 +63,9 @@ impl Default for Limits {
             shard_bytes: 1 << 30,
             handshake_timeout: Duration::from_secs(30),
             list_exports: false,
+            max_connections: 4096,
+            max_connections_per_peer: 1024,
+            write_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -137,12 +149,14 @@ pub fn run(
     let next_index = Arc::new(AtomicUsize::new(0));
     let load = ShardLoad::new(threads);
     let limits = config.limits;
+    let admission = Admission::new(limits.max_connections, limits.max_connections_per_peer);
     let tls = config.tls.clone();
     let placement = placement::pool_placement(threads, config.shard_cpus.as_deref());
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("nbd-shard")
         .spin_before_park(config.spin_before_park)
         .on_all_shards(move || {
+            let admission = admission.clone();
             let (senders, receivers, table, shutdown, next_index, load, tls) = (
                 senders.clone(),
                 receivers.clone(),
@@ -158,7 +172,7 @@ pub fn run(
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
                 if index == 0 {
                     let txs = senders.lock().unwrap().take().unwrap_or_default();
-                    accept_loop(listener_fd, txs, shard.clone(), load).await;
+                    accept_loop(listener_fd, txs, shard.clone(), load, admission).await;
                 } else {
                     let rx = receivers.lock().unwrap()[index - 1].take();
                     if let Some(rx) = rx {
@@ -219,13 +233,20 @@ impl ShardLoad {
     }
 }
 
-type Handoff = (AcceptedTcpStream, Placed);
+/// A connection on its way to its shard, with its admission and placement.
+type Handoff = (AcceptedTcpStream, Placed, Admitted);
+
+/// Closes an accepted socket (glommio's accepted handle has no Drop).
+fn close(stream: AcceptedTcpStream) {
+    drop(stream.bind_to_executor());
+}
 
 async fn accept_loop(
     fd: RawFd,
     senders: Vec<SharedSender<Handoff>>,
     shard: Rc<ShardCtx>,
     load: ShardLoad,
+    admission: Arc<Admission>,
 ) {
     // SAFETY: the fd came from a bound std listener we own.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
@@ -250,6 +271,20 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(peer) = stream.peer_addr() else {
+            close(stream); // already gone
+            continue;
+        };
+        let admitted = match admission.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(why) => {
+                if let Some(suppressed) = admission.should_log() {
+                    tracing::warn!(%peer, %why, suppressed, "refused an IO connection");
+                }
+                close(stream);
+                continue;
+            }
+        };
         let placed = load.place(turn);
         turn = turn.wrapping_add(1);
         let target = placed.shard;
@@ -257,10 +292,10 @@ async fn accept_loop(
             let shard = shard.clone();
             glommio::spawn_local(async move {
                 connection::serve(stream.bind_to_executor(), shard).await;
-                drop(placed);
+                drop((placed, admitted));
             })
             .detach();
-        } else if let Err(e) = peers[target - 1].send((stream, placed)).await {
+        } else if let Err(e) = peers[target - 1].send((stream, placed, admitted)).await {
             tracing::warn!(error = %e, shard = target, "cannot hand connection to shard");
         }
     }
@@ -271,11 +306,11 @@ async fn accept_loop(
 
 async fn receive_loop(rx: SharedReceiver<Handoff>, shard: Rc<ShardCtx>) {
     let rx = rx.connect().await;
-    while let Some((stream, placed)) = rx.recv().await {
+    while let Some((stream, placed, admitted)) = rx.recv().await {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             connection::serve(stream.bind_to_executor(), shard).await;
-            drop(placed);
+            drop((placed, admitted));
         })
         .detach();
     }

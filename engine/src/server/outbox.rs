@@ -8,6 +8,7 @@ use super::socket::NbdSocket;
 use super::tls::TlsSession;
 use crate::backend::ReadBuf;
 use crate::protocol::ReplyHeader;
+use futures_lite::future::or;
 use futures_lite::AsyncWriteExt;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -15,6 +16,7 @@ use std::future::poll_fn;
 use std::io;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
 pub enum Body {
     None,
@@ -42,12 +44,15 @@ pub struct Outbox {
     pub pool: BufferPool,
     /// Replies are encrypted here once STARTTLS has run.
     tls: Option<Rc<TlsSession>>,
+    /// A peer that takes no reply bytes for this long is dropped.
+    write_timeout: Option<Duration>,
 }
 
 impl Outbox {
-    pub fn new(tls: Option<Rc<TlsSession>>) -> Self {
+    pub fn new(tls: Option<Rc<TlsSession>>, write_timeout: Option<Duration>) -> Self {
         Outbox {
             tls,
+            write_timeout,
             ..Default::default()
         }
     }
@@ -113,8 +118,8 @@ impl Outbox {
                     })
                     .collect();
                 match &self.tls {
-                    Some(tls) => tls.send(&mut wr, &slices).await,
-                    None => send_all(socket, &mut wr, &slices).await,
+                    Some(tls) => tls.send(&mut wr, &slices, self.write_timeout).await,
+                    None => send_all(socket, &mut wr, &slices, self.write_timeout).await,
                 }
             };
             for r in batch.drain(..) {
@@ -138,10 +143,46 @@ impl Outbox {
             }
         }
         if let Some(tls) = &self.tls {
-            let _ = tls.close(&mut wr).await;
+            let _ = tls.close(&mut wr, self.write_timeout).await;
         }
         let _ = wr.flush().await;
     }
+}
+
+/// One write that waits for room at most `limit`: a peer that stops
+/// reading fails with TimedOut instead of holding its budget for ever.
+pub async fn write_within<W: futures_lite::AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &[u8],
+    limit: Option<Duration>,
+) -> io::Result<usize> {
+    let Some(limit) = limit else {
+        return wr.write(buf).await;
+    };
+    or(wr.write(buf), async {
+        glommio::timer::sleep(limit).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer read no reply bytes within the write timeout",
+        ))
+    })
+    .await
+}
+
+/// [`write_within`] until all of `buf` is written.
+pub async fn write_all_within<W: futures_lite::AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut buf: &[u8],
+    limit: Option<Duration>,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = write_within(wr, buf, limit).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
 }
 
 /// Writes every slice, gathering them into as few syscalls as the socket allows.
@@ -149,6 +190,7 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
     socket: &NbdSocket,
     wr: &mut W,
     slices: &[&[u8]],
+    limit: Option<Duration>,
 ) -> io::Result<()> {
     let mut idx = 0;
     let mut off = 0;
@@ -172,7 +214,7 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
         let n = match socket.sendmsg(&iov) {
             Some(r) => r?,
             // Socket full: let glommio wait for room, then go back to gathering.
-            None => wr.write(&slices[idx][off..]).await?,
+            None => write_within(wr, &slices[idx][off..], limit).await?,
         };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());

@@ -37,6 +37,20 @@ impl Reader {
         }
     }
 
+    /// Makes room for at least `capacity` bytes (keeping what is buffered):
+    /// a connection starts small and gets its full buffer once negotiated,
+    /// so a crowd of silent peers costs little memory.
+    pub fn grow(&mut self, capacity: usize) {
+        if capacity > self.buf.len() {
+            let mut buf = vec![0u8; capacity].into_boxed_slice();
+            let len = self.len();
+            buf[..len].copy_from_slice(self.data());
+            self.buf = buf;
+            self.start = 0;
+            self.end = len;
+        }
+    }
+
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
@@ -95,7 +109,7 @@ impl Reader {
 
     /// Ensures at least `n` bytes are buffered; false on end of stream.
     pub async fn ensure(&mut self, n: usize) -> io::Result<bool> {
-        debug_assert!(n <= self.buf.len());
+        self.grow(n);
         while self.len() < n {
             if self.start + n > self.buf.len() {
                 self.buf.copy_within(self.start..self.end, 0);

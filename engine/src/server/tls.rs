@@ -7,6 +7,7 @@
 //! socket, so records from the two sides never interleave; when reading
 //! leaves records to send (an alert, a key update) it wakes the writer.
 
+use super::outbox::write_all_within;
 use super::socket::NbdSocket;
 use futures_lite::{AsyncWrite, AsyncWriteExt};
 use rustls::{ServerConfig, ServerConnection};
@@ -14,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Ciphertext held before it is pushed to the socket.
 const SEND_CHUNK: usize = 256 * 1024;
@@ -143,11 +144,13 @@ impl TlsSession {
         false
     }
 
-    /// Encrypts `slices` and sends them with whatever records are waiting.
+    /// Encrypts `slices` and sends them with whatever records are waiting;
+    /// each wait for room lasts at most `limit`.
     pub async fn send<W: AsyncWrite + Unpin>(
         &self,
         wr: &mut W,
         slices: &[&[u8]],
+        limit: Option<Duration>,
     ) -> io::Result<()> {
         let mut out = Vec::new();
         for s in slices {
@@ -160,21 +163,22 @@ impl TlsSession {
                     drain(&mut c, &mut out)?;
                 }
                 if out.len() >= SEND_CHUNK {
-                    wr.write_all(&out).await?;
+                    write_all_within(wr, &out, limit).await?;
                     out.clear();
                 }
             }
         }
         drain(&mut self.conn.borrow_mut(), &mut out)?;
-        if !out.is_empty() {
-            wr.write_all(&out).await?;
-        }
-        Ok(())
+        write_all_within(wr, &out, limit).await
     }
 
     /// Ends the session with close_notify.
-    pub async fn close<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> io::Result<()> {
+    pub async fn close<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        limit: Option<Duration>,
+    ) -> io::Result<()> {
         self.conn.borrow_mut().send_close_notify();
-        self.send(wr, &[]).await
+        self.send(wr, &[], limit).await
     }
 }
