@@ -145,9 +145,10 @@ fn kernel_attach_in_vm() {
         (
             "guest-cli.sh",
             format!(
-                "NBD_RUNNER='{}' NBD_CLI='{}'",
+                "NBD_RUNNER='{}' NBD_CLI='{}' NBD_ATTACH='{}'",
                 runner.display(),
-                cli.display()
+                cli.display(),
+                attach.display()
             ),
             &[
                 "GUEST-CLI-OK",
@@ -155,6 +156,7 @@ fn kernel_attach_in_vm() {
                 "CLI: restarted runner lists",
                 "CLI: reattached",
                 "CLI: readonly map refused writes",
+                "CLI: unmap left a device serving another backstore alone",
             ],
         ),
     ];

@@ -35,13 +35,10 @@ pub fn map(client: &mut Client, handler: Handler, key: &str, opts: &MapOptions) 
         other => bail!("unexpected answer to map: {other:?}"),
     };
     match attach(client, &target, opts) {
-        Ok(device) => {
-            client.call(&Request::MapDone {
-                key: key.to_owned(),
-                device: device.clone(),
-            })?;
-            Ok(device)
-        }
+        Ok(attached) => record(client, key, &attached, &mut |dev| {
+            let index = netlink::parse_device(dev).ok_or_else(|| anyhow!("bad device {dev}"))?;
+            netlink::disconnect(index).with_context(|| format!("disconnecting {dev}"))
+        }),
         Err(e) => {
             let _ = client.call(&Request::MapAbort {
                 key: key.to_owned(),
@@ -50,6 +47,63 @@ pub fn map(client: &mut Client, handler: Handler, key: &str, opts: &MapOptions) 
             Err(e)
         }
     }
+}
+
+/// The control calls `map` makes after the kernel attach (a seam for tests).
+pub trait Control {
+    fn call(&mut self, request: &Request) -> Result<Response, nbd_control::client::ClientError>;
+}
+
+impl Control for Client {
+    fn call(&mut self, request: &Request) -> Result<Response, nbd_control::client::ClientError> {
+        Client::call(self, request)
+    }
+}
+
+/// A device the kernel now serves from the backstore.
+pub struct Attached {
+    pub device: String,
+    /// Connected by this map, not reattached: undoing it loses nothing.
+    pub fresh: bool,
+}
+
+/// Tells the runner the device. If it cannot be told (it restarted in
+/// between, or refused), a freshly attached device is detached again and
+/// the mapping aborted: no device is left serving a backstore the runner
+/// does not know is mapped. A reattached device keeps running (detaching
+/// it would fail a mounted filesystem) and the next map reattaches it.
+pub fn record(
+    control: &mut dyn Control,
+    key: &str,
+    attached: &Attached,
+    detach: &mut dyn FnMut(&str) -> Result<()>,
+) -> Result<String> {
+    let done = control.call(&Request::MapDone {
+        key: key.to_owned(),
+        device: attached.device.clone(),
+    });
+    let Err(e) = done else {
+        return Ok(attached.device.clone());
+    };
+    let undone = if attached.fresh {
+        match detach(&attached.device) {
+            Ok(()) => format!("; {} detached again", attached.device),
+            Err(d) => format!("; detaching {} failed too: {d:#}", attached.device),
+        }
+    } else {
+        format!(
+            "; {} stays attached, map again to record it",
+            attached.device
+        )
+    };
+    let _ = control.call(&Request::MapAbort {
+        key: key.to_owned(),
+        reason: format!("recording the device failed: {e}"),
+    });
+    bail!(
+        "the runner did not record {} for {key}: {e}{undone}",
+        attached.device
+    )
 }
 
 fn io_address(client: &Client, target: &MapTarget) -> String {
@@ -65,7 +119,7 @@ fn io_address(client: &Client, target: &MapTarget) -> String {
     }
 }
 
-fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<String> {
+fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Attached> {
     let count = opts.connections.unwrap_or(target.shards).max(1) as usize;
     let addr = io_address(client, target);
     let (sockets, info) = kernel::connect_export_many(
@@ -103,7 +157,10 @@ fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Stri
             size_bytes: Some(info.size),
         })
         .with_context(|| format!("reattaching {dead}"))?;
-        return Ok(dead.clone());
+        return Ok(Attached {
+            device: dead.clone(),
+            fresh: false,
+        });
     }
     let mut params = ConnectParams::from_negotiated(&info, opts.readonly, &target.cookie, fds);
     params.index = match &opts.device {
@@ -115,7 +172,10 @@ fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Stri
     let index = netlink::connect(&params).context("attaching to the kernel")?;
     // The kernel holds its own references to the sockets now.
     drop(sockets);
-    Ok(netlink::device_path(index).display().to_string())
+    Ok(Attached {
+        device: netlink::device_path(index).display().to_string(),
+        fresh: true,
+    })
 }
 
 /// Tells the kernel a mapped device's export has a new size
@@ -144,8 +204,74 @@ pub fn unmap(client: &mut Client, handler: Handler, target: &str) -> Result<Opti
     };
     if let Some(dev) = &t.device {
         let index = netlink::parse_device(dev).ok_or_else(|| anyhow!("bad device {dev}"))?;
-        netlink::disconnect(index).with_context(|| format!("disconnecting {dev}"))?;
+        // After a restart the device may serve another backstore by now:
+        // only ours is disconnected.
+        match netlink::backend_id(index) {
+            Some(id) if id == t.cookie => {
+                netlink::disconnect(index).with_context(|| format!("disconnecting {dev}"))?
+            }
+            Some(id) => eprintln!(
+                "nbd-cli: {dev} now serves another backend ({id}); left it attached, {} is unmapped",
+                t.key
+            ),
+            None => eprintln!("nbd-cli: {dev} no longer serves {}; nothing to disconnect", t.key),
+        }
     }
     client.call(&Request::UnmapDone { key: t.key })?;
     Ok(t.device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbd_control::client::ClientError;
+    use nbd_control::wire::WireError;
+
+    /// A runner that went away between MapBegin and MapDone.
+    #[derive(Default)]
+    struct Gone {
+        calls: Vec<Request>,
+    }
+
+    impl Control for Gone {
+        fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+            self.calls.push(request.clone());
+            Err(ClientError::Wire(WireError::Closed))
+        }
+    }
+
+    #[test]
+    fn a_device_the_runner_could_not_record_is_detached_and_the_map_aborted() {
+        let mut ctl = Gone::default();
+        let mut detached = Vec::new();
+        let attached = Attached {
+            device: "/dev/nbd3".into(),
+            fresh: true,
+        };
+        let e = record(&mut ctl, "k", &attached, &mut |d| {
+            detached.push(d.to_owned());
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(detached, ["/dev/nbd3"]);
+        assert!(e.contains("detached again"), "{e}");
+        assert!(matches!(
+            ctl.calls[..],
+            [Request::MapDone { .. }, Request::MapAbort { .. }]
+        ));
+        // A reattached device is left running, and says so.
+        let mut ctl = Gone::default();
+        let attached = Attached {
+            device: "/dev/nbd3".into(),
+            fresh: false,
+        };
+        let e = record(&mut ctl, "k", &attached, &mut |_| {
+            panic!("detached a reattached device")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stays attached"), "{e}");
+        assert_eq!(ctl.calls.len(), 2);
+    }
 }

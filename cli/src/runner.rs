@@ -129,7 +129,7 @@ fn raise_fd_limit(wanted: usize) -> usize {
     let fds = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
     let fits = (fds.saturating_sub(256) / 2).max(1) as usize;
     if fits < wanted {
-        tracing::warn!(
+        tracing::info!(
             fds,
             max_connections = fits,
             "RLIMIT_NOFILE allows fewer IO connections than --max-connections"

@@ -589,8 +589,13 @@ impl Registry {
         let entry = self.entry(Some(handler), &key)?;
         let to = self.step(entry, Event::UnmapBegin)?;
         self.transition(&key, |s| s.state = to)?;
-        let device = self.entries[&key].saved.device.clone();
-        Ok(UnmapTarget { key, device })
+        let saved = &self.entries[&key].saved;
+        let (device, cookie) = (saved.device.clone(), cookie(saved));
+        Ok(UnmapTarget {
+            key,
+            device,
+            cookie,
+        })
     }
 
     pub fn unmap_done(&mut self, key: &str) -> Result<(), CtlError> {

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"NBDR";
 /// Bumped on any change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest frame either side accepts; real messages are a few KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 const MAX_TOKEN: usize = 4096;
@@ -255,6 +255,9 @@ pub struct MapTarget {
 pub struct UnmapTarget {
     pub key: String,
     pub device: Option<String>,
+    /// The device must carry this BACKEND_IDENTIFIER to be disconnected:
+    /// after a restart it may have been given to another backstore.
+    pub cookie: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,10 +4,12 @@
 #   create -> map (2 connections) -> ext4 round trip -> unmap -> map again, identical ->
 #   kill -9 + restart while mapped -> `list dead` shows it -> map reattaches the same
 #   device, data intact -> readonly map refuses writes -> delete refused while mapped.
-# Env: NBD_RUNNER, NBD_CLI (paths of the binaries). Prints GUEST-CLI-OK at the end.
+#   -> unmap after a restart leaves a device that now serves another backstore alone.
+# Env: NBD_RUNNER, NBD_CLI, NBD_ATTACH (paths of the binaries). Prints GUEST-CLI-OK at the end.
 set -euo pipefail
 RUNNER=${NBD_RUNNER:?path to nbd-runner}
 CLI=${NBD_CLI:?path to nbd-cli}
+ATTACH=${NBD_ATTACH:?path to the nbd-attach example}
 KEY=/tmp/cli.raw
 MNT=/tmp/mnt
 export RUST_LOG=${RUST_LOG:-warn} NO_COLOR=1
@@ -94,6 +96,31 @@ echo "CLI: readonly map refused writes"
 
 step "stats, delete"
 "$CLI" stats $KEY | grep -q '^write' || fail "no write stats"
+
+step "unmap after a restart leaves a device that now serves another backstore alone"
+"$CLI" file create /tmp/other.raw size 16M
+DEV=$("$CLI" file map $KEY)
+N=${DEV#/dev/nbd}
+MINE=$(cat /sys/block/nbd"$N"/backend)
+kill -9 $RP
+wait $RP 2>/dev/null || true
+start_runner
+expect_eq "$(state_of)" dead "state after restart"
+# Someone detaches the dead device and attaches another export to it,
+# behind this runner's back (nbd-attach, cookie "theirs").
+"$ATTACH" disconnect "$DEV"
+OTHER=$(NBD_ATTACH_COOKIE=theirs "$ATTACH" connect 127.0.0.1:24111 /tmp/other.raw 1 "$DEV")
+expect_eq "$OTHER" "$DEV" "the other export's device"
+THEIRS=$(cat /sys/block/nbd"$N"/backend)
+[ "$THEIRS" != "$MINE" ] || fail "the other backstore has our cookie"
+"$CLI" file unmap $KEY 2>/tmp/unmap.err
+expect_eq "$(cat /sys/block/nbd"$N"/backend 2>/dev/null)" "$THEIRS" "backend after unmapping $KEY"
+grep -q "another backend" /tmp/unmap.err || fail "unmap did not say why: $(cat /tmp/unmap.err)"
+expect_eq "$(state_of)" created "state of $KEY after unmap"
+"$ATTACH" disconnect "$DEV"
+"$CLI" file delete /tmp/other.raw
+echo "CLI: unmap left a device serving another backstore alone"
+
 "$CLI" file delete $KEY
 [ ! -e $KEY ] || fail "delete left the file"
 kill -TERM $RP
