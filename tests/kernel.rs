@@ -157,6 +157,7 @@ fn kernel_attach_in_vm() {
                 "CLI: reattached",
                 "CLI: readonly map refused writes",
                 "CLI: unmap left a device serving another backstore alone",
+                "CLI: swap safety on",
             ],
         ),
     ];

@@ -5,5 +5,6 @@ pub mod cli_output;
 pub mod commands;
 pub mod kernel;
 pub mod map;
+pub mod reclaim;
 pub mod runner;
 pub mod runner_args;

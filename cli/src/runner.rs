@@ -15,6 +15,16 @@ use std::sync::Arc;
 pub fn run(args: RunnerArgs) -> Result<()> {
     let tls = tls_server(&args)?;
     let max_connections = raise_fd_limit(args.max_connections as usize);
+    // Once the flags are known good, before any thread: threads inherit the IO-flusher flag.
+    if !args.no_swap_safety {
+        let applied = crate::reclaim::protect();
+        tracing::info!(
+            io_flusher = applied.io_flusher,
+            memory_locked = applied.locked,
+            oom_score_adj_min = applied.oom_protected,
+            "swap safety"
+        );
+    }
     let threads = args.threads();
     // Before any thread starts: every thread inherits both settings below.
     if let Err(e) = server::placement::set_sched_policy(args.sched.into()) {

@@ -105,6 +105,12 @@ pub struct RunnerArgs {
     /// dropped (guards against clients that connect and stall).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout: u64,
+    /// Do not lock the runner's memory, mark it PR_SET_IO_FLUSHER or shield
+    /// it from the OOM killer (all on by default: a runner serving a device
+    /// the host swaps or writes back to must not wait on reclaim). For tests
+    /// and small boxes that never swap to NBD.
+    #[arg(long)]
+    pub no_swap_safety: bool,
     /// Seconds a client may take no reply bytes before its connection is
     /// dropped (0: never); frees what a client that stopped reading holds.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]

@@ -43,16 +43,23 @@ impl Runner {
     }
 
     pub fn start_with(extra: &[&str]) -> Runner {
-        Self::launch_at(extra, Stdio::inherit(), "warn")
+        Self::launch_at(extra, Stdio::inherit(), "warn", false)
+    }
+
+    /// With the runner's default swap safety (mlockall, IO flusher, OOM
+    /// shield), which other tests turn off so parallel runners lock nothing.
+    pub fn start_swap_safe(extra: &[&str], log: &Path) -> Runner {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::launch_at(extra, file.into(), "info", true)
     }
 
     /// Like [`start_with`](Self::start_with), with the log (at info) in `log`.
     pub fn start_logged(extra: &[&str], log: &Path) -> Runner {
         let file = std::fs::File::create(log).expect("log file");
-        Self::launch_at(extra, file.into(), "info")
+        Self::launch_at(extra, file.into(), "info", false)
     }
 
-    fn launch_at(extra: &[&str], stderr: Stdio, level: &str) -> Runner {
+    fn launch_at(extra: &[&str], stderr: Stdio, level: &str, swap_safety: bool) -> Runner {
         // Each runner gets its own state directory unless the test names one.
         let state = (!extra.contains(&"--state-dir")).then(scratch);
         let state_arg = state.as_ref().map(|d| path_str(d.path()).to_owned());
@@ -71,6 +78,9 @@ impl Runner {
             if !extra.contains(&flag) {
                 args.extend([flag, default]);
             }
+        }
+        if !swap_safety {
+            args.push("--no-swap-safety");
         }
         args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-runner"))

@@ -29,6 +29,13 @@ mkdir -p $MNT
 head -c 20M /dev/urandom >/tmp/rand.bin
 start_runner
 
+step "swap safety: the runner's memory is locked and the OOM killer spares it"
+expect_eq "$(cat /proc/$RP/oom_score_adj)" -1000 "oom_score_adj"
+lck=$(awk '/^VmLck:/ {print $2}' /proc/$RP/status)
+[ "${lck:-0}" -gt 0 ] || fail "VmLck is ${lck:-missing}"
+if grep -E "cannot set|memory not locked" /tmp/runner.log; then fail "swap safety not all applied"; fi
+echo "CLI: swap safety on (VmLck ${lck} kB, oom_score_adj -1000, IO flusher)"
+
 step "create and map with 2 connections"
 "$CLI" file create $KEY size 256M
 DEV=$("$CLI" file map $KEY connections 2)
