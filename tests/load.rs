@@ -291,3 +291,20 @@ fn has_cap_sys_resource() -> bool {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
 }
+
+#[test]
+fn an_idle_timeout_closes_silent_connections_and_spares_busy_ones() {
+    let r = Runner::start_with(&["--export", "mem:disk0,size=16M", "--idle-timeout", "1"]);
+    let mut idle = negotiate(&r.addr, "disk0");
+    let mut busy = negotiate(&r.addr, "disk0");
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        assert_eq!(read_at(&mut busy, 0, 512).unwrap().len(), 512);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        closed_by_peer(&mut idle),
+        "the idle connection is still open"
+    );
+    assert_eq!(read_at(&mut busy, 4096, 512).unwrap().len(), 512);
+}

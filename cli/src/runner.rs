@@ -92,6 +92,8 @@ pub fn run(args: RunnerArgs) -> Result<()> {
                 max_connections_per_peer: args.max_connections_per_host as usize,
                 write_timeout: (args.write_timeout > 0)
                     .then(|| std::time::Duration::from_secs(args.write_timeout)),
+                idle_timeout: (args.idle_timeout > 0)
+                    .then(|| std::time::Duration::from_secs(args.idle_timeout)),
                 ..Limits::default()
             },
             tls,

@@ -115,6 +115,11 @@ pub struct RunnerArgs {
     /// dropped (0: never); frees what a client that stopped reading holds.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub write_timeout: u64,
+    /// Seconds a connection with nothing in flight may send nothing before
+    /// it is closed (0, the default: never; kernel devices sit idle for
+    /// hours and reconnect only through nbd-cli).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub idle_timeout: u64,
     /// IO connections the runner holds at once; more are closed at accept
     /// (also kept under what RLIMIT_NOFILE allows, at two descriptors each).
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
@@ -307,6 +312,7 @@ const KEYWORDS: &[(&str, bool)] = &[
     ("max-connections", true),
     ("max-connections-per-host", true),
     ("write-timeout", true),
+    ("idle-timeout", true),
 ];
 
 /// Rewrites keyword forms into flags, leaving values untouched.

@@ -31,7 +31,6 @@ impl Budget {
         })
     }
 
-    #[cfg(test)]
     pub fn in_flight(&self) -> u32 {
         self.requests.get()
     }

@@ -242,7 +242,12 @@ impl Conn {
     /// client leaves or the protocol hangs up.
     async fn transmit(self: &Rc<Self>, inbuf: &mut Reader) -> io::Result<()> {
         let header_len = self.protocol.borrow().header_len();
+        let idle = self.shard.limits.idle_timeout;
         loop {
+            // Idle means nothing in flight and nothing sent: then the wait
+            // for the next request is bounded, if the operator asked.
+            let waiting_idle = idle.filter(|_| self.budget.in_flight() == 0 && inbuf.len() == 0);
+            inbuf.set_timeout(waiting_idle);
             if self.outbox.failed() || !inbuf.ensure(header_len).await? {
                 return Ok(());
             }

@@ -52,6 +52,9 @@ pub struct Limits {
     /// A connection whose peer takes no reply bytes for this long is
     /// dropped, releasing what it held of the shard's budget.
     pub write_timeout: Option<Duration>,
+    /// A connection with nothing in flight that sends no request for this
+    /// long is closed (off by default: an idle kernel device is normal).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -66,6 +69,7 @@ impl Default for Limits {
             max_connections: 4096,
             max_connections_per_peer: 1024,
             write_timeout: Some(Duration::from_secs(60)),
+            idle_timeout: None,
         }
     }
 }
