@@ -38,13 +38,24 @@ fn fails_with(program: &str, args: &[String]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A client directory holding only some of `pki`'s files.
-fn client_dir(pki: &Path, files: &[(&str, &Path)]) -> tempfile::TempDir {
+/// A runner serving mem:disk0 (16 MiB) with the credentials in `pki`.
+fn tls_runner(pki: &Path, extra: &[&str]) -> Runner {
+    let mut args = vec![
+        "--export",
+        "mem:disk0,size=16M",
+        "--tls-certificates",
+        path_str(pki),
+    ];
+    args.extend_from_slice(extra);
+    Runner::start_with(&args)
+}
+
+/// A client directory holding just `files` (name, copied from).
+fn client_dir(files: &[(&str, &Path)]) -> tempfile::TempDir {
     let dir = scratch();
     for (name, from) in files {
         std::fs::copy(from, dir.path().join(name)).unwrap();
     }
-    let _ = pki;
     dir
 }
 
@@ -138,15 +149,12 @@ fn plain_clients_wrong_certificates_and_plaintext_injection_are_refused_and_logg
     // No client certificate, a client certificate from another CA, and a
     // client that trusts another CA: all refused at the TLS handshake.
     let ca = pki.join("ca-cert.pem");
-    let no_cert = client_dir(pki, &[("ca-cert.pem", &ca)]);
-    let foreign_cert = client_dir(
-        pki,
-        &[
-            ("ca-cert.pem", &ca),
-            ("client-cert.pem", &other.path().join("client-cert.pem")),
-            ("client-key.pem", &other.path().join("client-key.pem")),
-        ],
-    );
+    let no_cert = client_dir(&[("ca-cert.pem", &ca)]);
+    let foreign_cert = client_dir(&[
+        ("ca-cert.pem", &ca),
+        ("client-cert.pem", &other.path().join("client-cert.pem")),
+        ("client-key.pem", &other.path().join("client-key.pem")),
+    ]);
     for client in [no_cert.path(), foreign_cert.path(), other.path()] {
         let err = fails_with("nbdinfo", &[tls_uri(&r, "disk0", client)]);
         assert!(
@@ -202,19 +210,9 @@ fn plain_clients_wrong_certificates_and_plaintext_injection_are_refused_and_logg
 #[test]
 fn tls_on_serves_both_and_tls_off_refuses_starttls() {
     let pki = make_certs();
-    let r = Runner::start_with(&[
-        "--export",
-        "mem:disk0,size=16M",
-        "--tls",
-        "on",
-        "--tls-certificates",
-        path_str(pki.path()),
-    ]);
+    let r = tls_runner(pki.path(), &["--tls", "on"]);
     // Server-only TLS: a client with just the CA is fine, and so is plain.
-    let ca_only = client_dir(
-        pki.path(),
-        &[("ca-cert.pem", &pki.path().join("ca-cert.pem"))],
-    );
+    let ca_only = client_dir(&[("ca-cert.pem", &pki.path().join("ca-cert.pem"))]);
     assert!(run_ok("nbdinfo", &[&tls_uri(&r, "disk0", ca_only.path())]).contains("with TLS"));
     assert!(run_ok("nbdinfo", &[&r.uri("disk0")]).contains("without TLS"));
     let plain = Runner::start(&["mem:disk0,size=16M"]);
@@ -324,13 +322,7 @@ fn the_kernel_maps_handshake_negotiates_tls_then_hands_the_session_to_kernel_tls
     use nbd_cli::kernel::{connect_export_with, NegotiateError};
     use std::time::Duration;
     let pki = make_certs();
-    let r = Runner::start_with(&[
-        "--export",
-        "mem:disk0,size=16M",
-        "--tls-certificates",
-        path_str(pki.path()),
-        "--tls-verify-peer",
-    ]);
+    let r = tls_runner(pki.path(), &["--tls-verify-peer"]);
     let port = r.addr.rsplit(':').next().unwrap();
     let addr = format!("localhost:{port}");
     let t = Duration::from_secs(10);
@@ -422,4 +414,64 @@ fn from_another_host_plain_text_is_refused_on_both_routes_and_tls_gets_in() {
     let out = ns.run("nbdinfo", &[&uri]);
     let info = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && info.contains("with TLS"), "{info}");
+}
+
+#[test]
+fn garbage_where_a_tls_handshake_belongs_is_refused_and_hurts_no_one() {
+    let pki = make_certs();
+    let r = tls_runner(pki.path(), &[]);
+    let junk: Vec<u8> = std::iter::once(0x16).chain(pattern(4096, 3)).collect();
+    // IO route: STARTTLS acknowledged, then no ClientHello but noise.
+    let mut s = connect(&r.addr);
+    s.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+    s.write_all(&option(OPT_STARTTLS, &[])).unwrap();
+    let (_, kind, _) = read_option_reply(&mut s).unwrap();
+    assert_eq!(kind, REP_ACK);
+    let _ = s.write_all(&junk);
+    assert!(
+        closed_by_peer(&mut s),
+        "noise instead of TLS was not refused"
+    );
+    // Control route: a first byte that promises TLS, then noise.
+    let mut c = std::net::TcpStream::connect(&r.rpc).unwrap();
+    let _ = c.write_all(&junk);
+    assert!(
+        closed_by_peer(&mut c),
+        "the control route kept a bogus TLS peer"
+    );
+    // A truncated ClientHello and silence: cut off at the hello deadline.
+    let mut c = std::net::TcpStream::connect(&r.rpc).unwrap();
+    c.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    assert!(closed_by_peer(&mut c) || closed_by_peer(&mut c));
+    // Everyone else is fine.
+    let ca_only = client_dir(&[("ca-cert.pem", &pki.path().join("ca-cert.pem"))]);
+    assert!(run_ok("nbdinfo", &[&tls_uri(&r, "disk0", ca_only.path())]).contains("with TLS"));
+    assert!(cli_ok(&r, &["list"]).contains("disk0"));
+}
+
+#[test]
+fn nbd_cli_with_unusable_client_credentials_says_so_in_one_line() {
+    let r = Runner::start(&["mem:disk0,size=16M"]);
+    let missing = scratch();
+    let bad = scratch();
+    std::fs::write(bad.path().join("ca-cert.pem"), "not a certificate").unwrap();
+    for dir in [missing.path(), bad.path()] {
+        cli_fails(
+            &r,
+            &["--tls-certificates", path_str(dir), "list"],
+            "ca-cert.pem",
+        );
+    }
+    // An empty environment variable means no TLS, not the current directory.
+    let token = path_str(&r.token_file).to_owned();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nbd-cli"))
+        .args(["--host", &r.rpc, "--token-file", &token, "list"])
+        .env("NBD_RUNNER_TLS_CERTIFICATES", "")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -60,8 +60,8 @@ struct Shared {
     token: String,
     tls: Option<Arc<rustls::ServerConfig>>,
     clients: AtomicUsize,
-    /// When a busy refusal was last logged, and how many were not since.
-    busy_log: Mutex<(Option<Instant>, u64)>,
+    /// Busy refusals are logged at most once a second.
+    busy_log: nbd_engine::log_limit::LogLimit,
 }
 
 /// Binds both listeners and serves them on background threads until
@@ -78,7 +78,7 @@ pub fn start(
         token: cfg.token,
         tls: cfg.tls,
         clients: AtomicUsize::new(0),
-        busy_log: Mutex::new((None, 0)),
+        busy_log: Default::default(),
     });
     let unix = match &cfg.unix {
         Some(path) => Some(bind_unix(path)?),
@@ -278,8 +278,7 @@ impl Write for TcpConn {
 
 impl Conn for TcpConn {
     fn set_timeout(&self, t: Duration) {
-        let _ = self.socket().set_read_timeout(Some(t));
-        let _ = self.socket().set_write_timeout(Some(t));
+        set_tcp_timeout(self.socket(), t);
     }
 
     fn prepare(self, shared: &Shared, peer: &str) -> Result<Self, WireError> {
@@ -341,15 +340,9 @@ fn serve_in_thread<C: Conn>(
 ) {
     if shared.clients.fetch_add(1, Ordering::SeqCst) >= limit {
         shared.clients.fetch_sub(1, Ordering::SeqCst);
-        let mut log = shared.busy_log.lock().unwrap_or_else(|e| e.into_inner());
-        if log.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            log.1 += 1;
-        } else {
-            let suppressed = std::mem::take(&mut log.1);
-            *log = (Some(Instant::now()), 0);
+        if let Some(suppressed) = shared.busy_log.admit() {
             tracing::warn!(%peer, suppressed, "control route busy; refusing");
         }
-        drop(log);
         let _ =
             stream.write_all(&reply(HelloStatus::Busy, "too many control connections").encode());
         return;

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod export;
+pub mod log_limit;
 pub mod protocol;
 pub mod server;
 pub mod stats;

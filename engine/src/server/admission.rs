@@ -3,24 +3,23 @@
 //! connection has a buffer or a task. One peer flooding the port cannot
 //! take every descriptor, and the others keep their share.
 
+use crate::log_limit::LogLimit;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 pub struct Admission {
     max_total: usize,
     max_per_peer: usize,
     state: Mutex<State>,
+    /// Refusals are logged at most once a second.
+    pub log: LogLimit,
 }
 
 #[derive(Default)]
 struct State {
     total: usize,
     peers: HashMap<IpAddr, usize>,
-    /// Refusals are logged at most once a second, with the count since.
-    last_log: Option<Instant>,
-    unlogged: u64,
 }
 
 /// Why a connection was refused.
@@ -67,6 +66,7 @@ impl Admission {
             max_total: max_total.max(1),
             max_per_peer: max_per_peer.max(1),
             state: Mutex::new(State::default()),
+            log: LogLimit::default(),
         })
     }
 
@@ -90,18 +90,6 @@ impl Admission {
             admission: self.clone(),
             peer,
         })
-    }
-
-    /// Whether to log a refusal now, and how many went unlogged before it.
-    pub fn should_log(&self) -> Option<u64> {
-        let mut s = self.lock();
-        let now = Instant::now();
-        if s.last_log.is_some_and(|t| now - t < Duration::from_secs(1)) {
-            s.unlogged += 1;
-            return None;
-        }
-        s.last_log = Some(now);
-        Some(std::mem::take(&mut s.unlogged))
     }
 }
 
@@ -127,15 +115,5 @@ mod tests {
         drop(x);
         assert!(a.admit(p1).is_ok());
         assert!(a.lock().peers.len() <= 2);
-    }
-
-    #[test]
-    fn refusals_are_logged_at_most_once_a_second() {
-        let a = Admission::new(1, 1);
-        assert_eq!(a.should_log(), Some(0));
-        assert_eq!(a.should_log(), None);
-        assert_eq!(a.should_log(), None);
-        a.lock().last_log = Some(Instant::now() - Duration::from_secs(2));
-        assert_eq!(a.should_log(), Some(2));
     }
 }

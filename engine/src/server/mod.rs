@@ -282,7 +282,7 @@ async fn accept_loop(
         let admitted = match admission.admit(peer.ip()) {
             Ok(a) => a,
             Err(why) => {
-                if let Some(suppressed) = admission.should_log() {
+                if let Some(suppressed) = admission.log.admit() {
                     tracing::warn!(%peer, %why, suppressed, "refused an IO connection");
                 }
                 close(stream);
