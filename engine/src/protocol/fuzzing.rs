@@ -534,17 +534,6 @@ fn check_next(
         }
         (r, n) => panic!("validate gave {r:?} but the state machine {n:?}"),
     }
-    // Once shutting down, only DISC goes through.
-    let mut closing = t.clone();
-    closing.begin_shutdown();
-    match (result, closing.handle_header(h, size)) {
-        (Ok(Command::Disconnect), Next::Disconnect) => {}
-        (Ok(_), Next::Refuse { reply, .. } | Next::RefuseAndClose { reply, .. }) => {
-            check_error_reply(t.style(), reply.as_bytes(), Errno::Shutdown)
-        }
-        (Err(_), Next::Refuse { .. } | Next::RefuseAndClose { .. }) => {}
-        (r, n) => panic!("shutting down: validate gave {r:?} but the state machine {n:?}"),
-    }
 }
 
 fn check_error_reply(style: ReplyStyle, b: &[u8], errno: Errno) {

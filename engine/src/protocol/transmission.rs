@@ -96,7 +96,6 @@ pub enum Anomaly {
 pub struct Transmission {
     session: Session,
     context_id: u32,
-    closing: bool,
 }
 
 impl Transmission {
@@ -121,7 +120,6 @@ impl Transmission {
         Transmission {
             session,
             context_id,
-            closing: false,
         }
     }
 
@@ -132,11 +130,6 @@ impl Transmission {
     /// Bytes in a request header for this session.
     pub fn header_len(&self) -> usize {
         self.session.style.headers().request_len()
-    }
-
-    /// From now on every command but DISC is answered ESHUTDOWN.
-    pub fn begin_shutdown(&mut self) {
-        self.closing = true;
     }
 
     /// Parses a header of [`header_len`](Self::header_len) bytes; a bad
@@ -164,7 +157,6 @@ impl Transmission {
         let payload = h.payload_len(session.style.headers());
         let cmd = match validate(h, &session) {
             Ok(Command::Disconnect) => return Next::Disconnect,
-            Ok(_) if self.closing => Err(Errno::Shutdown),
             other => other,
         };
         let refuse = |errno| {

@@ -140,23 +140,6 @@ fn the_size_now_counts_not_the_handshakes() {
 }
 
 #[test]
-fn shutdown_answers_eshutdown_but_lets_disconnect_through() {
-    let mut t = session(ReplyStyle::Structured);
-    t.begin_shutdown();
-    match t.handle_header(&req(CMD_WRITE, 0, 0, 512), SIZE) {
-        Next::Refuse { reply, skip } => {
-            assert_eq!(errno_of(&reply).0, Errno::Shutdown.wire());
-            assert_eq!(skip, 512, "the write's data is still consumed");
-        }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(
-        t.handle_header(&req(CMD_DISC, 0, 0, 0), SIZE),
-        Next::Disconnect
-    );
-}
-
-#[test]
 fn writes_read_their_payload_first() {
     let t = session(ReplyStyle::Simple);
     assert_eq!(

@@ -20,7 +20,7 @@ use crate::stats::Op;
 use futures_lite::future::{or, poll_once};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -89,7 +89,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
     tracing::debug!(%peer, export = %export.name, shard = shard.index, "client attached");
     let outbox = Rc::new(Outbox::new(tls, shard.limits.write_timeout));
     let writer = glommio::spawn_local({
-        let outbox = outbox.clone();
+        let (outbox, socket) = (outbox.clone(), socket.clone());
         async move { outbox.run(&socket, stream).await }
     });
     let conn = Rc::new(Conn {
@@ -99,14 +99,29 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
         export: export.clone(),
         io,
         outbox: outbox.clone(),
+        wrote: Cell::new(false),
     });
     if let Err(e) = conn.transmit(&mut reader).await {
         tracing::debug!(%peer, error = %e, "connection ended");
     }
     // In-flight requests finish and their replies go out before we close.
     conn.budget.drained().await;
+    let stopping = shard.is_closing();
+    if stopping && conn.wrote.get() {
+        // What this connection wrote is durable before the process exits
+        // (backend caches such as librbd's die with it).
+        if let Err(e) = conn.io.flush().await {
+            tracing::warn!(%peer, export = %export.name, error = %e, "flush at shutdown failed");
+        }
+    }
     outbox.close();
     writer.await;
+    if stopping && !outbox.failed() {
+        // Requests read but never started stay unanswered: the kernel
+        // requeues those on its next connection, where an error reply would
+        // have failed them.
+        socket.finish(shard.limits.write_timeout).await;
+    }
     tracing::debug!(%peer, "client detached");
 }
 
@@ -228,6 +243,8 @@ struct Conn {
     export: Arc<Export>,
     io: Rc<dyn BackendIo>,
     outbox: Rc<Outbox>,
+    /// Changed the backstore: flushed when the runner stops.
+    wrote: Cell<bool>,
 }
 
 /// What a finished command hands back.
@@ -248,7 +265,9 @@ impl Conn {
             // for the next request is bounded, if the operator asked.
             let waiting_idle = idle.filter(|_| self.budget.in_flight() == 0 && inbuf.len() == 0);
             inbuf.set_timeout(waiting_idle);
-            if self.outbox.failed() || !inbuf.ensure(header_len).await? {
+            // Once the runner is stopping, no new request starts, even one
+            // already buffered (see `serve`).
+            if self.outbox.failed() || !inbuf.ensure(header_len).await? || self.stopping() {
                 return Ok(());
             }
             let parsed = self
@@ -266,14 +285,17 @@ impl Conn {
             let started = Instant::now();
             let reserve = self.protocol.borrow().reserve(&hdr);
             let permit = Permit::acquire(&self.budget, &self.shard.budget, reserve).await;
-            if self.shard.is_closing() {
-                self.protocol.borrow_mut().begin_shutdown();
+            if self.stopping() {
+                return Ok(());
             }
             let size = self.export.backend.size();
             let mut next = self.protocol.borrow().handle_header(&hdr, size);
             if let Next::Payload { len, cmd } = next {
                 let mut v = self.outbox.pool.get(len as usize);
                 inbuf.read_payload(&mut v, len as usize).await?;
+                if self.stopping() {
+                    return Ok(());
+                }
                 if let Command::Write { .. } = cmd {
                     self.start(hdr, cmd, Some(v), permit, started).await;
                     continue;
@@ -297,6 +319,10 @@ impl Conn {
         }
     }
 
+    fn stopping(&self) -> bool {
+        self.shard.is_closing()
+    }
+
     /// Runs a command; inline if the backend completes at once, else as a task.
     async fn start(
         self: &Rc<Self>,
@@ -306,6 +332,12 @@ impl Conn {
         permit: Permit,
         started: Instant,
     ) {
+        if matches!(
+            cmd,
+            Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. }
+        ) {
+            self.wrote.set(true);
+        }
         let lend = match cmd {
             Command::Read { len, .. } => self.outbox.pool.get(len as usize),
             _ => Vec::new(),

@@ -82,9 +82,9 @@ impl ShardCtx {
         self.closing.get()
     }
 
-    /// Starts a clean shutdown: every reader sees end-of-stream once it has
-    /// drained what the client already sent; those requests get ESHUTDOWN
-    /// while in-flight ones finish.
+    /// Starts a clean shutdown: readers stop, no request starts any more
+    /// (those already received stay unanswered), started ones finish and
+    /// reply; handshakes still running get NBD_REP_ERR_SHUTDOWN.
     pub fn begin_close(&self) {
         if self.closing.replace(true) {
             return;

@@ -9,7 +9,7 @@ use glommio::net::TcpStream;
 use std::io;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct NbdSocket {
     /// Our duplicate of the accepted socket; glommio waits on it.
@@ -64,6 +64,21 @@ impl NbdSocket {
         unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
+    /// Ends a connection without losing replies: a FIN after the last one,
+    /// then a wait (at most `limit`, the write timeout) until the peer has
+    /// acknowledged every byte. Closing with unread requests in the socket
+    /// resets it, and a reset throws away what is still in our send queue;
+    /// what has reached the peer stays readable there.
+    pub async fn finish(&self, limit: Option<Duration>) {
+        let fd = self.stream.as_raw_fd();
+        // SAFETY: shutdown on our own descriptor.
+        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+        let deadline = limit.map(|l| Instant::now() + l);
+        while unacknowledged(fd) > 0 && deadline.is_none_or(|d| Instant::now() < d) {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Waits (through io_uring, with a one-byte peek) until the socket has
     /// data or is closed; past `deadline` it fails with TimedOut.
     pub async fn readable(&self, deadline: Option<Instant>) -> io::Result<()> {
@@ -77,6 +92,16 @@ impl NbdSocket {
         };
         result.map(drop).map_err(Into::into)
     }
+}
+
+/// Bytes sent on `fd` that the peer has not acknowledged (SIOCOUTQ).
+fn unacknowledged(fd: std::os::unix::io::RawFd) -> libc::c_int {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int for a TCP socket.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } < 0 {
+        return 0;
+    }
+    n
 }
 
 /// Runs a syscall returning `ssize_t` until it is not EINTR; EAGAIN is None.
