@@ -328,6 +328,7 @@ fn delete_is_refused_while_mapped_or_connected_and_removes_the_image() {
     c.call(&Request::MapDone {
         key: key.clone(),
         device: "/dev/nbd5".into(),
+        connections: 1,
     })
     .unwrap();
     cli_fails(&r, &["ceph", "delete", &key], "unmap it first");

@@ -438,6 +438,7 @@ fn io_connections_dropping_under_a_mapped_backstore_make_it_dead() {
     c.call(&Request::MapDone {
         key: "d0".into(),
         device: "/dev/nbd7".into(),
+        connections: 2,
     })
     .unwrap();
     let state = |c: &mut nbd_control::client::Client| match c

@@ -9,6 +9,7 @@
 //! nbd-cli <handler> list [map|unmap|create|dead|live|all] [host H]
 //! nbd-cli [<handler>] info|stats <KEY> [host H]
 //! nbd-cli <handler> resize <KEY> size <SIZE> [allow-shrink] [host H]
+//! nbd-cli watch [interval SECS] [host H]
 //! nbd-cli help | version | <handler> help
 //! ```
 
@@ -72,6 +73,10 @@ pub enum Command {
         /// Shrinking discards data past the new end: only when asked.
         shrink: bool,
     },
+    /// Reattach the runner's dead devices until stopped.
+    Watch {
+        interval: std::time::Duration,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,7 +86,7 @@ pub struct Invocation {
 }
 
 /// Flags that take a value (`--NAME VALUE` or `--NAME=VALUE`), anywhere.
-const VALUE_FLAGS: [&str; 9] = [
+const VALUE_FLAGS: [&str; 10] = [
     "host",
     "token-file",
     "tls-certificates",
@@ -91,6 +96,7 @@ const VALUE_FLAGS: [&str; 9] = [
     "timeout",
     "connections",
     "device",
+    "interval",
 ];
 /// Flags that stand alone, anywhere.
 const SWITCHES: [&str; 6] = [
@@ -262,6 +268,16 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
             key: words.positional("KEY")?,
         },
         "list" => list(&mut words, None)?,
+        "watch" => {
+            words.keywords();
+            let secs: Option<f64> = number("interval", words.value("interval")?)?;
+            let interval = match secs {
+                None => crate::watch::DEFAULT_INTERVAL,
+                Some(s) if (0.1..=3600.0).contains(&s) => std::time::Duration::from_secs_f64(s),
+                Some(s) => return Err(format!("interval must be 0.1 to 3600 seconds, not {s}")),
+            };
+            Command::Watch { interval }
+        }
         h => {
             let handler: Handler = h.parse()?;
             handler_command(&mut words, handler)?
@@ -575,6 +591,19 @@ mod tests {
     }
 
     #[test]
+    fn watch_grammar() {
+        let watch = |s| Command::Watch {
+            interval: std::time::Duration::from_secs_f64(s),
+        };
+        assert_eq!(cmd("watch"), watch(1.0));
+        assert_eq!(cmd("watch interval 0.5"), watch(0.5));
+        assert_eq!(cmd("watch --interval=5"), watch(5.0));
+        let inv = p("watch host 10.0.0.2:24110 interval 2").unwrap();
+        assert_eq!(inv.command, watch(2.0));
+        assert_eq!(inv.global.host.as_deref(), Some("10.0.0.2:24110"));
+    }
+
+    #[test]
     fn mistakes_get_one_line_reasons() {
         for (input, want) in [
             ("", "missing a command"),
@@ -598,6 +627,11 @@ mod tests {
             ("mem delete a b", "unexpected argument"),
             ("mem create a size", "size needs a value"),
             ("mem create a size 1M option nokey", "KEY=VALUE"),
+            ("watch interval 0", "0.1 to 3600"),
+            ("watch interval NaN", "0.1 to 3600"),
+            ("watch interval soon", "positive number"),
+            ("watch /dev/nbd0", "unexpected argument"),
+            ("watch --size 1G", "--size does not apply"),
         ] {
             let err = p(input).unwrap_err();
             assert!(err.contains(want), "{input:?}: {err}");

@@ -64,10 +64,39 @@ pub fn list(items: &[BackstoreInfo]) -> String {
                 human_size(b.size),
                 b.state.to_string(),
                 b.device.clone().unwrap_or_else(|| "-".into()),
+                reattached(b, now()),
             ]
         })
         .collect();
-    table(&["HANDLER", "KEY", "SIZE", "STATE", "DEVICE"], &rows)
+    table(
+        &["HANDLER", "KEY", "SIZE", "STATE", "DEVICE", "REATTACHED"],
+        &rows,
+    )
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// How often the device was reattached after its connections died, and
+/// how long ago the last time: `-`, or `2 (5m ago)`.
+fn reattached(b: &BackstoreInfo, now: u64) -> String {
+    match (b.reattaches, b.reattached_at) {
+        (0, _) => "-".into(),
+        (n, None) => n.to_string(),
+        (n, Some(at)) => format!("{n} ({} ago)", ago(now.saturating_sub(at))),
+    }
+}
+
+fn ago(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
 }
 
 fn placement(c: &[ShardConnections]) -> String {
@@ -90,6 +119,7 @@ pub fn info(b: &BackstoreInfo) -> String {
     field("flags", flag_names(b.flags).join(" "));
     field("mode", b.mode.clone());
     field("connections", placement(&b.connections));
+    field("reattached", reattached(b, now()));
     if let Some(e) = &b.error {
         field("error", e.clone());
     }
@@ -156,6 +186,14 @@ mod tests {
             flag_names(TF_HAS_FLAGS | TF_SEND_FLUSH | TF_CAN_MULTI_CONN),
             ["flush", "multi-conn"]
         );
+    }
+
+    #[test]
+    fn reattaches_read_naturally() {
+        assert_eq!(ago(59), "59s");
+        assert_eq!(ago(600), "10m");
+        assert_eq!(ago(3 * 3600), "3h");
+        assert_eq!(ago(3 * 86400), "3d");
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! the arguments and reports the error.
 
 use crate::cli_args::{Command, Global, Invocation};
-use crate::{cli_output, map};
+use crate::{cli_output, map, watch};
 use anyhow::{bail, Context, Result};
-use nbd_control::client::{Client, Endpoint};
+use nbd_control::client::{Client, ClientError, Endpoint};
 use nbd_control::model::{Handler, State};
 use nbd_control::token;
 use nbd_control::wire::{CreateRequest, Request, Response};
@@ -30,6 +30,21 @@ pub fn run(inv: Invocation) -> Result<()> {
         Command::Version => {
             println!("nbd-cli {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
+        }
+        Command::Watch { interval } => {
+            let runner = global.host.as_deref().unwrap_or(DEFAULT_HOST).to_owned();
+            // Credentials are read once: a broken token file fails now, not every pass.
+            let tls = tls_config(&global)?;
+            // So is a refused token; a runner that is not up yet is waited for.
+            if let Err(e) = connect(&global) {
+                match e.downcast_ref::<ClientError>() {
+                    Some(ClientError::Refused(_)) | None => return Err(e),
+                    Some(_) => {}
+                }
+            }
+            let connect = || connect(&global);
+            let mut host = watch::Live::new(&connect, tls);
+            return watch::run(&mut host, &runner, interval);
         }
         _ => {}
     }
@@ -154,7 +169,9 @@ pub fn run(inv: Invocation) -> Result<()> {
                 )
             })
         }
-        Command::Help(_) | Command::Version => unreachable!("handled above"),
+        Command::Help(_) | Command::Version | Command::Watch { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -253,6 +270,9 @@ fn help(handler: Option<Handler>) -> String {
          \tnbd-cli {h} resize {key} size <SIZE> [allow-shrink]\n\
          \t\tGrow the backstore (ceph); a mapped device sees the new size. Shrinking\n\
          \t\tdiscards data past the new end and needs allow-shrink.\n\
+         \tnbd-cli watch [interval SECS] [host <RUNNER_HOST>]\n\
+         \t\tStay running (root): reattach the runner's dead devices on this host when it\n\
+         \t\tanswers again (every SECS, default 1, and on the kernel's link-dead events).\n\
          \tnbd-cli help | version | {h} help\n\n\
          Options anywhere: --host HOST[:PORT] (default 127.0.0.1:24110, or a unix socket path),\n\
          --json, --token-file PATH (TCP needs the runner's token; the local default is read for loopback),\n\

@@ -65,6 +65,7 @@ pub struct Attached {
     pub device: String,
     /// Connected by this map, not reattached: undoing it loses nothing.
     pub fresh: bool,
+    pub connections: u32,
 }
 
 /// Tells the runner the device. If it cannot be told (it restarted in
@@ -81,6 +82,7 @@ pub fn record(
     let done = control.call(&Request::MapDone {
         key: key.to_owned(),
         device: attached.device.clone(),
+        connections: attached.connections,
     });
     let Err(e) = done else {
         return Ok(attached.device.clone());
@@ -120,7 +122,21 @@ fn io_address(client: &Client, target: &MapTarget) -> String {
 }
 
 fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Attached> {
-    let count = opts.connections.unwrap_or(target.shards).max(1) as usize;
+    // A reattach replaces every connection the device has; a new map
+    // takes one per shard unless told.
+    let count = match (&target.reattach, target.connections) {
+        (Some(_), n) if n > 0 => {
+            if opts.connections.is_some_and(|c| c != n) {
+                bail!(
+                    "{} has {n} connections; a reattach replaces exactly those",
+                    target.key
+                );
+            }
+            n
+        }
+        _ => opts.connections.unwrap_or(target.shards),
+    }
+    .max(1) as usize;
     let addr = io_address(client, target);
     let (sockets, info) = kernel::connect_export_many(
         &addr,
@@ -160,6 +176,7 @@ fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Atta
         return Ok(Attached {
             device: dead.clone(),
             fresh: false,
+            connections: count as u32,
         });
     }
     let mut params = ConnectParams::from_negotiated(&info, opts.readonly, &target.cookie, fds);
@@ -175,6 +192,7 @@ fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Atta
     Ok(Attached {
         device: netlink::device_path(index).display().to_string(),
         fresh: true,
+        connections: count as u32,
     })
 }
 
@@ -247,6 +265,7 @@ mod tests {
         let attached = Attached {
             device: "/dev/nbd3".into(),
             fresh: true,
+            connections: 1,
         };
         let e = record(&mut ctl, "k", &attached, &mut |d| {
             detached.push(d.to_owned());
@@ -265,6 +284,7 @@ mod tests {
         let attached = Attached {
             device: "/dev/nbd3".into(),
             fresh: false,
+            connections: 1,
         };
         let e = record(&mut ctl, "k", &attached, &mut |_| {
             panic!("detached a reattached device")

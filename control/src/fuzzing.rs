@@ -150,6 +150,7 @@ mod smoke {
             Request::MapDone {
                 key: "/var/lib/nbd-runner/a.raw".into(),
                 device: "/dev/nbd0".into(),
+                connections: 2,
             },
         ];
         for r in &requests {

@@ -258,6 +258,13 @@ pub struct BackstoreInfo {
     pub error: Option<String>,
     pub connections: Vec<ShardConnections>,
     pub options: BTreeMap<String, String>,
+    /// Reattaches of the kernel device after its connections died, and
+    /// the last one's time (seconds since the epoch).
+    pub reattaches: u64,
+    pub reattached_at: Option<u64>,
+    /// The kernel BACKEND_IDENTIFIER a device of this backstore carries
+    /// (public: `/sys/block/nbdX/backend` shows it); empty for `--export`.
+    pub cookie: String,
 }
 
 /// One operation's numbers in `stats`.

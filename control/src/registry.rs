@@ -303,6 +303,9 @@ impl Registry {
                 owned: false,
                 prealloc: req.prealloc,
                 options: req.options,
+                connections: 0,
+                reattaches: 0,
+                reattached_at: None,
             },
             settings: self.settings.clone(),
         })
@@ -528,11 +531,14 @@ impl Registry {
             io_port: self.io.port,
             shards: self.io.shards,
             cookie: cookie(&entry.saved),
+            connections: entry.saved.connections,
             reattach: if state == State::Dead { device } else { None },
         })
     }
 
-    pub fn map_done(&mut self, key: &str, device: &str) -> Result<(), CtlError> {
+    /// Records the device and its connection count; the same device again
+    /// (a dead one reattached) counts as a reattach.
+    pub fn map_done(&mut self, key: &str, device: &str, connections: u32) -> Result<(), CtlError> {
         let entry = self.entry(None, key)?;
         let to = self.step(entry, Event::MapDone)?;
         if let Some(other) = self
@@ -545,13 +551,22 @@ impl Registry {
                 format!("{device} already belongs to {:?}", other.saved.key),
             );
         }
+        let reattach = entry.saved.device.as_deref() == Some(device);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let device = device.to_owned();
         self.transition(key, |s| {
             s.state = to;
             s.device = Some(device);
+            s.connections = connections;
+            if reattach {
+                s.reattaches += 1;
+                s.reattached_at = Some(now);
+            }
         })?;
         self.entries.get_mut(key).expect("checked").mapping_since = None;
-        tracing::info!(backstore = %key, "mapped");
+        tracing::info!(backstore = %key, connections, reattach, "mapped");
         Ok(())
     }
 
@@ -739,6 +754,9 @@ fn describe(e: &Entry) -> BackstoreInfo {
         error: e.error.clone(),
         connections: e.export.as_deref().map(connections).unwrap_or_default(),
         options: e.saved.options.clone(),
+        reattaches: e.saved.reattaches,
+        reattached_at: e.saved.reattached_at,
+        cookie: cookie(&e.saved),
     }
 }
 
@@ -757,6 +775,9 @@ fn describe_static(x: &Export) -> BackstoreInfo {
         error: None,
         connections: connections(x),
         options: BTreeMap::new(),
+        reattaches: 0,
+        reattached_at: None,
+        cookie: String::new(),
     }
 }
 
@@ -948,7 +969,7 @@ mod tests {
             reg.map_begin(Handler::Mem, "disk0").unwrap_err().code,
             ErrorCode::WrongState
         );
-        reg.map_done("disk0", "/dev/nbd3").unwrap();
+        reg.map_done("disk0", "/dev/nbd3", 2).unwrap();
         assert_eq!(state(&reg, "disk0"), State::Mapped);
         assert_eq!(reg.list(None, ListFilter::Live).len(), 1);
         assert_eq!(reg.list(None, ListFilter::Create).len(), 0);
@@ -981,7 +1002,7 @@ mod tests {
             create(&mut reg, Handler::File, img, 4 << 20).unwrap();
             create(&mut reg, Handler::Mem, "scratch", 1 << 20).unwrap();
             let t = reg.map_begin(Handler::File, img).unwrap();
-            reg.map_done(img, "/dev/nbd0").unwrap();
+            reg.map_done(img, "/dev/nbd0", 1).unwrap();
             t.cookie
         };
         let mut reg = registry(&state_dir);
@@ -992,9 +1013,20 @@ mod tests {
         let again = reg.map_begin(Handler::File, img).unwrap();
         assert_eq!(again.cookie, cookie, "the cookie must survive restarts");
         assert_eq!(again.reattach.as_deref(), Some("/dev/nbd0"));
+        assert_eq!(again.connections, 1, "a reattach replaces every connection");
         // An aborted reattach leaves it dead, not forgotten.
         reg.map_abort(img, "test").unwrap();
         assert_eq!(state(&reg, img), State::Dead);
+        assert_eq!(reg.info(img).unwrap().reattaches, 0);
+        // A reattach is counted, and the count survives a restart.
+        reg.map_begin(Handler::File, img).unwrap();
+        reg.map_done(img, "/dev/nbd0", 1).unwrap();
+        let info = reg.info(img).unwrap();
+        assert_eq!((info.state, info.reattaches), (State::Mapped, 1));
+        assert!(info.reattached_at.is_some());
+        drop(reg);
+        let reg = registry(&state_dir);
+        assert_eq!(reg.info(img).unwrap().reattaches, 1);
     }
 
     #[test]

@@ -79,6 +79,20 @@ pub struct SavedBackstore {
     pub prealloc: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
+    /// IO connections the kernel device was attached with: a reattach
+    /// replaces exactly those (0: not mapped, or by an older runner).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub connections: u32,
+    /// Times the device was reattached after its connections died, and
+    /// when last (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reattaches: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reattached_at: Option<u64>,
+}
+
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +267,9 @@ mod tests {
             owned: true,
             prealloc: false,
             options: BTreeMap::new(),
+            connections: 0,
+            reattaches: 0,
+            reattached_at: None,
         }
     }
 

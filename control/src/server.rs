@@ -533,7 +533,13 @@ fn dispatch_locked(reg: &mut Registry, request: Request) -> Result<Response, Ctl
     match request {
         Request::Create(_) | Request::Delete { .. } => unreachable!("dispatched above"),
         Request::MapBegin { handler, key } => reg.map_begin(handler, &key).map(Response::Map),
-        Request::MapDone { key, device } => reg.map_done(&key, &device).map(|()| Response::Done),
+        Request::MapDone {
+            key,
+            device,
+            connections,
+        } => reg
+            .map_done(&key, &device, connections)
+            .map(|()| Response::Done),
         Request::MapAbort { key, reason } => reg.map_abort(&key, &reason).map(|()| Response::Done),
         Request::UnmapBegin { handler, target } => {
             reg.unmap_begin(handler, &target).map(Response::Unmap)

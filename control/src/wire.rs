@@ -14,7 +14,7 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"NBDR";
 /// Bumped on any change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Largest frame either side accepts; real messages are a few KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 const MAX_TOKEN: usize = 4096;
@@ -203,6 +203,8 @@ pub enum Request {
     MapDone {
         key: String,
         device: String,
+        /// IO connections the device has: a later reattach replaces them all.
+        connections: u32,
     },
     /// The CLI could not attach; the backstore goes back to where it was.
     MapAbort {
@@ -247,6 +249,8 @@ pub struct MapTarget {
     pub shards: u32,
     /// BACKEND_IDENTIFIER for the kernel: unique per backstore, stable across restarts.
     pub cookie: String,
+    /// Connections the device was attached with (0: unknown), for a reattach.
+    pub connections: u32,
     /// Set for a dead backstore: the device to reattach with RECONFIGURE.
     pub reattach: Option<String>,
 }

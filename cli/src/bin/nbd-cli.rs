@@ -14,7 +14,7 @@ fn main() {
     };
     if let Err(e) = commands::run(inv) {
         // One line: the chain of causes joined.
-        eprintln!("nbd-cli: {e:#}");
+        eprintln!("nbd-cli: {}", nbd_cli::one_line(&e));
         std::process::exit(1);
     }
 }

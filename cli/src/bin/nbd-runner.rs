@@ -15,7 +15,7 @@ fn main() {
         )
         .init();
     if let Err(e) = nbd_cli::runner::run(args) {
-        eprintln!("nbd-runner: {e:#}");
+        eprintln!("nbd-runner: {}", nbd_cli::one_line(&e));
         std::process::exit(1);
     }
 }

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 /// Generic netlink family name and version of the kernel's NBD interface.
 pub const FAMILY: &str = "nbd";
 pub const VERSION: u8 = 1;
+/// The family's multicast group, where LINK_DEAD events are sent.
+pub const MCAST_GROUP: &str = "nbd_mc_group";
 
 /// `NBD_CMD_*` of the netlink family.
 pub mod cmd {
@@ -147,6 +149,7 @@ pub enum Op {
     Disconnect,
     Reconfigure,
     Status,
+    Events,
 }
 
 impl fmt::Display for Op {
@@ -156,6 +159,7 @@ impl fmt::Display for Op {
             Op::Disconnect => "nbd disconnect",
             Op::Reconfigure => "nbd reconfigure",
             Op::Status => "nbd status",
+            Op::Events => "nbd link-dead events",
         })
     }
 }
@@ -359,6 +363,45 @@ pub fn wait_disconnected(index: u32, timeout: Duration) -> Result<bool> {
     }
 }
 
+/// Subscribes to the kernel's LINK_DEAD events: `on_dead` gets the index of
+/// every device that loses a connection, on a thread of its own, until it
+/// returns false or the subscription breaks.
+pub fn link_dead_events(mut on_dead: impl FnMut(u32) -> bool + Send + 'static) -> Result<()> {
+    let op = Op::Events;
+    let (nbd, mut events) = Nbd::connect(op)?;
+    let group = nbd
+        .router
+        .resolve_nl_mcast_group(FAMILY, MCAST_GROUP)
+        .map_err(|e| router_error(op, e))?;
+    nbd.router
+        .add_mcast_membership(Groups::new_groups(&[group]))
+        .map_err(|e| router_error(op, e))?;
+    std::thread::Builder::new()
+        .name("nbd-link-dead".into())
+        .spawn(move || {
+            let _subscribed = nbd; // the socket lives as long as the thread
+            while let Some(Ok(m)) = events.next_typed::<u16, Reply>() {
+                let NlPayload::Payload(p) = m.nl_payload() else {
+                    continue;
+                };
+                if *p.cmd() != cmd::LINK_DEAD {
+                    continue;
+                }
+                let index = p
+                    .attrs()
+                    .get_attr_handle()
+                    .get_attr_payload_as::<u32>(attr::INDEX);
+                if let Ok(i) = index {
+                    if !on_dead(i) {
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| internal(op)(format!("cannot start the event thread: {e}")))?;
+    Ok(())
+}
+
 fn query(index: Option<u32>) -> Result<Vec<DeviceStatus>> {
     let op = Op::Status;
     let nbd = Nbd::open(op)?;
@@ -509,10 +552,16 @@ struct Nbd {
 }
 
 type Reply = Genlmsghdr<u8, u16>;
+type Multicast = neli::router::synchronous::NlRouterReceiverHandle<u16, Reply>;
 
 impl Nbd {
     fn open(op: Op) -> Result<Nbd> {
-        let (router, _multicast) = NlRouter::connect(NlFamily::Generic, None, Groups::empty())
+        Ok(Self::connect(op)?.0)
+    }
+
+    /// The socket, and the receiver its multicast messages arrive on.
+    fn connect(op: Op) -> Result<(Nbd, Multicast)> {
+        let (router, multicast) = NlRouter::connect(NlFamily::Generic, None, Groups::empty())
             .map_err(|e| NetlinkError::Netlink {
                 op,
                 detail: format!("cannot open a generic netlink socket: {e}"),
@@ -526,7 +575,7 @@ impl Nbd {
             Err(RouterError::Msg(_)) => return Err(NetlinkError::ModuleNotLoaded),
             Err(e) => return Err(router_error(op, e)),
         };
-        Ok(Nbd { router, family })
+        Ok((Nbd { router, family }, multicast))
     }
 
     /// Sends one request (with ACK) and collects the replies' payloads.
