@@ -2,7 +2,10 @@
 //! under QEMU with tests/vm/, and inside it runs tests/vm/guest-attach.sh:
 //! nbd-runner plus the nbd-attach example (nbd_cli::kernel) map, use,
 //! unmap, reattach after kill -9 (RECONFIGURE) and map read-only; then
-//! tests/vm/guest-cli.sh does the operator's flow with nbd-cli, and with the
+//! tests/vm/guest-cli.sh does the operator's flow with nbd-cli,
+//! tests/vm/guest-tls.sh maps over kernel TLS, tests/vm/guest-restart.sh
+//! restarts and upgrades the runner under fio with `nbd-cli watch`
+//! reattaching, and with the
 //! gluster feature tests/vm/guest-gluster.sh maps a gluster backstore; with
 //! the ceph feature tests/vm/guest-ceph.sh maps a ceph backstore and resizes
 //! it under the kernel.
@@ -127,7 +130,7 @@ fn kernel_attach_in_vm() {
     // then the operator's flow through nbd-cli and the control route.
     let cli = PathBuf::from(env!("CARGO_BIN_EXE_nbd-cli"));
     let t1 = Instant::now();
-    let mut runs: Vec<(&str, String, &[&str])> = vec![
+    let mut runs: Vec<(&str, String, &[&str], Vec<(&str, PathBuf)>)> = vec![
         (
             "guest-attach.sh",
             format!(
@@ -141,6 +144,7 @@ fn kernel_attach_in_vm() {
                 "20 MiB file identical after kill -9 + restart + reconfigure",
                 "dd refused",
             ],
+            vec![],
         ),
         (
             "guest-cli.sh",
@@ -159,6 +163,7 @@ fn kernel_attach_in_vm() {
                 "CLI: unmap left a device serving another backstore alone",
                 "CLI: swap safety on",
             ],
+            vec![],
         ),
     ];
     // A map over kernel TLS, with packet captures of TLS and plain maps.
@@ -176,6 +181,26 @@ fn kernel_attach_in_vm() {
             "TLS: ext4 over a kernel-TLS map round-trips, no plaintext on the wire",
             "TLS: the plain map shows",
         ],
+        vec![],
+    ));
+    // Restarts and an upgrade under fio load, reattached by nbd-cli watch.
+    runs.push((
+        "guest-restart.sh",
+        format!(
+            "NBD_RUNNER='{}' NBD_CLI='{}'",
+            runner.display(),
+            cli.display()
+        ),
+        &[
+            "GUEST-RESTART-OK",
+            "RESTART: 1 (SIGTERM) reattached",
+            "RESTART: 3 (kill -9) reattached",
+            "RESTART: 4 (upgrade: SIGTERM, binary replaced, start) reattached",
+            "RESTART: fio finished with 0 errors and verify passed",
+            "RESTART: dmesg shows no I/O error",
+            "RESTART: list shows 4 reattaches",
+        ],
+        vec![],
     ));
     // Gluster in the guest: the guest has no NIC, so it runs its own glusterd
     // (tests/run.sh installs the packages and builds with the feature).
@@ -192,6 +217,7 @@ fn kernel_attach_in_vm() {
                 "GUEST-GLUSTER-OK",
                 "GLUSTER: 20 MiB file identical after unmap and map",
             ],
+            vec![],
         ));
     }
     // Ceph in the guest, the same way: its own mon and memstore OSD.
@@ -209,16 +235,18 @@ fn kernel_attach_in_vm() {
                 "CEPH: the kernel sees 128 MiB after resize, data intact",
                 "CEPH: the kernel sees 96 MiB after shrink",
             ],
+            vec![],
         ));
     }
     let mut accel = String::new();
-    for (script, env, want) in runs {
+    for (script, env, want, vm_env) in runs {
         let guest = format!("{env} bash '{}'", vm.join(script).display());
         let out = Command::new("bash")
             .arg(vm.join("run-in-vm.sh"))
             .arg(&guest)
             .env("VM_DIR", &vm_dir)
             .env("VM_TIMEOUT", "480")
+            .envs(vm_env)
             .output()
             .expect("run tests/vm/run-in-vm.sh");
         let stdout = String::from_utf8_lossy(&out.stdout);

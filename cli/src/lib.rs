@@ -16,10 +16,13 @@ pub fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
+        if line.contains(&text) {
+            continue;
+        }
+        if text.contains(&line) {
+            line = text; // the cause repeats the context and says more
+        } else {
+            line.push_str(": ");
             line.push_str(&text);
         }
     }
@@ -38,6 +41,8 @@ mod tests {
             super::one_line(&e),
             "control route: cannot reach the runner: Connection refused (os error 111)"
         );
+        let e = anyhow::anyhow!("control route: connection: reset").context("control route");
+        assert_eq!(super::one_line(&e), "control route: connection: reset");
         let e = anyhow::anyhow!("disk full").context("saving state");
         assert_eq!(super::one_line(&e), "saving state: disk full");
     }

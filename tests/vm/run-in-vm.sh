@@ -12,6 +12,7 @@
 # kernel crash). Messages prefixed "[run-in-vm]" go to stderr.
 #
 # Env: VM_DIR (target/nbd-vm), VM_MEM (2G), VM_CPUS (2), VM_TIMEOUT (300 s),
+#      VM_DISK (a raw image file: the guest's virtio disk /dev/vda, storage outside its RAM),
 #      VM_VERBOSE (0: only COMMAND's output; 1: the whole console), VM_ACCEL (kvm|tcg; see below).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -43,6 +44,11 @@ else
   ACCEL=(-machine q35 -accel tcg,thread=multi -cpu max)
 fi
 
+DISK=()
+if [ -n "${VM_DISK:-}" ]; then
+  DISK=(-drive "file=$VM_DISK,if=virtio,format=raw,cache=writeback")
+fi
+
 t0=$(date +%s.%N)
 QEMU_MODULE_DIR=$R/usr/lib/x86_64-linux-gnu/qemu timeout --foreground -k 10 "${VM_TIMEOUT:-300}" \
   "$R/usr/bin/qemu-system-x86_64" -L "$R/usr/share/qemu" -L "$R/usr/share/seabios" \
@@ -50,6 +56,7 @@ QEMU_MODULE_DIR=$R/usr/lib/x86_64-linux-gnu/qemu timeout --foreground -k 10 "${V
   -nodefaults -no-user-config -nographic -serial stdio -nic none -no-reboot \
   -kernel "$R/boot/vmlinuz-$KVER" -initrd "$VM/initramfs.cpio.gz" \
   -append "console=ttyS0 quiet loglevel=3 panic=-1 vm_cmd=$CMDF vm_kver=$KVER vm_kmods=$R/lib/modules/$KVER" \
+  "${DISK[@]}" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   >"$LOG" 2>&1 </dev/null
 qrc=$?
