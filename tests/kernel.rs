@@ -89,6 +89,15 @@ fn build_attach_example(profile_dir: &Path) -> PathBuf {
     exe
 }
 
+/// A guest script: its environment, the lines its output must have, and
+/// the VM's own environment (run-in-vm.sh's VM_*).
+struct GuestRun(
+    &'static str,
+    String,
+    &'static [&'static str],
+    Vec<(&'static str, PathBuf)>,
+);
+
 #[test]
 fn kernel_attach_in_vm() {
     let t0 = Instant::now();
@@ -130,8 +139,8 @@ fn kernel_attach_in_vm() {
     // then the operator's flow through nbd-cli and the control route.
     let cli = PathBuf::from(env!("CARGO_BIN_EXE_nbd-cli"));
     let t1 = Instant::now();
-    let mut runs: Vec<(&str, String, &[&str], Vec<(&str, PathBuf)>)> = vec![
-        (
+    let mut runs: Vec<GuestRun> = vec![
+        GuestRun(
             "guest-attach.sh",
             format!(
                 "NBD_RUNNER='{}' NBD_ATTACH='{}'",
@@ -146,7 +155,7 @@ fn kernel_attach_in_vm() {
             ],
             vec![],
         ),
-        (
+        GuestRun(
             "guest-cli.sh",
             format!(
                 "NBD_RUNNER='{}' NBD_CLI='{}' NBD_ATTACH='{}'",
@@ -167,7 +176,7 @@ fn kernel_attach_in_vm() {
         ),
     ];
     // A map over kernel TLS, with packet captures of TLS and plain maps.
-    runs.push((
+    runs.push(GuestRun(
         "guest-tls.sh",
         format!(
             "NBD_RUNNER='{}' NBD_CLI='{}' REPO='{}'",
@@ -184,7 +193,7 @@ fn kernel_attach_in_vm() {
         vec![],
     ));
     // Restarts and an upgrade under fio load, reattached by nbd-cli watch.
-    runs.push((
+    runs.push(GuestRun(
         "guest-restart.sh",
         format!(
             "NBD_RUNNER='{}' NBD_CLI='{}'",
@@ -205,7 +214,7 @@ fn kernel_attach_in_vm() {
     // Gluster in the guest: the guest has no NIC, so it runs its own glusterd
     // (tests/run.sh installs the packages and builds with the feature).
     if cfg!(feature = "gluster") && std::env::var_os("NBD_TEST_GLUSTER_VOLUME").is_some() {
-        runs.push((
+        runs.push(GuestRun(
             "guest-gluster.sh",
             format!(
                 "NBD_RUNNER='{}' NBD_CLI='{}' REPO='{}'",
@@ -222,7 +231,7 @@ fn kernel_attach_in_vm() {
     }
     // Ceph in the guest, the same way: its own mon and memstore OSD.
     if cfg!(feature = "ceph") && std::env::var_os("NBD_TEST_CEPH_CONF").is_some() {
-        runs.push((
+        runs.push(GuestRun(
             "guest-ceph.sh",
             format!(
                 "NBD_RUNNER='{}' NBD_CLI='{}' REPO='{}'",
@@ -239,7 +248,7 @@ fn kernel_attach_in_vm() {
         ));
     }
     let mut accel = String::new();
-    for (script, env, want, vm_env) in runs {
+    for GuestRun(script, env, want, vm_env) in runs {
         let guest = format!("{env} bash '{}'", vm.join(script).display());
         let out = Command::new("bash")
             .arg(vm.join("run-in-vm.sh"))
