@@ -18,6 +18,21 @@ fn source_image(dir: &tempfile::TempDir) -> (std::path::PathBuf, Vec<u8>) {
     (path, data)
 }
 
+/// qemu-img writes a raw image into an existing export.
+fn qemu_img_into(src: &Path, uri: &str) {
+    let args = [
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        path_str(src),
+        uri,
+    ];
+    run_ok("qemu-img", &args);
+}
+
 fn read_back(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
@@ -37,19 +52,7 @@ fn qemu_img_convert_in_and_out_keeps_every_byte() {
     let (src, data) = source_image(&dir);
     let (mut runner, uris, file) = both_backends(&dir);
     for (i, uri) in uris.iter().enumerate() {
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-n",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                path_str(&src),
-                uri,
-            ],
-        );
+        qemu_img_into(&src, uri);
         run_ok(
             "qemu-img",
             &["compare", "-f", "raw", "-F", "raw", path_str(&src), uri],
@@ -233,6 +236,36 @@ fn libnbd_server_side_range_and_permission_errors() {
         include_str!("py/server_errors.py"),
         &[&runner.uri("disk0"), &runner.uri(path_str(&ro))],
     );
+    assert_eq!(out.trim(), "ok");
+}
+
+/// `--export file:PATH,direct`: O_DIRECT, a 4 KiB minimum block size that
+/// qemu honours (it aligns an odd write itself), and EINVAL for a client
+/// that writes below it anyway.
+#[test]
+fn direct_file_export_serves_real_clients_aligned() {
+    let dir = scratch();
+    let (src, data) = source_image(&dir);
+    let file = tmp_path(&dir, "direct.raw");
+    let runner = Runner::start(&[&format!("file:{},size=16M,direct", path_str(&file))]);
+    let uri = runner.uri(path_str(&file));
+    let info = run_ok("nbdinfo", &["--json", &uri]);
+    let v: serde_json::Value = serde_json::from_str(&info).expect("nbdinfo json");
+    assert_eq!(v["exports"][0]["block_size_minimum"], 4096, "{v}");
+    qemu_img_into(&src, &uri);
+    assert!(
+        read_back(&file) == data,
+        "backing file differs after convert"
+    );
+    qemu_io(
+        &uri,
+        &["write -P 0x5a 1000 3000", "read -P 0x5a 1000 3000"],
+        1,
+    );
+    let back = read_back(&file);
+    assert!(back[1000..4000].iter().all(|&b| b == 0x5a));
+    assert!(back[..1000] == data[..1000] && back[4000..8192] == data[4000..8192]);
+    let out = python(include_str!("py/direct_misaligned.py"), &[&uri]);
     assert_eq!(out.trim(), "ok");
 }
 

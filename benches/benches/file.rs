@@ -68,7 +68,8 @@ where
 
 fn file_io(c: &mut Criterion) {
     let tmp = temp_file();
-    let backend = FileBackend::open_or_create(&tmp.0, None, false).expect("open bench file");
+    let backend = FileBackend::open_or_create(&tmp.0, None, false, Default::default())
+        .expect("open bench file");
     let ex = LocalExecutorBuilder::default()
         .make()
         .expect("glommio executor");

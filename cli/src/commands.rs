@@ -282,6 +282,12 @@ fn help(handler: Option<Handler>) -> String {
     if let Some(h) = handler {
         s.push_str(&format!("\n{h} keys are {}.\n", h.key_form()));
     }
+    if handler == Some(Handler::File) {
+        s.push_str(
+            "create takes option direct=on: O_DIRECT, no page cache, a 4 KiB minimum block size \
+             (refused on filesystems without O_DIRECT).\n",
+        );
+    }
     if handler == Some(Handler::Ceph) {
         s.push_str(
             "Keys may also be POOL/NAMESPACE/IMAGE. create takes option K=V for: conf=PATH, \

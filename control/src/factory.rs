@@ -9,6 +9,7 @@
 use crate::confine::{FileRoots, IfMissing};
 use crate::model::Handler;
 use crate::saveconfig::SavedBackstore;
+use nbd_engine::backend::file::IoMode;
 use nbd_engine::backend::{Backend, BackendError, FileBackend, MemBackend, MemBudget, Progress};
 use nbd_engine::config::export_spec;
 use std::collections::BTreeMap;
@@ -145,7 +146,20 @@ pub fn options(h: Handler) -> &'static [&'static str] {
             "op_timeout",
             "rbd_cache",
         ],
-        Handler::File | Handler::Mem => &[],
+        Handler::File => &["direct"],
+        Handler::Mem => &[],
+    }
+}
+
+/// A file backstore's IO mode: `direct=on` (or bare `direct` in `--export`)
+/// opens it with O_DIRECT.
+fn file_io_mode(spec: &BackstoreSpec) -> Result<IoMode, BackendError> {
+    match spec.options.get("direct").map(String::as_str) {
+        None | Some("off" | "false" | "no" | "0") => Ok(IoMode::Buffered),
+        Some("on" | "true" | "yes" | "1") => Ok(IoMode::Direct),
+        Some(v) => Err(BackendError::Config(format!(
+            "direct takes on or off, not {v:?}"
+        ))),
     }
 }
 
@@ -334,7 +348,12 @@ fn open_confined_file(
                 preallocate(&file, size)?;
             }
         }
-        FileBackend::from_file(Path::new(&spec.key), file, spec.read_only)
+        FileBackend::from_file(
+            Path::new(&spec.key),
+            file,
+            spec.read_only,
+            file_io_mode(spec)?,
+        )
     })();
     if result.is_err() && made {
         let _ = settings.file_roots.remove(&spec.key);
@@ -356,7 +375,8 @@ fn open_operator_file(
             path.display()
         )));
     }
-    let backend = FileBackend::open_or_create(path, spec.size, spec.read_only)?;
+    let backend =
+        FileBackend::open_or_create(path, spec.size, spec.read_only, file_io_mode(spec)?)?;
     let made = create && !existed;
     if made && prealloc {
         let f = std::fs::OpenOptions::new()

@@ -269,3 +269,35 @@ fn control_file_keys_stay_beneath_the_roots_and_reveal_no_size() {
         assert!(!e.contains('\n'), "{key}: {e}");
     }
 }
+
+#[test]
+fn file_direct_io_is_an_option_of_both_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = rooted(dir.path());
+    let key = dir.path().join("d.raw").to_str().unwrap().to_owned();
+    let spec = export(&format!("file:{key},size=1M,direct")).unwrap();
+    assert_eq!(spec.options["direct"], "on");
+    let create = |spec: &BackstoreSpec, origin| {
+        open(
+            spec,
+            OpenMode::Create {
+                prealloc: false,
+                progress: &mut |_, _| {},
+            },
+            origin,
+            &settings,
+        )
+    };
+    for origin in [Origin::Operator, Origin::Control] {
+        let b = create(&spec, origin).unwrap().backend;
+        assert_eq!(b.capabilities().block.min, 4096, "{origin:?}");
+        assert!(b.mode().contains("O_DIRECT"), "{}", b.mode());
+    }
+    let mut off = spec.clone();
+    off.options.insert("direct".into(), "off".into());
+    let b = create(&off, Origin::Control).unwrap().backend;
+    assert_eq!(b.capabilities().block.min, 1);
+    off.options.insert("direct".into(), "maybe".into());
+    let e = create(&off, Origin::Control).err().unwrap().to_string();
+    assert!(e.contains("direct takes on or off"), "{e}");
+}

@@ -1,10 +1,17 @@
 //! Local file or block device, through io_uring (glommio).
 //!
-//! IO is buffered: O_DIRECT would need every client request aligned, and
-//! tmpfs/overlayfs (the VM's root, /dev/shm) refuse it outright. Durability
-//! comes from fdatasync: FLUSH syncs, FUA syncs before the reply. Since all
-//! shards write through the same page cache, one fdatasync covers writes
-//! acknowledged on every connection, so multi-conn is safe.
+//! IO is buffered by default: tmpfs and overlayfs (the VM's root,
+//! /dev/shm) refuse O_DIRECT outright. [`IoMode::Direct`] opens with
+//! O_DIRECT: no page cache, so a write never allocates memory in the
+//! kernel, which swap on the device needs (a buffered write under memory
+//! pressure waits on reclaim that waits on the swap write: a deadlock).
+//! Direct writes must be aligned, so the export advertises a 4 KiB minimum
+//! block size and refuses misaligned writes with EINVAL.
+//!
+//! Durability comes from fdatasync: FLUSH syncs, FUA syncs before the
+//! reply. All shards write the same inode (through one page cache, or
+//! straight to the device), so one fdatasync covers writes acknowledged on
+//! every connection, and multi-conn is safe.
 
 use super::*;
 use glommio::io::{BufferedFile, OpenOptions};
@@ -17,10 +24,23 @@ use std::sync::Arc;
 const MAX_EXTENTS: usize = 1024;
 /// Chunk for writing explicit zeroes.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Direct IO's alignment: a multiple of every logical block size (512 and
+/// 4096) and of the page, so it holds on any device.
+pub const DIRECT_ALIGN: u64 = 4096;
+
+/// Whether IO goes through the page cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoMode {
+    #[default]
+    Buffered,
+    /// O_DIRECT: aligned IO straight to the storage.
+    Direct,
+}
 
 pub struct FileBackend {
     size: u64,
     read_only: bool,
+    io_mode: IoMode,
     storage: Probed,
     /// The inode opened (and, for control-route keys, confined) at open.
     file: Arc<std::fs::File>,
@@ -65,6 +85,7 @@ impl FileBackend {
         path: &Path,
         size: Option<u64>,
         read_only: bool,
+        io_mode: IoMode,
     ) -> Result<Self, BackendError> {
         let cfg = |msg: String| BackendError::Config(format!("{}: {msg}", path.display()));
         if !path.is_absolute() {
@@ -98,7 +119,7 @@ impl FileBackend {
             }
             Err(e) => return Err(cfg(e.to_string())),
         };
-        let backend = Self::from_file(path, file, read_only)?;
+        let backend = Self::from_file(path, file, read_only, io_mode)?;
         if let Some(want) = size.filter(|&s| s != backend.size) {
             tracing::warn!(path = %path.display(), actual = backend.size, requested = want, "existing file keeps its own size");
         }
@@ -112,9 +133,26 @@ impl FileBackend {
         path: &Path,
         file: std::fs::File,
         read_only: bool,
+        io_mode: IoMode,
     ) -> Result<Self, BackendError> {
         let cfg = |msg: String| BackendError::Config(format!("{}: {msg}", path.display()));
         let meta = file.metadata().map_err(|e| cfg(e.to_string()))?;
+        if io_mode == IoMode::Direct {
+            // Asked now, so a filesystem without it fails the open, not IO.
+            let reopen = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            if let Err(e) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&reopen)
+            {
+                return Err(cfg(match e.raw_os_error() {
+                    Some(libc::EINVAL) => "its filesystem refuses O_DIRECT (tmpfs and overlayfs \
+                                           do); serve it without direct"
+                        .into(),
+                    _ => format!("cannot open with O_DIRECT: {e}"),
+                }));
+            }
+        }
         let block_device = meta.file_type().is_block_device();
         let (size, storage) = if block_device {
             // SAFETY: lseek on a valid fd has no memory effects.
@@ -140,6 +178,7 @@ impl FileBackend {
         Ok(FileBackend {
             size,
             read_only,
+            io_mode,
             storage,
             file: Arc::new(file),
         })
@@ -157,16 +196,25 @@ impl Backend for FileBackend {
 
     fn capabilities(&self) -> Capabilities {
         let p = self.storage;
+        let mut block = BlockSizes::default();
+        if self.io_mode == IoMode::Direct {
+            block.min = DIRECT_ALIGN as u32;
+            block.preferred = block.preferred.max(block.min);
+        }
         Capabilities {
             trim: p.punch_hole,
             fast_zero: p.punch_hole,
             block_status: p.seek_data,
+            block,
             ..Capabilities::all(self.read_only)
         }
     }
 
     fn mode(&self) -> String {
-        let mut m = String::from("buffered io_uring, FLUSH/FUA = fdatasync");
+        let mut m = String::from(match self.io_mode {
+            IoMode::Buffered => "buffered io_uring, FLUSH/FUA = fdatasync",
+            IoMode::Direct => "direct io_uring (O_DIRECT, 4 KiB aligned), FLUSH/FUA = fdatasync",
+        });
         if !self.read_only && !self.storage.punch_hole {
             m.push_str(", no hole punching (TRIM not offered, zeroes are written)");
         }
@@ -181,15 +229,28 @@ impl Backend for FileBackend {
         // shard) of the same inode: /proc/self/fd reopens what was checked
         // at open instead of resolving the path again.
         let held = self.file.clone();
-        let (size, read_only) = (self.size, self.read_only);
+        let (size, read_only, io_mode) = (self.size, self.read_only, self.io_mode);
         Box::pin(async move {
             let reopen = PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(!read_only)
-                .buffered_open(&reopen)
-                .await
-                .map_err(|e| BackendError::io("open", e.into()))?;
+            let mut options = OpenOptions::new();
+            options.read(true).write(!read_only);
+            let open_err = |e: glommio::GlommioError<()>| BackendError::io("open", e.into());
+            let buffered = options.buffered_open(&reopen).await.map_err(open_err)?;
+            let file = match io_mode {
+                IoMode::Buffered => Handle::Buffered(buffered),
+                IoMode::Direct => {
+                    let direct = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(!read_only)
+                        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+                        .open(&reopen)
+                        .map_err(|e| BackendError::io("open O_DIRECT", e))?;
+                    Handle::Direct {
+                        file: buffered,
+                        direct: Arc::new(direct.into()),
+                    }
+                }
+            };
             drop(held);
             // A second handle for the fallocate modes io_uring cannot take
             // from glommio; they run on glommio's blocking pool.
@@ -209,9 +270,122 @@ impl Backend for FileBackend {
 }
 
 struct FileIo {
-    file: BufferedFile,
+    file: Handle,
     blocking: Arc<std::os::fd::OwnedFd>,
     size: u64,
+}
+
+/// One connection's open file: through the page cache or around it.
+enum Handle {
+    Buffered(BufferedFile),
+    /// Reads and writes go to an O_DIRECT descriptor on glommio's blocking
+    /// pool (glommio's own DmaFile probes io_uring polling with a read at
+    /// offset 0, which a hole answers without IO, and then fails every
+    /// read on devices that cannot poll); the buffered handle of the same
+    /// inode does syncs, hole punching and seeks, which need no alignment.
+    Direct {
+        file: BufferedFile,
+        direct: Arc<std::os::fd::OwnedFd>,
+    },
+}
+
+fn align_down(v: u64) -> u64 {
+    v & !(DIRECT_ALIGN - 1)
+}
+
+/// pread/pwrite until done, or end of file for reads.
+fn direct_io(
+    fd: &std::os::fd::OwnedFd,
+    buf: &mut [u8],
+    pos: u64,
+    write: bool,
+) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = pos + done as u64;
+        let n = if write {
+            rustix::io::pwrite(fd, &buf[done..], at)
+        } else {
+            rustix::io::pread(fd, &mut buf[done..], at)
+        };
+        match n {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
+impl Handle {
+    fn as_raw_fd(&self) -> i32 {
+        match self {
+            Handle::Buffered(f) | Handle::Direct { file: f, .. } => f.as_raw_fd(),
+        }
+    }
+
+    fn buffered(&self) -> &BufferedFile {
+        match self {
+            Handle::Buffered(f) | Handle::Direct { file: f, .. } => f,
+        }
+    }
+
+    async fn read_at(&self, pos: u64, len: usize) -> Result<ReadBuf, BackendError> {
+        let Handle::Direct { direct, .. } = self else {
+            let r = self.buffered().read_at(pos, len).await;
+            return r.map(ReadBuf::Glommio).map_err(gerr("read"));
+        };
+        // Widened to the alignment; the bytes past the end read as short.
+        let from = align_down(pos);
+        let to = align_down(pos + len as u64 + DIRECT_ALIGN - 1);
+        let fd = direct.clone();
+        let (buf, got) = glommio::executor()
+            .spawn_blocking(move || {
+                let mut buf: AlignedBuf = aligned_vec::avec![[4096]| 0u8; (to - from) as usize];
+                direct_io(&fd, &mut buf, from, false).map(|n| (buf, n))
+            })
+            .await
+            .map_err(|e| BackendError::io("read", e))?;
+        let start = (pos - from) as usize;
+        let len = len.min(got.saturating_sub(start));
+        Ok(ReadBuf::Aligned { buf, start, len })
+    }
+
+    /// Writes `data` at `pos`; returns the bytes written and, for direct
+    /// IO (which copies into an aligned buffer), the buffer for reuse.
+    async fn write_at(
+        &self,
+        data: Vec<u8>,
+        pos: u64,
+    ) -> Result<(usize, Option<Vec<u8>>), BackendError> {
+        let Handle::Direct { direct, .. } = self else {
+            let r = self.buffered().write_at(data, pos).await;
+            return r.map(|n| (n, None)).map_err(gerr("write"));
+        };
+        if !pos.is_multiple_of(DIRECT_ALIGN) || !(data.len() as u64).is_multiple_of(DIRECT_ALIGN) {
+            // Below the advertised minimum block size.
+            return Err(BackendError::io(
+                "misaligned direct write",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        let mut buf = AlignedBuf::from_slice(DIRECT_ALIGN as usize, &data);
+        let fd = direct.clone();
+        let n = glommio::executor()
+            .spawn_blocking(move || direct_io(&fd, &mut buf, pos, true))
+            .await
+            .map_err(|e| BackendError::io("write", e))?;
+        Ok((n, Some(data)))
+    }
+
+    async fn fdatasync(&self) -> glommio::Result<(), ()> {
+        self.buffered().fdatasync().await
+    }
+
+    async fn deallocate(&self, offset: u64, len: u64) -> glommio::Result<(), ()> {
+        self.buffered().deallocate(offset, len).await
+    }
 }
 
 /// The filesystem (or device) lacks this fallocate mode.
@@ -233,20 +407,16 @@ impl FileIo {
 
     /// glommio takes the buffer by value, so a short write cannot be
     /// resumed; it only happens when the disk fills, and the client gets the error.
-    async fn write_all(&self, offset: u64, data: Vec<u8>) -> Result<(), BackendError> {
+    async fn write_all(&self, offset: u64, data: Vec<u8>) -> Result<Option<Vec<u8>>, BackendError> {
         let len = data.len();
-        let n = self
-            .file
-            .write_at(data, offset)
-            .await
-            .map_err(gerr("write"))?;
+        let (n, spare) = self.file.write_at(data, offset).await?;
         if n < len {
             return Err(BackendError::io(
                 "short write",
                 std::io::Error::from_raw_os_error(libc::ENOSPC),
             ));
         }
-        Ok(())
+        Ok(spare)
     }
 
     async fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<(), BackendError> {
@@ -351,9 +521,9 @@ impl FileIo {
 impl BackendIo for FileIo {
     fn read(&self, offset: u64, len: usize, _buf: Vec<u8>) -> IoFuture<'_, ReadBuf> {
         Box::pin(async move {
-            let first = self.file.read_at(offset, len).await.map_err(gerr("read"))?;
+            let first = self.file.read_at(offset, len).await?;
             if first.len() == len {
-                return Ok(ReadBuf::Glommio(first));
+                return Ok(first);
             }
             // Short read: the file shrank under us or io_uring split it.
             let mut v = Vec::with_capacity(len);
@@ -362,8 +532,7 @@ impl BackendIo for FileIo {
                 let more = self
                     .file
                     .read_at(offset + v.len() as u64, len - v.len())
-                    .await
-                    .map_err(gerr("read"))?;
+                    .await?;
                 if more.is_empty() {
                     v.resize(len, 0);
                     break;
@@ -376,11 +545,11 @@ impl BackendIo for FileIo {
 
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> IoFuture<'_, Option<Vec<u8>>> {
         Box::pin(async move {
-            self.write_all(offset, data).await?;
+            let spare = self.write_all(offset, data).await?;
             if fua {
                 self.sync().await?;
             }
-            Ok(None)
+            Ok(spare)
         })
     }
 
@@ -464,10 +633,18 @@ mod tests {
         F: FnOnce(Rc<dyn BackendIo>, PathBuf) -> Fut + Send + 'static,
         Fut: Future<Output = ()>,
     {
+        with_file_in(dir, size, IoMode::Buffered, f)
+    }
+
+    fn with_file_in<F, Fut>(dir: &Path, size: u64, mode: IoMode, f: F)
+    where
+        F: FnOnce(Rc<dyn BackendIo>, PathBuf) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
         let path = dir.join("disk.raw");
         LocalExecutorBuilder::default()
             .spawn(move || async move {
-                let backend = FileBackend::open_or_create(&path, Some(size), false).unwrap();
+                let backend = FileBackend::open_or_create(&path, Some(size), false, mode).unwrap();
                 let io = backend.attach().await.unwrap();
                 f(io, path).await
             })
@@ -509,10 +686,47 @@ mod tests {
     }
 
     #[test]
+    fn direct_io_is_aligned_and_bypasses_nothing_it_promises() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let b = FileBackend::open_or_create(&path, Some(MIB), false, IoMode::Direct).unwrap();
+        let caps = b.capabilities();
+        assert_eq!((caps.block.min, caps.block.preferred), (4096, 4096));
+        assert!(caps.multi_conn && caps.flush && caps.fua);
+        assert!(b.mode().contains("O_DIRECT"), "{}", b.mode());
+        drop(b);
+        std::fs::remove_file(&path).unwrap();
+        with_file_in(dir.path(), 4 * MIB, IoMode::Direct, |io, path| async move {
+            let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+            let spare = io.write(4096, data.clone(), true).await.unwrap();
+            assert_eq!(spare.as_deref(), Some(&data[..]), "the buffer comes back");
+            // Reads need no alignment.
+            let back = io.read(4096 + 7, 100, Vec::new()).await.unwrap();
+            assert_eq!(&*back, &data[7..107]);
+            let on_disk = std::fs::read(&path).unwrap();
+            assert_eq!(&on_disk[4096..4096 + 8192], &data[..]);
+            // Below the advertised minimum block size: EINVAL, nothing written.
+            for (off, len) in [(4095, 4096), (0, 100), (8192, 4097)] {
+                let e = io.write(off, vec![9; len], false).await.unwrap_err();
+                assert_eq!(e.errno(), Errno::Inval, "{off}+{len}");
+            }
+            assert_eq!(std::fs::read(&path).unwrap(), on_disk);
+            // TRIM and zeroes take the fallocate paths, aligned or not.
+            io.write_zeroes(4096, 4096, ZeroFlags::default())
+                .await
+                .unwrap();
+            io.trim(8192, 4096, true).await.unwrap();
+            let back = io.read(0, 3 * 4096, Vec::new()).await.unwrap();
+            assert!(back.iter().all(|&b| b == 0));
+            io.flush().await.unwrap();
+        });
+    }
+
+    #[test]
     fn storage_abilities_are_probed_at_open_without_touching_the_file() {
         for dir in test_dirs() {
             let path = dir.path().join("probe.raw");
-            let b = FileBackend::open_or_create(&path, Some(MIB), false).unwrap();
+            let b = FileBackend::open_or_create(&path, Some(MIB), false, IoMode::Buffered).unwrap();
             // tmpfs and the local disk both punch holes and seek data.
             assert_eq!(
                 b.storage,
@@ -529,7 +743,7 @@ mod tests {
             assert_eq!(meta.len(), MIB, "the probe kept the size");
             assert_eq!(blocks(&path), 0, "the probe allocated nothing");
             // A read-only open cannot punch, so it offers no TRIM.
-            let ro = FileBackend::open_or_create(&path, None, true).unwrap();
+            let ro = FileBackend::open_or_create(&path, None, true, IoMode::Buffered).unwrap();
             assert!(!ro.storage.punch_hole && ro.storage.seek_data);
             assert!(!ro.capabilities().trim);
         }
@@ -614,20 +828,39 @@ mod tests {
         assert!(err(FileBackend::open_or_create(
             Path::new("rel.raw"),
             Some(1),
-            false
+            false,
+            IoMode::Buffered
         ))
         .contains("absolute"));
-        assert!(err(FileBackend::open_or_create(&p, None, false)).contains("size=SIZE"));
-        assert!(err(FileBackend::open_or_create(&p, Some(MIB), true)).contains("read-only"));
-        assert!(err(FileBackend::open_or_create(dir.path(), None, false)).contains("neither"));
+        assert!(err(FileBackend::open_or_create(
+            &p,
+            None,
+            false,
+            IoMode::Buffered
+        ))
+        .contains("size=SIZE"));
+        assert!(err(FileBackend::open_or_create(
+            &p,
+            Some(MIB),
+            true,
+            IoMode::Buffered
+        ))
+        .contains("read-only"));
+        assert!(err(FileBackend::open_or_create(
+            dir.path(),
+            None,
+            false,
+            IoMode::Buffered
+        ))
+        .contains("neither"));
 
-        let b = FileBackend::open_or_create(&p, Some(MIB), false).unwrap();
+        let b = FileBackend::open_or_create(&p, Some(MIB), false, IoMode::Buffered).unwrap();
         assert_eq!(b.size(), MIB);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&p).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "new images are private");
         // An existing file keeps its own size whatever size= says.
-        let again = FileBackend::open_or_create(&p, Some(8 * MIB), true).unwrap();
+        let again = FileBackend::open_or_create(&p, Some(8 * MIB), true, IoMode::Buffered).unwrap();
         assert_eq!(again.size(), MIB);
         let caps = again.capabilities();
         assert!(caps.read_only && caps.flush && caps.multi_conn);

@@ -150,9 +150,19 @@ pub struct ZeroFlags {
 
 /// Bytes a READ returns, owned so an io_uring or C completion can fill them
 /// after the submitting future is gone.
+/// A buffer for O_DIRECT: page-aligned, which suits every device.
+pub type AlignedBuf = aligned_vec::AVec<u8, aligned_vec::ConstAlign<4096>>;
+
 pub enum ReadBuf {
     Vec(Vec<u8>),
     Glommio(glommio::io::ReadResult),
+    /// Read with O_DIRECT into an aligned buffer: the bytes asked for start
+    /// at `start` of it.
+    Aligned {
+        buf: AlignedBuf,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl std::ops::Deref for ReadBuf {
@@ -161,6 +171,7 @@ impl std::ops::Deref for ReadBuf {
         match self {
             ReadBuf::Vec(v) => v,
             ReadBuf::Glommio(r) => r,
+            ReadBuf::Aligned { buf, start, len } => &buf[*start..*start + *len],
         }
     }
 }
@@ -170,7 +181,7 @@ impl ReadBuf {
     pub fn into_vec(self) -> Option<Vec<u8>> {
         match self {
             ReadBuf::Vec(v) => Some(v),
-            ReadBuf::Glommio(_) => None,
+            ReadBuf::Glommio(_) | ReadBuf::Aligned { .. } => None,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The syntax of `--export HANDLER:KEY[,size=SIZE][,readonly][,NAME=VALUE]...`.
+//! The syntax of `--export HANDLER:KEY[,size=SIZE][,readonly][,direct][,NAME=VALUE]...`.
 
 use super::size::parse_size;
 use std::collections::BTreeMap;
@@ -38,9 +38,13 @@ pub fn parse(spec: &str) -> Result<RawExportSpec, String> {
                 out.options.insert(k.to_owned(), v.to_owned());
             }
             None if p == "readonly" => out.read_only = true,
+            // Bare `direct` is `direct=on`.
+            None if p == "direct" => {
+                out.options.insert("direct".into(), "on".into());
+            }
             _ => {
                 return Err(bad(&format!(
-                    "unknown option {p:?} (size=SIZE, readonly, NAME=VALUE)"
+                    "unknown option {p:?} (size=SIZE, readonly, direct, NAME=VALUE)"
                 )))
             }
         }
@@ -58,6 +62,8 @@ mod tests {
         assert_eq!((s.handler.as_str(), s.key.as_str()), ("ceph", "rbd/a"));
         assert_eq!((s.size, s.read_only), (Some(1 << 30), true));
         assert_eq!(s.options["conf"], "/c");
+        let d = parse("file:/x.raw,direct").unwrap();
+        assert_eq!(d.options["direct"], "on");
         for bad in ["x", "mem:", "mem:a,size=zz", "mem:a,bogus", "mem:a,=v"] {
             assert!(
                 parse(bad).unwrap_err().starts_with("bad export spec"),
