@@ -187,6 +187,7 @@ fn kernel_attach_in_vm() {
         &[
             "GUEST-TLS-OK",
             "TLS: plain map refused",
+            "TLS: a local map goes over the unix socket",
             "TLS: ext4 over a kernel-TLS map round-trips, no plaintext on the wire",
             "TLS: the plain map shows",
         ],

@@ -475,3 +475,49 @@ fn nbd_cli_with_unusable_client_credentials_says_so_in_one_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_unix_io_route_is_owner_only_and_plain_where_tcp_requires_tls() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let pki = make_certs();
+    let mut r = tls_runner(pki.path(), &["--tls-verify-peer"]);
+    let meta = std::fs::metadata(&r.io_unix).unwrap();
+    assert!(meta.file_type().is_socket(), "{meta:?}");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // TCP without TLS is refused; the local socket serves real clients
+    // plainly: its mode is the authentication.
+    fails_with("nbdinfo", &[r.uri("disk0")]);
+    let info = run_ok("nbdinfo", &[&r.unix_uri("disk0")]);
+    assert!(
+        info.contains("without TLS") && info.contains("16777216"),
+        "{info}"
+    );
+    qemu_io_patterns(&r.unix_uri("disk0"));
+    // Another local user is kept out by the socket's mode alone, even
+    // with the state directory opened to them.
+    let state = r.io_unix.parent().unwrap().to_owned();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let uri = r.unix_uri("disk0");
+    let out = run("runuser", &["-u", "nobody", "--", "nbdinfo", &uri]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Permission denied"),
+        "{err}"
+    );
+    // STARTTLS on the unix route is refused (there is nothing to protect),
+    // and the route stays healthy.
+    let mut s = std::os::unix::net::UnixStream::connect(&r.io_unix).unwrap();
+    let mut greeting = [0u8; 18];
+    std::io::Read::read_exact(&mut s, &mut greeting).unwrap();
+    s.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+    s.write_all(&option(OPT_STARTTLS, &[])).unwrap();
+    let mut reply = [0u8; 20];
+    std::io::Read::read_exact(&mut s, &mut reply).unwrap();
+    let kind = u32::from_be_bytes(reply[12..16].try_into().unwrap());
+    assert_eq!(kind, REP_ERR_POLICY);
+    drop(s);
+    assert!(run_ok("nbdinfo", &[&r.unix_uri("disk0")]).contains("without TLS"));
+    // A clean stop removes the socket.
+    r.stop();
+    assert!(!r.io_unix.exists());
+}

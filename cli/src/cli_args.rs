@@ -4,7 +4,7 @@
 //! ```text
 //! nbd-cli <gluster|ceph|file|mem> create <KEY> [prealloc] size <SIZE> [option K=V]... [host H]
 //! nbd-cli <handler> delete <KEY> [host H]
-//! nbd-cli <handler> map <KEY> [/dev/nbdX] [timeout T] [readonly] [connections N] [host H]
+//! nbd-cli <handler> map <KEY> [/dev/nbdX] [timeout T] [readonly] [connections N] [route auto|unix|tcp] [host H]
 //! nbd-cli <handler> unmap </dev/nbdX|KEY> [host H]
 //! nbd-cli <handler> list [map|unmap|create|dead|live|all] [host H]
 //! nbd-cli [<handler>] info|stats <KEY> [host H]
@@ -51,6 +51,7 @@ pub enum Command {
         timeout: Option<u64>,
         readonly: bool,
         connections: Option<u32>,
+        route: IoRoute,
     },
     Unmap {
         handler: Handler,
@@ -79,6 +80,30 @@ pub enum Command {
     },
 }
 
+/// Which of the runner's IO routes a map's connections take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoRoute {
+    /// The unix socket when the runner is on this host, else TCP.
+    #[default]
+    Auto,
+    /// The runner's unix socket only (this host).
+    Unix,
+    /// TCP (with TLS when configured), even on the runner's own host.
+    Tcp,
+}
+
+impl std::str::FromStr for IoRoute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoRoute::Auto),
+            "unix" => Ok(IoRoute::Unix),
+            "tcp" => Ok(IoRoute::Tcp),
+            _ => Err(format!("route must be auto, unix or tcp, not {s:?}")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invocation {
     pub global: Global,
@@ -86,7 +111,7 @@ pub struct Invocation {
 }
 
 /// Flags that take a value (`--NAME VALUE` or `--NAME=VALUE`), anywhere.
-const VALUE_FLAGS: [&str; 10] = [
+const VALUE_FLAGS: [&str; 11] = [
     "host",
     "token-file",
     "tls-certificates",
@@ -97,6 +122,7 @@ const VALUE_FLAGS: [&str; 10] = [
     "connections",
     "device",
     "interval",
+    "route",
 ];
 /// Flags that stand alone, anywhere.
 const SWITCHES: [&str; 6] = [
@@ -362,6 +388,9 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
                 return Err("connections must be at least 1".into());
             }
             let readonly = words.switch("readonly");
+            let route = words
+                .value("route")?
+                .map_or(Ok(IoRoute::Auto), |r| r.parse())?;
             if let Some(d) = words.value("device")? {
                 device = Some(d);
             }
@@ -377,6 +406,7 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
                 timeout,
                 readonly,
                 connections,
+                route,
             }
         }
         "unmap" => Command::Unmap {
@@ -474,9 +504,21 @@ mod tests {
                 device: Some("/dev/nbd3".into()),
                 timeout: Some(30),
                 readonly: true,
-                connections: Some(4)
+                connections: Some(4),
+                route: IoRoute::Auto,
             }
         );
+        assert!(matches!(
+            cmd("mem map disk0 route tcp"),
+            Command::Map {
+                route: IoRoute::Tcp,
+                ..
+            }
+        ));
+        assert!(matches!(
+            cmd("mem map route --route=unix"),
+            Command::Map { ref key, route: IoRoute::Unix, .. } if key == "route"
+        ));
         assert_eq!(
             cmd("ceph unmap /dev/nbd0"),
             Command::Unmap {
@@ -526,7 +568,8 @@ mod tests {
                 device: Some("/dev/nbd1".into()),
                 timeout: None,
                 readonly: true,
-                connections: None
+                connections: None,
+                route: IoRoute::Auto,
             }
         );
         assert_eq!(
@@ -620,6 +663,7 @@ mod tests {
             ("host 127.0.0.1:1 mem list", "unknown handler \"host\""),
             ("mem map disk0 connections 0", "at least 1"),
             ("mem map disk0 timeout soon", "positive number"),
+            ("mem map disk0 route udp", "auto, unix or tcp"),
             ("mem map disk0 /dev/sda", "bad device"),
             ("mem map disk0 --device /dev/sda", "bad device"),
             ("mem list sideways", "unknown list filter"),

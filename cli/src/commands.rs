@@ -97,12 +97,14 @@ pub fn run(inv: Invocation) -> Result<()> {
             timeout,
             readonly,
             connections,
+            route,
         } => {
             let opts = map::MapOptions {
                 device,
                 timeout,
                 readonly,
                 connections,
+                route,
                 tls: tls_config(&global)?,
             };
             let dev = map::map(&mut client, handler, &key, &opts)?;
@@ -261,7 +263,7 @@ fn help(handler: Option<Handler>) -> String {
          \t\tCreate a backstore. SIZE takes B, K/KiB, M/MiB, G/GiB, T, P, E and decimals (1.5G).\n\
          \tnbd-cli {h} delete {key} [host <RUNNER_HOST>]\n\
          \t\tDelete a backstore (refused while it is mapped).\n\
-         \tnbd-cli {h} map {key} [/dev/nbdX] [timeout T] [readonly] [connections N] [host <RUNNER_HOST>]\n\
+         \tnbd-cli {h} map {key} [/dev/nbdX] [timeout T] [readonly] [connections N] [route auto|unix|tcp] [host <RUNNER_HOST>]\n\
          \t\tAttach it to /dev/nbdX (root); a dead backstore is reattached to its old device.\n\
          \tnbd-cli {h} unmap </dev/nbdX|{key}> [host <RUNNER_HOST>]\n\
          \tnbd-cli {h} list [map|unmap|create|dead|live|all] [host <RUNNER_HOST>]\n\
@@ -277,7 +279,7 @@ fn help(handler: Option<Handler>) -> String {
          Options anywhere: --host HOST[:PORT] (default 127.0.0.1:24110, or a unix socket path),\n\
          --json, --token-file PATH (TCP needs the runner's token; the local default is read for loopback),\n\
          --tls-certificates DIR (ca-cert.pem, client-cert.pem, client-key.pem: TLS to the runner),\n\
-         --size SIZE, --prealloc, --readonly, --timeout T, --connections N, --device /dev/nbdX.\n"
+         --size SIZE, --prealloc, --readonly, --timeout T, --connections N, --route R, --device /dev/nbdX.\n"
     );
     if let Some(h) = handler {
         s.push_str(&format!("\n{h} keys are {}.\n", h.key_form()));

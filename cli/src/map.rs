@@ -3,12 +3,15 @@
 //! device. A dead backstore is reattached to its old device with
 //! RECONFIGURE, after checking the device's cookie is ours.
 
+use crate::cli_args::IoRoute;
 use crate::kernel::{self, netlink, ConnectParams, ReconfigureParams};
 use anyhow::{anyhow, bail, Context, Result};
 use nbd_control::client::Client;
 use nbd_control::model::Handler;
 use nbd_control::wire::{MapTarget, Request, Response};
+use std::os::fd::OwnedFd;
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
 use std::time::Duration;
 
 pub struct MapOptions {
@@ -16,6 +19,7 @@ pub struct MapOptions {
     pub timeout: Option<u64>,
     pub readonly: bool,
     pub connections: Option<u32>,
+    pub route: IoRoute,
     /// TLS on the IO route, handed to the kernel's TLS.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
@@ -121,6 +125,46 @@ fn io_address(client: &Client, target: &MapTarget) -> String {
     }
 }
 
+/// The device's IO connections, negotiated. On the runner's own host they
+/// go through its unix socket unless told otherwise: plain NBD that the
+/// socket's mode authenticates (TLS over loopback protects nothing), and
+/// the only route that carries the kernel's swap writes under memory
+/// pressure, which TCP over loopback drops (see `Route::Unix`).
+fn io_connections(
+    client: &Client,
+    target: &MapTarget,
+    count: usize,
+    opts: &MapOptions,
+) -> Result<(Vec<OwnedFd>, kernel::Negotiated)> {
+    let unix = Path::new(&target.io_unix);
+    let here = !target.io_unix.is_empty() && client.endpoint().is_local() && unix.exists();
+    let use_unix = match opts.route {
+        IoRoute::Auto => here,
+        IoRoute::Tcp => false,
+        IoRoute::Unix if here => true,
+        IoRoute::Unix => bail!(
+            "route unix needs the runner on this host, reached through its unix socket or \
+             loopback, and its IO socket ({}) present",
+            target.io_unix
+        ),
+    };
+    if use_unix {
+        let (s, info) = kernel::connect_unix_many(unix, &target.key, count, NEGOTIATE_TIMEOUT)
+            .with_context(|| format!("connecting to the IO route at {}", unix.display()))?;
+        return Ok((s.into_iter().map(OwnedFd::from).collect(), info));
+    }
+    let addr = io_address(client, target);
+    let (s, info) = kernel::connect_export_many(
+        &addr,
+        &target.key,
+        count,
+        NEGOTIATE_TIMEOUT,
+        opts.tls.as_ref(),
+    )
+    .with_context(|| format!("connecting to the IO route at {addr}"))?;
+    Ok((s.into_iter().map(OwnedFd::from).collect(), info))
+}
+
 fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Attached> {
     // A reattach replaces every connection the device has; a new map
     // takes one per shard unless told.
@@ -137,15 +181,7 @@ fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Atta
         _ => opts.connections.unwrap_or(target.shards),
     }
     .max(1) as usize;
-    let addr = io_address(client, target);
-    let (sockets, info) = kernel::connect_export_many(
-        &addr,
-        &target.key,
-        count,
-        NEGOTIATE_TIMEOUT,
-        opts.tls.as_ref(),
-    )
-    .with_context(|| format!("connecting to the IO route at {addr}"))?;
+    let (sockets, info) = io_connections(client, target, count, opts)?;
     let fds: Vec<_> = sockets.iter().map(|s| s.as_raw_fd()).collect();
     if let Some(dead) = &target.reattach {
         if opts.device.as_deref().is_some_and(|d| d != dead) {

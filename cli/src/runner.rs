@@ -67,7 +67,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
 
     let listener = server::bind(args.io_addr())?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let control = daemon::start(
+    let mut control = daemon::start(
         &args.daemon_config(settings, tls.as_ref().map(|t| t.config.clone())),
         table.clone(),
         addr,
@@ -75,6 +75,8 @@ pub fn run(args: RunnerArgs) -> Result<()> {
         shutdown.flag(),
     )?;
     let rpc = control.tcp_addr;
+    let io_unix = control.io_unix.take();
+    let io_unix_path = io_unix.as_ref().map(|(p, _)| p.clone());
     let cpus = shard_cpus
         .as_ref()
         .map_or("floating".to_owned(), |c| format!("{c:?}"));
@@ -97,13 +99,21 @@ pub fn run(args: RunnerArgs) -> Result<()> {
                 ..Limits::default()
             },
             tls,
+            unix: io_unix.map(|(_, l)| l),
         },
         table.clone(),
         shutdown,
         || {
             // One machine-readable line for scripts and tests.
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "nbd-runner ready io={addr} rpc={rpc}");
+            let _ = match &io_unix_path {
+                Some(p) => writeln!(
+                    out,
+                    "nbd-runner ready io={addr} rpc={rpc} io-unix={}",
+                    p.display()
+                ),
+                None => writeln!(out, "nbd-runner ready io={addr} rpc={rpc}"),
+            };
             let _ = out.flush();
         },
     )?;
@@ -118,7 +128,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
     for export in table.all() {
         table.remove(&export.name);
     }
-    if let Some(sock) = &control.unix_path {
+    for sock in control.unix_path.iter().chain(&io_unix_path) {
         let _ = std::fs::remove_file(sock);
     }
     tracing::info!("nbd-runner stopped");

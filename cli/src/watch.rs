@@ -5,6 +5,7 @@
 //! runs every interval, and at once when the kernel reports a device's
 //! connection dead.
 
+use crate::cli_args::IoRoute;
 use crate::map::{self, MapOptions};
 use anyhow::{bail, Context, Result};
 use nbd_control::client::Client;
@@ -80,6 +81,7 @@ impl Host for Live<'_> {
             timeout: None,
             readonly: b.read_only,
             connections: None,
+            route: IoRoute::Auto,
             tls: self.tls.clone(),
         };
         map::map(client, b.handler, &b.key, &opts)

@@ -17,6 +17,9 @@ use thiserror::Error;
 
 /// The unix socket's name in the state directory.
 pub const SOCKET_NAME: &str = "nbd-runner.sock";
+/// The IO route's unix socket in the state directory (0600): this host's
+/// kernel maps connect here (see [`nbd_engine::server::Route::Unix`]).
+pub const IO_SOCKET_NAME: &str = "nbd-io.sock";
 
 pub struct DaemonConfig {
     pub state_dir: PathBuf,
@@ -42,6 +45,11 @@ pub enum DaemonError {
     Restore { path: PathBuf, message: String },
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error("cannot listen for local IO on {}: {source}", path.display())]
+    ListenUnix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen for control requests on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -74,6 +82,7 @@ pub fn start(
         },
         port: io.port(),
         shards: shards as u32,
+        unix: Some(cfg.state_dir.join(IO_SOCKET_NAME)),
     };
     let registry =
         Registry::load(store, saved, table, route, cfg.settings.clone()).map_err(|e| {
@@ -99,6 +108,15 @@ pub fn start(
         token,
         tls: cfg.tls.clone(),
     };
-    server::start(config, Arc::new(Mutex::new(registry)), stop)
-        .map_err(|source| DaemonError::Listen { addr: tcp, source })
+    let io_unix = cfg.state_dir.join(IO_SOCKET_NAME);
+    let io_listener = nbd_engine::server::bind_private_unix(&io_unix).map_err(|source| {
+        DaemonError::ListenUnix {
+            path: io_unix.clone(),
+            source,
+        }
+    })?;
+    let mut control = server::start(config, Arc::new(Mutex::new(registry)), stop)
+        .map_err(|source| DaemonError::Listen { addr: tcp, source })?;
+    control.io_unix = Some((io_unix, io_listener));
+    Ok(control)
 }

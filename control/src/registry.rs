@@ -41,6 +41,8 @@ pub struct IoRoute {
     pub host: String,
     pub port: u16,
     pub shards: u32,
+    /// The IO route's unix socket, for maps on this host.
+    pub unix: Option<std::path::PathBuf>,
 }
 
 struct Entry {
@@ -529,6 +531,12 @@ impl Registry {
             key: key.to_owned(),
             io_host: self.io.host.clone(),
             io_port: self.io.port,
+            io_unix: self
+                .io
+                .unix
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             shards: self.io.shards,
             cookie: cookie(&entry.saved),
             connections: entry.saved.connections,
@@ -797,6 +805,7 @@ mod tests {
             host: String::new(),
             port: 24111,
             shards: 2,
+            unix: None,
         };
         // File keys in these tests live beside the state directory.
         let settings = Settings {
@@ -825,6 +834,7 @@ mod tests {
             host: String::new(),
             port: 24111,
             shards: 2,
+            unix: None,
         };
         let mut reg = Registry::load(store, cfg, table, io, Default::default()).unwrap();
         create(&mut reg, Handler::Mem, "made", 4096).unwrap();

@@ -18,9 +18,8 @@ use crate::wire::{
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +43,8 @@ pub struct ControlConfig {
 pub struct ControlServer {
     pub tcp_addr: SocketAddr,
     pub unix_path: Option<PathBuf>,
+    /// The IO route's unix socket, for the engine to serve.
+    pub io_unix: Option<(PathBuf, std::os::unix::net::UnixListener)>,
     registry: Arc<Mutex<Registry>>,
 }
 
@@ -81,7 +82,7 @@ pub fn start(
         busy_log: Default::default(),
     });
     let unix = match &cfg.unix {
-        Some(path) => Some(bind_unix(path)?),
+        Some(path) => Some(nbd_engine::server::bind_private_unix(path)?),
         None => None,
     };
     spawn_named("nbd-ctl-tcp", {
@@ -112,6 +113,7 @@ pub fn start(
     Ok(ControlServer {
         tcp_addr,
         unix_path: cfg.unix,
+        io_unix: None,
         registry: shared.registry.clone(),
     })
 }
@@ -121,36 +123,6 @@ fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result
         .name(name.into())
         .spawn(f)
         .map(drop)
-}
-
-/// Binds the socket with mode 0600 from the start: the mode is set on the
-/// unbound socket, which bind() gives the new file, so there is no moment
-/// when others may connect and no chmod that could follow a planted path.
-fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    // A socket left by a killed runner; the state-dir lock says it is ours.
-    // Anything else at that name is not ours to remove.
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(std::io::Error::other(format!(
-                "{} exists and is not a socket; remove it",
-                path.display()
-            )))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600))?;
-    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
-    rustix::net::listen(&fd, 128)?;
-    Ok(UnixListener::from(fd))
 }
 
 /// Who may use a connection without the token.

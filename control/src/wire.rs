@@ -245,6 +245,9 @@ pub struct MapTarget {
     /// IO route address as the runner sees it; empty for "the host you reached me on".
     pub io_host: String,
     pub io_port: u16,
+    /// The IO route's unix socket (empty: none); a map on the runner's own
+    /// host connects there, which swap on the device needs.
+    pub io_unix: String,
     /// Runner shards: the default connection count.
     pub shards: u32,
     /// BACKEND_IDENTIFIER for the kernel: unique per backstore, stable across restarts.

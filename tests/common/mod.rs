@@ -26,6 +26,8 @@ pub struct Runner {
     pub addr: String,
     /// Control route as HOST:PORT.
     pub rpc: String,
+    /// The IO route's unix socket (this host's maps).
+    pub io_unix: PathBuf,
     /// The state directory, unless the test gave its own.
     pub state: Option<tempfile::TempDir>,
     /// The control token nbd-cli presents over TCP.
@@ -102,7 +104,9 @@ impl Runner {
                 .find_map(|w| w.strip_prefix(name))
                 .map(str::to_owned)
         };
-        let (Some(addr), Some(rpc)) = (field("io="), field("rpc=")) else {
+        let (Some(addr), Some(rpc), Some(io_unix)) =
+            (field("io="), field("rpc="), field("io-unix="))
+        else {
             let status = child.wait().unwrap();
             panic!("nbd-runner did not start ({status}); first line {line:?}");
         };
@@ -117,6 +121,7 @@ impl Runner {
             child,
             addr,
             rpc,
+            io_unix: io_unix.into(),
             state,
             token_file,
         }
@@ -126,6 +131,11 @@ impl Runner {
     /// a file key (an absolute path) gives `nbd://HOST:PORT//path`.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd://{}/{}", self.addr, export)
+    }
+
+    /// nbd+unix URI of an export on the unix IO route.
+    pub fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.io_unix.display())
     }
 
     pub fn pid(&self) -> u32 {

@@ -62,6 +62,7 @@ echo "SWAP: direct on tmpfs refused: $(cat /tmp/direct.err)"
 "$CLI" info $KEY | grep -q "O_DIRECT" || fail "info does not show direct IO"
 DEV=$("$CLI" file map $KEY)
 mkswap -q "$DEV" >/dev/null
+ss -xp | grep -q "nbd-io.sock" || fail "the map does not use the runner's unix socket: $(ss -xp)"
 swapon "$DEV"
 grep -q "^$DEV " /proc/swaps || fail "$DEV is not in /proc/swaps"
 swapon --show
@@ -73,18 +74,7 @@ free_kb=$(kb MemAvailable)
 # Past what is available by half of it again, but within the 1 GiB swap.
 hog_mb=$((free_kb * 3 / 2 / 1024))
 echo "MemAvailable $((free_kb / 1024)) MiB; the hog takes $hog_mb MiB"
-# What the memory and the runner's threads do, every 10 s, for a hang's post-mortem.
-(
-  n=0
-  while sleep 10; do
-    n=$((n + 1))
-    echo "[monitor ${n}0s] $(grep -E '^(MemFree|Dirty|Writeback|SwapFree):' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"
-    for t in /proc/$RP/task/*; do
-      printf '  %s %s %s\n' "$(cat $t/comm)" "$(awk '{print $3}' $t/stat)" "$(cat $t/wchan 2>/dev/null)"
-    done | sort | uniq -c
-    if [ $n = 6 ]; then echo w >/proc/sysrq-trigger; dmesg | tail -80; fi
-  done
-) &
+python3 "$(dirname "$0")/swap-monitor.py" "$RP" &
 MON=$!
 python3 - "$hog_mb" <<'EOF'
 import sys

@@ -4,7 +4,8 @@
 # session's keys on the socket with the kernel's tls ULP and hands that socket to the NBD
 # driver. ext4 round-trips on the device; a packet capture of the IO port holds none of the
 # data in clear, while the same capture of a plain map does (so the check can fail), and
-# /proc/net/tls_stat shows the kernel doing the crypto.
+# /proc/net/tls_stat shows the kernel doing the crypto. Maps here say `route tcp`: a local
+# map's default is the runner's 0600 unix socket, plain, which is checked too.
 # Env: NBD_RUNNER, NBD_CLI, REPO. Prints GUEST-TLS-OK at the end.
 set -euo pipefail
 RUNNER=${NBD_RUNNER:?path to nbd-runner}
@@ -42,10 +43,10 @@ tls_stat() { awk -v k="$1" '$1 == k {print $2}' /proc/net/tls_stat; }
 round_trip() {
   "$CLI" file create "$1" size 64M
   local dev
-  dev=$("$CLI" file map "$1")
+  dev=$("$CLI" file map "$1" route tcp)
   ext4_store "$dev"
   "$CLI" file unmap "$dev"
-  dev=$("$CLI" file map "$1")
+  dev=$("$CLI" file map "$1" route tcp)
   ext4_same "$dev" "after unmap and map"
   umount "$MNT"
   "$CLI" file unmap "$dev"
@@ -62,13 +63,20 @@ bash "$REPO/tests/tls/make-certs.sh" /tmp/pki >/dev/null
 start_runner --ioport 24111 --tls-certificates /tmp/pki --tls-verify-peer
 export NBD_RUNNER_TLS_CERTIFICATES=/tmp/pki
 
-step "a map without TLS is refused"
+step "a map over TCP without TLS is refused"
 "$CLI" file create /tmp/refused.raw size 16M
-if NBD_RUNNER_TLS_CERTIFICATES= "$CLI" file map /tmp/refused.raw 2>/tmp/map.err; then
+if NBD_RUNNER_TLS_CERTIFICATES= "$CLI" file map /tmp/refused.raw route tcp 2>/tmp/map.err; then
   fail "a plain map of a TLS-only runner succeeded"
 fi
 grep -q "requires TLS" /tmp/map.err || fail "unclear refusal: $(cat /tmp/map.err)"
 echo "TLS: plain map refused: $(tail -1 /tmp/map.err)"
+
+step "a local map takes the runner's 0600 unix socket, where TLS has nothing to protect"
+expect_eq "$(stat -c %a /tmp/st/nbd-io.sock)" 600 "the IO socket's mode"
+dev=$(NBD_RUNNER_TLS_CERTIFICATES= "$CLI" file map /tmp/refused.raw)
+ss -xp | grep -q "nbd-io.sock" || fail "no connection on the unix IO socket: $(ss -xp)"
+"$CLI" file unmap "$dev"
+echo "TLS: a local map goes over the unix socket"
 
 step "map over kernel TLS: ext4 round trip under a packet capture"
 tx0=$(tls_stat TlsTxSw); rx0=$(tls_stat TlsRxSw)

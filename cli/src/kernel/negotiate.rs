@@ -17,6 +17,8 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,8 +129,36 @@ pub fn connect_export_many(
     timeout: Duration,
     tls: Option<&Arc<ClientConfig>>,
 ) -> Result<(Vec<TcpStream>, Negotiated), NegotiateError> {
+    connect_many(export, count, || {
+        connect_export_with(addr, export, timeout, tls)
+    })
+}
+
+/// [`connect_export_many`] over the runner's unix socket: plain NBD, on
+/// the runner's own host.
+pub fn connect_unix_many(
+    path: &Path,
+    export: &str,
+    count: usize,
+    timeout: Duration,
+) -> Result<(Vec<UnixStream>, Negotiated), NegotiateError> {
+    connect_many(export, count, || {
+        let s = UnixStream::connect(path).map_err(|source| NegotiateError::Connect {
+            addr: path.display().to_string(),
+            source,
+        })?;
+        let info = with_timeouts(&s, timeout, |mut s| handshake(&mut s, export))?;
+        Ok((s, info))
+    })
+}
+
+fn connect_many<S>(
+    export: &str,
+    count: usize,
+    mut connect: impl FnMut() -> Result<(S, Negotiated), NegotiateError>,
+) -> Result<(Vec<S>, Negotiated), NegotiateError> {
     assert!(count > 0, "at least one connection");
-    let (first, info) = connect_export_with(addr, export, timeout, tls)?;
+    let (first, info) = connect()?;
     if count > 1 && !info.can_multi_conn() {
         return Err(NegotiateError::NoMultiConn {
             name: export.to_owned(),
@@ -137,7 +167,7 @@ pub fn connect_export_many(
     }
     let mut socks = vec![first];
     for _ in 1..count {
-        let (s, other) = connect_export_with(addr, export, timeout, tls)?;
+        let (s, other) = connect()?;
         if other.size != info.size || other.flags != info.flags {
             return Err(NegotiateError::Inconsistent {
                 name: export.to_owned(),
@@ -148,6 +178,44 @@ pub fn connect_export_many(
         socks.push(s);
     }
     Ok((socks, info))
+}
+
+/// Runs `f` with `timeout` on each read and write of `s`, cleared after
+/// (also on error).
+fn with_timeouts<S: Timeouts, T>(
+    s: &S,
+    timeout: Duration,
+    f: impl FnOnce(&S) -> Result<T, NegotiateError>,
+) -> Result<T, NegotiateError> {
+    let setup = |source| NegotiateError::Io {
+        during: "socket setup",
+        source,
+    };
+    s.set_timeouts(Some(timeout)).map_err(setup)?;
+    let result = f(s);
+    let clear = s.set_timeouts(None);
+    let out = result?;
+    clear.map_err(setup)?;
+    Ok(out)
+}
+
+/// Read and write timeouts on a std socket.
+trait Timeouts {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Timeouts for TcpStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl Timeouts for UnixStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
 }
 
 /// Handshakes on an already connected socket. Sets `timeout` as the read and
@@ -171,48 +239,38 @@ fn negotiate_with(
     timeout: Duration,
     tls: Option<TlsTarget>,
 ) -> Result<Negotiated, NegotiateError> {
-    let setup = |during| move |source| NegotiateError::Io { during, source };
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(setup("socket setup"))?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(setup("socket setup"))?;
     let _ = stream.set_nodelay(true);
-    let mut s = stream;
-    let result = match tls {
-        None => handshake(&mut s, export),
-        Some((config, name, host)) => {
-            let tls_err = |why: String| NegotiateError::Tls {
-                host: host.clone(),
-                why,
-            };
-            let mut upgrade = |s: &mut &TcpStream| {
-                let mut conn = ClientConnection::new(config.clone(), name.clone())
-                    .map_err(|e| tls_err(e.to_string()))?;
-                while conn.is_handshaking() {
-                    conn.complete_io(s).map_err(|e| tls_err(e.to_string()))?;
-                }
-                Ok(conn)
-            };
-            drive(
-                &mut s,
-                ClientHandshake::new(export)?.with_tls(),
-                &mut upgrade,
-            )
-            .and_then(|(info, conn)| {
-                let conn = conn.ok_or_else(|| tls_err("the handshake ended before TLS".into()))?;
-                super::ktls::install(stream, conn).map_err(|e| tls_err(e.to_string()))?;
-                Ok(info)
-            })
+    with_timeouts(stream, timeout, |stream| {
+        let mut s = stream;
+        match tls {
+            None => handshake(&mut s, export),
+            Some((config, name, host)) => {
+                let tls_err = |why: String| NegotiateError::Tls {
+                    host: host.clone(),
+                    why,
+                };
+                let mut upgrade = |s: &mut &TcpStream| {
+                    let mut conn = ClientConnection::new(config.clone(), name.clone())
+                        .map_err(|e| tls_err(e.to_string()))?;
+                    while conn.is_handshaking() {
+                        conn.complete_io(s).map_err(|e| tls_err(e.to_string()))?;
+                    }
+                    Ok(conn)
+                };
+                drive(
+                    &mut s,
+                    ClientHandshake::new(export)?.with_tls(),
+                    &mut upgrade,
+                )
+                .and_then(|(info, conn)| {
+                    let conn =
+                        conn.ok_or_else(|| tls_err("the handshake ended before TLS".into()))?;
+                    super::ktls::install(stream, conn).map_err(|e| tls_err(e.to_string()))?;
+                    Ok(info)
+                })
+            }
         }
-    };
-    let clear = stream
-        .set_read_timeout(None)
-        .and_then(|_| stream.set_write_timeout(None));
-    let info = result?;
-    clear.map_err(setup("socket setup"))?;
-    Ok(info)
+    })
 }
 
 /// The handshake itself, over any byte stream (unit tests use pipes): a

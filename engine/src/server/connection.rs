@@ -33,11 +33,14 @@ const RECV_BUF: usize = 256 * 1024;
 const HANDSHAKE_BUF: usize = 4096;
 
 /// Serves one accepted connection to completion.
-pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>, route: super::Route) {
+    let peer = match route {
+        super::Route::Tcp => stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        super::Route::Unix => "unix".to_owned(),
+    };
     let _ = stream.set_nodelay(true);
     let socket = match NbdSocket::dup_of(&stream) {
         Ok(s) => s,
@@ -54,7 +57,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>) {
     // peer that stops reading our replies cannot hold it open either.
     let limit = shard.limits.handshake_timeout;
     let negotiation = or(
-        negotiate(&shard, &socket, &mut stream, &mut reader, &peer),
+        negotiate(&shard, &socket, &mut stream, &mut reader, &peer, route),
         async {
             glommio::timer::sleep(limit).await;
             Err(io::ErrorKind::TimedOut.into())
@@ -152,8 +155,12 @@ async fn negotiate(
     stream: &mut TcpStream,
     reader: &mut Reader,
     peer: &str,
+    route: super::Route,
 ) -> io::Result<Option<(Negotiated, Option<Rc<TlsSession>>)>> {
-    let policy = shard.tls.as_ref().map_or(TlsPolicy::Off, |t| t.policy);
+    let policy = match route {
+        super::Route::Tcp => shard.tls.as_ref().map_or(TlsPolicy::Off, |t| t.policy),
+        super::Route::Unix => TlsPolicy::Off,
+    };
     let mut hs = Handshake::new()
         .list_exports(shard.limits.list_exports)
         .tls(policy);

@@ -22,7 +22,7 @@ use crate::export::ExportTable;
 use crate::protocol::TlsPolicy;
 use admission::{Admission, Admitted};
 use futures_lite::future::or;
-use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver};
 use glommio::net::{AcceptedTcpStream, TcpListener};
 use glommio::LocalExecutorPoolBuilder;
 use shard::ShardCtx;
@@ -82,7 +82,7 @@ pub struct TlsServer {
     pub config: Arc<rustls::ServerConfig>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct EngineConfig {
     pub threads: usize,
     pub limits: Limits,
@@ -94,6 +94,54 @@ pub struct EngineConfig {
     /// for latency when clients wait on each reply (QD1).
     pub spin_before_park: Duration,
     pub tls: Option<TlsServer>,
+    /// The local IO route ([`bind_private_unix`]): plain NBD for this
+    /// host's kernel maps, who may connect being the file's business.
+    pub unix: Option<std::os::unix::net::UnixListener>,
+}
+
+/// Which listener a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Tcp,
+    /// The unix socket: local, and only the runner's user (and root) can
+    /// open it, so no TLS. AF_UNIX also matters for swap: the kernel sends
+    /// swap writes from its memory reserves, and TCP drops such packets at
+    /// any socket that is not itself a reserve user (every userspace one),
+    /// while unix stream sockets deliver them.
+    Unix,
+}
+
+/// Binds a unix socket with mode 0600 from the start: the mode is set on
+/// the unbound socket, which bind() gives the new file, so there is no
+/// moment when others may connect and no chmod that could follow a planted
+/// path. A socket left at `path` by a killed runner is replaced; anything
+/// else there is refused.
+pub fn bind_private_unix(
+    path: &std::path::Path,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} exists and is not a socket; remove it",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600))?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    rustix::net::listen(&fd, 128)?;
+    Ok(std::os::unix::net::UnixListener::from(fd))
 }
 
 #[derive(Debug, Error)]
@@ -143,6 +191,7 @@ pub fn run(
 ) -> Result<(), EngineError> {
     let threads = config.threads.max(1);
     let listener_fd = listener.into_raw_fd();
+    let unix_fd = config.unix.map(IntoRawFd::into_raw_fd);
     // Shard 0 keeps its own connections; channels feed shards 1..N.
     let (senders, receivers): (Vec<_>, Vec<_>) = (1..threads)
         .map(|_| shared_channel::new_bounded::<Handoff>(1024))
@@ -176,7 +225,28 @@ pub fn run(
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
                 if index == 0 {
                     let txs = senders.lock().unwrap().take().unwrap_or_default();
-                    accept_loop(listener_fd, txs, shard.clone(), load, admission).await;
+                    let mut peers = Vec::with_capacity(txs.len());
+                    for s in txs {
+                        peers.push(s.connect().await);
+                    }
+                    let peers = Rc::new(peers);
+                    let accept = Acceptor {
+                        peers: peers.clone(),
+                        shard: shard.clone(),
+                        load,
+                        admission,
+                    };
+                    let unix = unix_fd.map(|fd| {
+                        let accept = accept.clone();
+                        glommio::spawn_local(async move { accept.run(fd, Route::Unix).await })
+                    });
+                    accept.run(listener_fd, Route::Tcp).await;
+                    if let Some(unix) = unix {
+                        unix.await;
+                    }
+                    for p in peers.iter() {
+                        p.close();
+                    }
                 } else {
                     let rx = receivers.lock().unwrap()[index - 1].take();
                     if let Some(rx) = rx {
@@ -238,82 +308,93 @@ impl ShardLoad {
 }
 
 /// A connection on its way to its shard, with its admission and placement.
-type Handoff = (AcceptedTcpStream, Placed, Admitted);
+type Handoff = (AcceptedTcpStream, Placed, Admitted, Route);
 
 /// Closes an accepted socket (glommio's accepted handle has no Drop).
 fn close(stream: AcceptedTcpStream) {
     drop(stream.bind_to_executor());
 }
 
-async fn accept_loop(
-    fd: RawFd,
-    senders: Vec<SharedSender<Handoff>>,
+/// Shard 0's accepting: admission, placement, and the hand-off to the
+/// connection's shard, for either route.
+#[derive(Clone)]
+struct Acceptor {
+    peers: Rc<Vec<ConnectedSender<Handoff>>>,
     shard: Rc<ShardCtx>,
     load: ShardLoad,
     admission: Arc<Admission>,
-) {
-    // SAFETY: the fd came from a bound std listener we own.
-    let listener = unsafe { TcpListener::from_raw_fd(fd) };
-    let mut peers: Vec<ConnectedSender<Handoff>> = Vec::with_capacity(senders.len());
-    for s in senders {
-        peers.push(s.connect().await);
-    }
-    let mut turn = 0usize;
-    loop {
-        let accepted = or(async { Some(listener.shared_accept().await) }, async {
-            shard.closing().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                // EMFILE and friends: back off rather than spin.
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let Ok(peer) = stream.peer_addr() else {
-            close(stream); // already gone
-            continue;
-        };
-        let admitted = match admission.admit(peer.ip()) {
-            Ok(a) => a,
-            Err(why) => {
-                if let Some(suppressed) = admission.log.admit() {
-                    tracing::warn!(%peer, %why, suppressed, "refused an IO connection");
-                }
-                close(stream);
-                continue;
-            }
-        };
-        let placed = load.place(turn);
-        turn = turn.wrapping_add(1);
-        let target = placed.shard;
-        if target == 0 {
-            let shard = shard.clone();
-            glommio::spawn_local(async move {
-                connection::serve(stream.bind_to_executor(), shard).await;
-                drop((placed, admitted));
+}
+
+impl Acceptor {
+    async fn run(&self, fd: RawFd, route: Route) {
+        // SAFETY: the fd came from a bound std listener we own. glommio's
+        // accept and streams work on the descriptor alone, so its TCP
+        // listener serves the unix socket as well.
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        let mut turn = 0usize;
+        loop {
+            let accepted = or(async { Some(listener.shared_accept().await) }, async {
+                self.shard.closing().await;
+                None
             })
-            .detach();
-        } else if let Err(e) = peers[target - 1].send((stream, placed, admitted)).await {
-            tracing::warn!(error = %e, shard = target, "cannot hand connection to shard");
+            .await;
+            let stream = match accepted {
+                None => break,
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tracing::warn!(error = %e, ?route, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            // Unix peers count as this host.
+            let peer = match route {
+                Route::Tcp => match stream.peer_addr() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        close(stream); // already gone
+                        continue;
+                    }
+                },
+                Route::Unix => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
+            };
+            let admitted = match self.admission.admit(peer.ip()) {
+                Ok(a) => a,
+                Err(why) => {
+                    if let Some(suppressed) = self.admission.log.admit() {
+                        tracing::warn!(%peer, ?route, %why, suppressed, "refused an IO connection");
+                    }
+                    close(stream);
+                    continue;
+                }
+            };
+            let placed = self.load.place(turn);
+            turn = turn.wrapping_add(1);
+            let target = placed.shard;
+            if target == 0 {
+                let shard = self.shard.clone();
+                glommio::spawn_local(async move {
+                    connection::serve(stream.bind_to_executor(), shard, route).await;
+                    drop((placed, admitted));
+                })
+                .detach();
+            } else if let Err(e) = self.peers[target - 1]
+                .send((stream, placed, admitted, route))
+                .await
+            {
+                tracing::warn!(error = %e, shard = target, "cannot hand connection to shard");
+            }
         }
-    }
-    for p in &peers {
-        p.close();
     }
 }
 
 async fn receive_loop(rx: SharedReceiver<Handoff>, shard: Rc<ShardCtx>) {
     let rx = rx.connect().await;
-    while let Some((stream, placed, admitted)) = rx.recv().await {
+    while let Some((stream, placed, admitted, route)) = rx.recv().await {
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            connection::serve(stream.bind_to_executor(), shard).await;
+            connection::serve(stream.bind_to_executor(), shard, route).await;
             drop((placed, admitted));
         })
         .detach();
