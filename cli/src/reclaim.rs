@@ -8,7 +8,12 @@
 //! - `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`: nothing of ours is
 //!   swapped out, and only pages we touch are locked (thread stacks and
 //!   reserved arenas are not pinned whole);
-//! - `oom_score_adj = -1000`: the OOM killer leaves us alone.
+//! - `oom_score_adj = -1000`: the OOM killer leaves us alone;
+//! - glibc keeps what we free (no trimming, no per-allocation mmap), and
+//!   each shard touches a reserve at start (`--swap-reserve`): a page fault
+//!   on the IO path under memory pressure cannot be served (our allocations
+//!   may not start IO, and the reclaim that would free memory is waiting
+//!   on us), which the VM's swap test showed as a hung shard.
 //!
 //! The runner's own memory stays bounded (`--mem-limit`, the shard
 //! budgets), so locking it cannot exhaust the host.
@@ -36,7 +41,10 @@ pub fn protect() -> Applied {
         ),
     }
     match lock_memory() {
-        Ok(()) => done.locked = true,
+        Ok(()) => {
+            done.locked = true;
+            keep_freed_memory();
+        }
         Err(why) => tracing::warn!("memory not locked: {why}"),
     }
     match std::fs::write("/proc/self/oom_score_adj", "-1000") {
@@ -46,6 +54,23 @@ pub fn protect() -> Applied {
         ),
     }
     done
+}
+
+/// Tells glibc to keep freed memory mapped (and so locked and resident):
+/// no trimming of the heaps, and no mmap per large allocation (which free
+/// would unmap), up to the largest threshold glibc takes.
+fn keep_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only changes allocator parameters.
+        let ok = unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+                && libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+        };
+        if !ok {
+            tracing::warn!("mallopt refused: freed memory may be returned and faulted in again");
+        }
+    }
 }
 
 fn lock_memory() -> Result<(), String> {

@@ -100,6 +100,11 @@ pub fn run(args: RunnerArgs) -> Result<()> {
             },
             tls,
             unix: io_unix.map(|(_, l)| l),
+            warm_reserve: if args.no_swap_safety {
+                0
+            } else {
+                args.swap_reserve as usize
+            },
         },
         table.clone(),
         shutdown,

@@ -111,6 +111,10 @@ pub struct RunnerArgs {
     /// and small boxes that never swap to NBD.
     #[arg(long)]
     pub no_swap_safety: bool,
+    /// Memory each shard touches at start and keeps (with swap safety on),
+    /// so IO under memory pressure is served without new pages; 0 for none.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
+    pub swap_reserve: u64,
     /// Seconds a client may take no reply bytes before its connection is
     /// dropped (0: never); frees what a client that stopped reading holds.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]

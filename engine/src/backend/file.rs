@@ -340,13 +340,15 @@ impl Handle {
         let from = align_down(pos);
         let to = align_down(pos + len as u64 + DIRECT_ALIGN - 1);
         let fd = direct.clone();
+        // Taken and given back on this thread, so the blocking pool allocates nothing.
+        let mut buf = AlignedBuf::take((to - from) as usize);
         let (buf, got) = glommio::executor()
             .spawn_blocking(move || {
-                let mut buf: AlignedBuf = aligned_vec::avec![[4096]| 0u8; (to - from) as usize];
-                direct_io(&fd, &mut buf, from, false).map(|n| (buf, n))
+                let r = direct_io(&fd, &mut buf, from, false);
+                (buf, r)
             })
-            .await
-            .map_err(|e| BackendError::io("read", e))?;
+            .await;
+        let got = got.map_err(|e| BackendError::io("read", e))?;
         let start = (pos - from) as usize;
         let len = len.min(got.saturating_sub(start));
         Ok(ReadBuf::Aligned { buf, start, len })
@@ -370,12 +372,16 @@ impl Handle {
                 std::io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
-        let mut buf = AlignedBuf::from_slice(DIRECT_ALIGN as usize, &data);
+        let mut buf = AlignedBuf::copy_of(&data);
         let fd = direct.clone();
-        let n = glommio::executor()
-            .spawn_blocking(move || direct_io(&fd, &mut buf, pos, true))
-            .await
-            .map_err(|e| BackendError::io("write", e))?;
+        let (buf, n) = glommio::executor()
+            .spawn_blocking(move || {
+                let r = direct_io(&fd, &mut buf, pos, true);
+                (buf, r)
+            })
+            .await;
+        drop(buf); // back to this thread's pool
+        let n = n.map_err(|e| BackendError::io("write", e))?;
         Ok((n, Some(data)))
     }
 

@@ -6,6 +6,7 @@
 //! [`Backend::attach`] opens a per-shard [`BackendIo`] inside that shard's
 //! executor, so io_uring rings and file descriptors stay shard-local.
 
+pub mod aligned;
 #[cfg(feature = "ceph")]
 pub mod ceph;
 pub mod completion;
@@ -150,8 +151,7 @@ pub struct ZeroFlags {
 
 /// Bytes a READ returns, owned so an io_uring or C completion can fill them
 /// after the submitting future is gone.
-/// A buffer for O_DIRECT: page-aligned, which suits every device.
-pub type AlignedBuf = aligned_vec::AVec<u8, aligned_vec::ConstAlign<4096>>;
+pub use aligned::AlignedBuf;
 
 pub enum ReadBuf {
     Vec(Vec<u8>),

@@ -97,6 +97,10 @@ pub struct EngineConfig {
     /// The local IO route ([`bind_private_unix`]): plain NBD for this
     /// host's kernel maps, who may connect being the file's business.
     pub unix: Option<std::os::unix::net::UnixListener>,
+    /// Bytes each shard allocates, touches and frees before it serves: with
+    /// the allocator keeping freed memory (and memory locked), the shard's
+    /// IO then finds its pages already there, also under memory pressure.
+    pub warm_reserve: usize,
 }
 
 /// Which listener a connection came in on.
@@ -182,6 +186,22 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, EngineError> {
 
 /// Serves until `shutdown` triggers and every connection has closed.
 /// `on_ready` runs once every shard has started.
+/// Touches `bytes` of this thread's heap and frees it again (see
+/// [`EngineConfig::warm_reserve`]), in chunks the allocator serves from its
+/// heaps rather than with a mapping of their own.
+fn warm_heap(bytes: usize) {
+    const CHUNK: usize = 1 << 20;
+    let chunks: Vec<Vec<u8>> = (0..bytes.div_ceil(CHUNK))
+        .map(|_| {
+            let mut v = Vec::with_capacity(CHUNK);
+            // Nonzero, so every page is written, not mapped to the zero page.
+            v.resize(CHUNK, 1u8);
+            v
+        })
+        .collect();
+    std::hint::black_box(&chunks);
+}
+
 pub fn run(
     listener: std::net::TcpListener,
     config: EngineConfig,
@@ -204,6 +224,7 @@ pub fn run(
     let limits = config.limits;
     let admission = Admission::new(limits.max_connections, limits.max_connections_per_peer);
     let tls = config.tls.clone();
+    let warm_reserve = config.warm_reserve;
     let placement = placement::pool_placement(threads, config.shard_cpus.as_deref());
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("nbd-shard")
@@ -220,6 +241,7 @@ pub fn run(
                 tls.clone(),
             );
             async move {
+                warm_heap(warm_reserve);
                 let index = next_index.fetch_add(1, Ordering::SeqCst);
                 let shard = ShardCtx::new(index, table, limits, tls);
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
