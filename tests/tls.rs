@@ -504,6 +504,13 @@ fn the_unix_io_route_is_owner_only_and_plain_where_tcp_requires_tls() {
         !out.status.success() && err.contains("Permission denied"),
         "{err}"
     );
+    // And by its credentials (SO_PEERCRED) should the mode ever be widened.
+    std::fs::set_permissions(&r.io_unix, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = run("runuser", &["-u", "nobody", "--", "nbdinfo", &uri]);
+    assert!(
+        !out.status.success(),
+        "a stranger was served on the unix socket"
+    );
     // STARTTLS on the unix route is refused (there is nothing to protect),
     // and the route stays healthy.
     let mut s = std::os::unix::net::UnixStream::connect(&r.io_unix).unwrap();

@@ -137,17 +137,16 @@ enum Access {
 }
 
 fn unix_peer(stream: &UnixStream) -> (String, Access) {
-    match rustix::net::sockopt::socket_peercred(stream) {
-        Ok(cred) => {
-            let uid = cred.uid.as_raw();
-            let ok = uid == 0 || uid == rustix::process::geteuid().as_raw();
-            let access = if ok { Access::Local } else { Access::Stranger };
-            (
-                format!("unix:uid={uid},pid={}", cred.pid.as_raw_nonzero()),
-                access,
-            )
-        }
-        Err(_) => ("unix:?".into(), Access::Stranger),
+    match nbd_engine::server::unix_peer(stream) {
+        Some((uid, pid, trusted)) => (
+            format!("unix:uid={uid},pid={pid}"),
+            if trusted {
+                Access::Local
+            } else {
+                Access::Stranger
+            },
+        ),
+        None => ("unix:?".into(), Access::Stranger),
     }
 }
 

@@ -39,7 +39,21 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>, route: super::Route) 
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default(),
-        super::Route::Unix => "unix".to_owned(),
+        // The socket is 0600 in a 0700 directory; the credentials check
+        // stands behind that, as on the control socket.
+        super::Route::Unix => {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            // SAFETY: the stream owns the descriptor for this whole call.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+            match super::unix_peer(fd) {
+                Some((uid, pid, true)) => format!("unix:uid={uid},pid={pid}"),
+                other => {
+                    let uid = other.map(|(uid, _, _)| uid);
+                    tracing::warn!(?uid, "refused an IO connection on the unix socket: not root or the runner's user");
+                    return;
+                }
+            }
+        }
     };
     let _ = stream.set_nodelay(true);
     let socket = match NbdSocket::dup_of(&stream) {

@@ -186,6 +186,15 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, EngineError> {
 
 /// Serves until `shutdown` triggers and every connection has closed.
 /// `on_ready` runs once every shard has started.
+/// A unix peer: its uid and pid, and whether it may use the runner's local
+/// routes (root or the runner's own user). None when the kernel cannot say.
+pub fn unix_peer(fd: impl std::os::fd::AsFd) -> Option<(u32, i32, bool)> {
+    let cred = rustix::net::sockopt::socket_peercred(fd).ok()?;
+    let uid = cred.uid.as_raw();
+    let trusted = uid == 0 || uid == rustix::process::geteuid().as_raw();
+    Some((uid, cred.pid.as_raw_nonzero().get(), trusted))
+}
+
 /// Touches `bytes` of this thread's heap and frees it again (see
 /// [`EngineConfig::warm_reserve`]), in chunks the allocator serves from its
 /// heaps rather than with a mapping of their own.
