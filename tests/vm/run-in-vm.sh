@@ -14,6 +14,7 @@
 # Env: VM_DIR (target/nbd-vm), VM_MEM (2G), VM_CPUS (2), VM_TIMEOUT (300 s),
 #      VM_DISK (a raw image file: the guest's virtio disk /dev/vda, storage outside its RAM),
 #      VM_APPEND (more kernel arguments, e.g. loglevel=4 to see hung-task reports),
+#      VM_MONITOR (a unix socket path for QEMU's monitor, to dump a hung guest's tasks),
 #      VM_VERBOSE (0: only COMMAND's output; 1: the whole console), VM_ACCEL (kvm|tcg; see below).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -45,6 +46,12 @@ else
   ACCEL=(-machine q35 -accel tcg,thread=multi -cpu max)
 fi
 
+MON=()
+# VM_MONITOR=PATH: QEMU's monitor on a unix socket, for post-mortems of a hung guest
+# (e.g. "sendkey alt-sysrq-t" dumps every task's stack to the console).
+if [ -n "${VM_MONITOR:-}" ]; then
+  MON=(-monitor "unix:$VM_MONITOR,server,nowait")
+fi
 DISK=()
 if [ -n "${VM_DISK:-}" ]; then
   DISK=(-drive "file=$VM_DISK,if=virtio,format=raw,cache=writeback")
@@ -57,7 +64,7 @@ QEMU_MODULE_DIR=$R/usr/lib/x86_64-linux-gnu/qemu timeout --foreground -k 10 "${V
   -nodefaults -no-user-config -nographic -serial stdio -nic none -no-reboot \
   -kernel "$R/boot/vmlinuz-$KVER" -initrd "$VM/initramfs.cpio.gz" \
   -append "console=ttyS0 quiet loglevel=3 panic=-1 vm_cmd=$CMDF vm_kver=$KVER vm_kmods=$R/lib/modules/$KVER ${VM_APPEND:-}" \
-  "${DISK[@]}" \
+  "${DISK[@]}" "${MON[@]}" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   >"$LOG" 2>&1 </dev/null
 qrc=$?

@@ -1,40 +1,69 @@
-"""For tests/vm/guest-swap.sh: every 10 s, the memory, the runner's threads and
-every task asleep in a socket or block-layer wait, with kernel stacks, for a
-hang's post-mortem. It locks its memory so it still runs when everything else
-waits on swap. Usage: swap-monitor.py RUNNER_PID"""
+"""For tests/vm/guest-swap.sh: every 10 s, the memory; when swap stopped moving
+since the last look, the runner's threads with their kernel stacks, the NBD
+device's in-flight counts, and the kernel's list of blocked tasks (sysrq w),
+for a hang's post-mortem. Everything is opened up front and the memory locked,
+so it still runs when everything else waits on swap (reading an open /proc
+file at offset 0 again needs no new allocation).
+Usage: swap-monitor.py RUNNER_PID NBD_DEVICE_NAME"""
 import ctypes
 import os
 import sys
 import time
 
-ctypes.CDLL(None, use_errno=True).mlockall(3)  # MCL_CURRENT | MCL_FUTURE
-rp = sys.argv[1]
-WATCH = ("sock", "wmem", "unix", "wbt", "rq_qos", "nbd", "io_schedule", "blk")
+rp, dev = sys.argv[1], sys.argv[2]
 
 
-def read(path):
+def opened(path):
     try:
-        with open(path) as f:
-            return f.read()
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def read(fd):
+    if fd is None:
+        return ""
+    try:
+        return os.pread(fd, 65536, 0).decode(errors="replace")
     except OSError as e:
         return f"<{e.strerror}>"
 
 
+meminfo, vmstat = opened("/proc/meminfo"), opened("/proc/vmstat")
+inflight = opened(f"/sys/block/{dev}/inflight")
+sysrq = os.open("/proc/sysrq-trigger", os.O_WRONLY)
+threads = []
+for tid in sorted(os.listdir(f"/proc/{rp}/task"), key=int):
+    t = f"/proc/{rp}/task/{tid}"
+    threads.append((tid, read(opened(f"{t}/comm")).strip(), opened(f"{t}/stat"), opened(f"{t}/stack")))
+ctypes.CDLL(None, use_errno=True).mlockall(3)  # MCL_CURRENT | MCL_FUTURE
+
+
+def counter(text, key):
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
+last = None
 for n in range(1, 1000):
     time.sleep(10)
-    mem = [l for l in read("/proc/meminfo").splitlines()
+    mem = [l for l in read(meminfo).splitlines()
            if l.split(":")[0] in ("MemFree", "Dirty", "Writeback", "SwapFree")]
-    out = [f"[monitor {n * 10}s] " + " ".join(" ".join(l.split()) for l in mem)]
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            t = f"/proc/{pid}/task/{tid}"
-            stack = read(f"{t}/stack")
-            if pid == rp or any(w in stack for w in WATCH):
-                state = read(f"{t}/stat").rsplit(")", 1)[-1].split()[:1]
-                out.append(f"  {pid}/{tid} {read(t + '/comm').strip()} {state}")
-                out += ["    " + l for l in stack.splitlines()[:14]]
+    vm = read(vmstat)
+    moved = (counter(vm, "pswpout"), counter(vm, "pswpin"))
+    line = (f"[monitor {n * 10}s] " + " ".join(" ".join(l.split()) for l in mem)
+            + f" pswpout {moved[0]} pswpin {moved[1]} {dev} in flight {read(inflight).split()}")
+    stalled, last = moved == last, moved
+    if not stalled:
+        print(line, flush=True)
+        continue
+    out = [line + " (swap stalled)"]
+    for tid, comm, stat, stack in threads:
+        state = read(stat).rsplit(")", 1)[-1].split()[:1]
+        out.append(f"  runner thread {tid} {comm} {state}")
+        out += ["    " + l for l in read(stack).splitlines()[:14]]
     print("\n".join(out), flush=True)
+    os.write(sysrq, b"w")
