@@ -511,6 +511,82 @@ fn connections_spread_over_shards_despite_short_lived_probes() {
     );
 }
 
+/// Each shard's CPUs (`Cpus_allowed_list`), sorted: every thread of one
+/// shard (its executor and its blocking pool) must agree.
+fn shard_placement(r: &Runner) -> Vec<String> {
+    let mut by_shard = std::collections::BTreeMap::<String, String>::new();
+    for t in r
+        .threads()
+        .into_iter()
+        .filter(|t| t.name.starts_with("nbd-shard"))
+    {
+        let cpus = by_shard.entry(t.name.clone()).or_insert(t.cpus.clone());
+        assert_eq!(*cpus, t.cpus, "threads of {} disagree", t.name);
+    }
+    let mut v: Vec<String> = by_shard.into_values().collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn cpus_puts_the_shards_and_every_other_thread_on_the_listed_cpus() {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if online < 2 {
+        eprintln!("SKIP: one CPU, nothing to choose from");
+        return;
+    }
+    // One shard per listed CPU; everything else on the list too.
+    let r = Runner::start_with(&["--cpus", "1"]);
+    cli_ok(&r, &["list"]);
+    assert_eq!(shard_placement(&r), vec!["1"]);
+    for t in r.threads() {
+        assert_eq!(t.cpus, "1", "{t:?} left --cpus 1");
+    }
+    // --threads says how many: they take the list in order, round-robin.
+    let r = Runner::start_with(&["--cpus", "0-1", "--threads", "3"]);
+    cli_ok(&r, &["list"]);
+    assert_eq!(shard_placement(&r), vec!["0", "0", "1"]);
+    for t in r
+        .threads()
+        .iter()
+        .filter(|t| !t.name.starts_with("nbd-shard"))
+    {
+        assert_eq!(t.cpus, "0-1", "{t:?} left --cpus 0-1");
+    }
+    // --no-pin: the shards float, over the listed CPUs only.
+    let r = Runner::start_with(&["--cpus", "1", "--no-pin", "--threads", "2"]);
+    cli_ok(&r, &["list"]);
+    assert_eq!(shard_placement(&r), vec!["1", "1"]);
+    // CPUs the runner cannot use, and lists that are no lists: refused
+    // before anything starts, the reason on one line.
+    let state = scratch();
+    for (list, want) in [
+        ("1000", "cannot use"),
+        ("4096", "past the largest"),
+        ("1-0", "runs backwards"),
+        ("x", "not a CPU number"),
+    ] {
+        let err = runner_refuses(&[
+            "--cpus",
+            list,
+            "--state-dir",
+            path_str(state.path()),
+            "--no-swap-safety",
+            "--ioport",
+            "0",
+            "--rpcport",
+            "0",
+        ]);
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains(want)).collect();
+        assert_eq!(lines.len(), 1, "--cpus {list}: {err}");
+        assert!(
+            lines[0].contains("--cpus") || lines[0].contains("CPU"),
+            "{err}"
+        );
+    }
+    assert!(!state.path().join("saveconfig.json").exists());
+}
+
 #[test]
 fn pinned_runners_keep_every_thread_on_the_shards_cpus_and_batch_scheduled() {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -30,10 +30,14 @@ pub fn run(args: RunnerArgs) -> Result<()> {
     if let Err(e) = server::placement::set_sched_policy(args.sched.into()) {
         tracing::warn!(sched = ?args.sched, "cannot set the scheduling policy: {e}");
     }
-    let shard_cpus = server::placement::shard_cpus(threads, !args.no_pin);
-    if let Some(cpus) = &shard_cpus {
-        // Control threads and the backend libraries' own threads stay on
-        // the shards' CPUs.
+    let listed = args.cpus.as_ref().map(|c| c.0.clone());
+    if let Some(listed) = &listed {
+        server::placement::check_cpus(listed).map_err(anyhow::Error::msg)?;
+    }
+    let shard_cpus = server::placement::shard_cpus(threads, !args.no_pin, listed.as_deref());
+    // Control threads and the backend libraries' own threads stay on the
+    // listed CPUs, or else on the shards' CPUs.
+    if let Some(cpus) = listed.as_ref().or(shard_cpus.as_ref()) {
         if let Err(e) = server::placement::confine_current_thread(cpus) {
             tracing::warn!(?cpus, "cannot keep helper threads on the shards' CPUs: {e}");
         }

@@ -91,6 +91,12 @@ pub struct RunnerArgs {
     /// stay on the shards' cores too.
     #[arg(long)]
     pub no_pin: bool,
+    /// The CPUs the runner uses, e.g. `2-5,8`: one shard per listed CPU
+    /// (unless --threads says how many; they take the list in order,
+    /// round-robin), and the runner's other threads (control, librados,
+    /// libgfapi) on the same CPUs. With --no-pin the shards float over them.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
+    pub cpus: Option<CpuList>,
     /// How the runner's threads are scheduled: `batch` (SCHED_BATCH: a
     /// woken runner thread does not preempt the one running, so shards and
     /// library threads sharing a core hand over whole bursts) or `normal`
@@ -180,6 +186,16 @@ pub const DEFAULT_FILE_ROOT: &str = "/var/lib/nbd-runner";
 
 fn parse_size(s: &str) -> Result<u64, String> {
     nbd_engine::config::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// `--cpus`, parsed (one value: clap reads a bare Vec as many).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    nbd_engine::config::cpulist::parse_cpu_list(s)
+        .map(CpuList)
+        .map_err(|e| e.to_string())
 }
 
 /// Half of physical memory: room for the page cache and everything else.
@@ -284,12 +300,16 @@ impl RunnerArgs {
         SocketAddr::new(self.iohost, self.ioport)
     }
 
+    /// `--threads`, else one per `--cpus` CPU, else one per CPU.
     pub fn threads(&self) -> usize {
-        self.threads.map(usize::from).unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        self.threads
+            .map(usize::from)
+            .unwrap_or_else(|| match &self.cpus {
+                Some(cpus) => cpus.0.len(),
+                None => std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1),
+            })
     }
 }
 

@@ -24,7 +24,7 @@ use admission::{Admission, Admitted};
 use futures_lite::future::or;
 use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver};
 use glommio::net::{AcceptedTcpStream, TcpListener};
-use glommio::LocalExecutorPoolBuilder;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use shard::ShardCtx;
 use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
@@ -234,12 +234,20 @@ pub fn run(
     let admission = Admission::new(limits.max_connections, limits.max_connections_per_peer);
     let tls = config.tls.clone();
     let warm_reserve = config.warm_reserve;
+    // Each shard reports once it is set up; "ready" waits for all of them.
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
+    let up_tx = Arc::new(Mutex::new(up_tx));
     let placement = placement::pool_placement(threads, config.shard_cpus.as_deref());
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("nbd-shard")
         .spin_before_park(config.spin_before_park)
+        // glommio's default binds every shard's blocking thread to the first
+        // shard's CPUs; each shard puts its own on its CPUs instead (below):
+        // direct IO runs there.
+        .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
         .on_all_shards(move || {
             let admission = admission.clone();
+            let up = up_tx.lock().unwrap().clone();
             let (senders, receivers, table, shutdown, next_index, load, tls) = (
                 senders.clone(),
                 receivers.clone(),
@@ -251,6 +259,12 @@ pub fn run(
             );
             async move {
                 warm_heap(warm_reserve);
+                if let Ok(cpus) = placement::usable_cpus() {
+                    let _ = glommio::executor()
+                        .spawn_blocking(move || placement::confine_current_thread(&cpus))
+                        .await;
+                }
+                let _ = up.send(());
                 let index = next_index.fetch_add(1, Ordering::SeqCst);
                 let shard = ShardCtx::new(index, table, limits, tls);
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
@@ -288,6 +302,13 @@ pub fn run(
             }
         })
         .map_err(|e| EngineError::Executor(e.to_string()))?;
+    // The generator (and its sender) is gone once every shard has called
+    // it; a shard that dies before reporting drops its own: stop waiting.
+    for _ in 0..threads {
+        if up_rx.recv().is_err() {
+            break;
+        }
+    }
     on_ready();
     for r in handles.join_all() {
         r.map_err(|e| EngineError::Executor(e.to_string()))?;

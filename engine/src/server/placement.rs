@@ -14,12 +14,53 @@
 
 use glommio::{CpuSet, PoolPlacement};
 
+/// The CPUs this process may run on (its affinity at start, which a
+/// cgroup cpuset or `taskset` narrows).
+pub fn usable_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid set of the right size for the calling thread (pid 0).
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: CPU_ISSET bounds-checks against the set's size.
+    Ok((0..crate::config::cpulist::MAX_CPUS)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// `--cpus`: the listed CPUs, each one this process may use, or a one-line
+/// reason naming those it may not.
+pub fn check_cpus(listed: &[usize]) -> Result<(), String> {
+    let usable = usable_cpus().map_err(|e| format!("cannot read this process's CPUs: {e}"))?;
+    let missing: Vec<usize> = listed
+        .iter()
+        .copied()
+        .filter(|c| !usable.contains(c))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    use crate::config::cpulist::format_cpu_list;
+    Err(format!(
+        "--cpus names CPU {} that this runner cannot use (it may run on {})",
+        format_cpu_list(&missing),
+        format_cpu_list(&usable)
+    ))
+}
+
 /// The CPU for each shard, or `None` when shards float (`--no-pin`, or the
-/// topology is unreadable). Spread over packages and cores first; with
-/// more shards than CPUs, shards share CPUs round-robin.
-pub fn shard_cpus(threads: usize, pin: bool) -> Option<Vec<usize>> {
+/// topology is unreadable). With `listed` (`--cpus`, checked), shards take
+/// those CPUs in order, round-robin when there are more shards. Otherwise
+/// they spread over packages and cores first; with more shards than CPUs,
+/// shards share CPUs round-robin.
+pub fn shard_cpus(threads: usize, pin: bool, listed: Option<&[usize]>) -> Option<Vec<usize>> {
     if !pin || threads == 0 {
         return None;
+    }
+    if let Some(listed) = listed.filter(|l| !l.is_empty()) {
+        return Some((0..threads).map(|i| listed[i % listed.len()]).collect());
     }
     let online: Vec<usize> = CpuSet::online().ok()?.iter().map(|l| l.cpu).collect();
     if online.is_empty() {
@@ -101,37 +142,34 @@ pub fn set_sched_policy(policy: SchedPolicy) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    /// The calling thread's allowed CPUs.
-    fn current_affinity() -> std::io::Result<Vec<usize>> {
-        // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok((0..libc::CPU_SETSIZE as usize)
-            // SAFETY: index within the set's size.
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect())
-    }
-
     #[test]
     fn unpinned_shards_float() {
-        assert_eq!(shard_cpus(4, false), None);
+        assert_eq!(shard_cpus(4, false, None), None);
+        assert_eq!(shard_cpus(4, false, Some(&[0, 1])), None);
     }
 
     #[test]
     fn pinned_shards_get_distinct_cpus_while_cpus_last() {
         let online = CpuSet::online().unwrap().len();
-        let cpus = shard_cpus(online, true).unwrap();
+        let cpus = shard_cpus(online, true, None).unwrap();
         let mut distinct = cpus.clone();
         distinct.sort_unstable();
         distinct.dedup();
         assert_eq!(distinct.len(), online, "{cpus:?}");
         // More shards than CPUs: round-robin, each CPU used.
-        let more = shard_cpus(online * 2 + 1, true).unwrap();
+        let more = shard_cpus(online * 2 + 1, true, None).unwrap();
         assert_eq!(more.len(), online * 2 + 1);
         assert_eq!(more[0], more[online]);
+    }
+
+    #[test]
+    fn listed_cpus_are_taken_in_order_and_checked() {
+        assert_eq!(shard_cpus(3, true, Some(&[5, 2])), Some(vec![5, 2, 5]));
+        assert_eq!(shard_cpus(1, true, Some(&[5, 2])), Some(vec![5]));
+        let usable = usable_cpus().unwrap();
+        assert!(check_cpus(&usable).is_ok());
+        let e = check_cpus(&[usable[0], 1023]).unwrap_err();
+        assert!(e.contains("CPU 1023") && e.contains("cannot use"), "{e}");
     }
 
     #[test]
@@ -155,9 +193,9 @@ mod tests {
     fn confinement_is_inherited_by_new_threads() {
         // On a thread of its own, so the test harness thread keeps its CPUs.
         std::thread::spawn(|| {
-            let first = current_affinity().unwrap()[0];
+            let first = usable_cpus().unwrap()[0];
             confine_current_thread(&[first]).unwrap();
-            let child = std::thread::spawn(|| current_affinity().unwrap())
+            let child = std::thread::spawn(|| usable_cpus().unwrap())
                 .join()
                 .unwrap();
             assert_eq!(child, vec![first]);
