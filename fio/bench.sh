@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: nbd-runner (mem export) vs nbdkit (memory plugin) vs
-# qemu-nbd (raw file on /dev/shm), all over loopback TCP, driven by fio's libnbd
+# Side-by-side benchmark: nbd-runner vs nbdkit vs qemu-nbd, all over loopback TCP, driven by fio's libnbd
 # engine (fio/nbd.fio). Runs are interleaved: for each case and each repetition
 # every server runs once, in an order that rotates, so drift on a shared machine
 # hits all servers alike. Compare the ratios, which are taken within one run.
@@ -12,8 +11,15 @@
 # and the rest of the machine's (busy time in /proc/stat minus both), so runs
 # disturbed by other work on a shared machine show up in the table.
 #
-# Usage: fio/bench.sh            (from anywhere; builds nbd-runner in release mode)
+# Usage: fio/bench.sh [--backend mem|file|direct]   (from anywhere; builds nbd-runner)
 #        QUICK=1 fio/bench.sh    (smoke check: 1 s runs, 1 repetition)
+#
+# Backends (--backend, or BACKEND=):
+#   mem     nbd-runner mem export, nbdkit memory plugin, qemu-nbd on a raw file in SHM_DIR
+#   file    each server its own 1 GiB raw file in FILE_DIR, buffered IO for all:
+#           nbd-runner file export, nbdkit file plugin, qemu-nbd --cache=writeback --aio=io_uring
+#   direct  the same files with O_DIRECT: nbd-runner file export ",direct", nbdkit file
+#           cache=none, qemu-nbd --cache=none --aio=native (FILE_DIR must not be tmpfs)
 #
 # Environment (defaults in brackets):
 #   RT=10            seconds per fio run
@@ -31,7 +37,8 @@
 #   QEMU_SHARED=8             qemu-nbd -e (connections allowed at once)
 #   PREFILL=1                 write every byte of each export once before measuring,
 #                             so reads copy real data instead of answering holes
-#   SHM_DIR=/dev/shm          where qemu-nbd's raw file lives
+#   SHM_DIR=/dev/shm          where qemu-nbd's raw file lives (mem backend)
+#   FILE_DIR=target/bench-files   where the file and direct backends' files live
 set -euo pipefail
 
 die() {
@@ -41,6 +48,16 @@ die() {
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
+
+BACKEND=${BACKEND:-mem}
+while (($#)); do
+	case $1 in
+	--backend) BACKEND=${2:-}; shift 2 || die "--backend needs mem, file or direct" ;;
+	--backend=*) BACKEND=${1#--backend=}; shift ;;
+	*) die "unknown argument '$1' (usage: fio/bench.sh [--backend mem|file|direct])" ;;
+	esac
+done
+case $BACKEND in mem | file | direct) ;; *) die "--backend must be mem, file or direct (got '$BACKEND')" ;; esac
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
@@ -61,7 +78,15 @@ QEMU_CACHE=${QEMU_CACHE:-writeback}
 QEMU_SHARED=${QEMU_SHARED:-8}
 PREFILL=${PREFILL:-1}
 SHM_DIR=${SHM_DIR:-/dev/shm}
+FILE_DIR=${FILE_DIR:-$ROOT/target/bench-files}
 SIZE=1G
+if [[ $BACKEND == direct ]]; then
+	QEMU_CACHE=none
+	QEMU_AIO=native
+elif [[ $BACKEND == file ]]; then
+	QEMU_CACHE=writeback
+	QEMU_AIO=${QEMU_AIO:-io_uring}
+fi
 
 [[ $RT =~ ^[0-9]+$ && $RT -ge 1 ]] || die "RT must be a whole number of seconds >= 1 (got '$RT')"
 [[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]] || die "REPS must be a whole number >= 1 (got '$REPS')"
@@ -110,7 +135,9 @@ for s in "${SERVER_LIST[@]}"; do
 	case $s in
 	nbdkit)
 		need nbdkit nbdkit
-		nbdkit memory --version >/dev/null 2>&1 || die "nbdkit has no memory plugin (Debian: apt-get install nbdkit)"
+		plugin=memory
+		[[ $BACKEND == mem ]] || plugin=file
+		nbdkit $plugin --version >/dev/null 2>&1 || die "nbdkit has no $plugin plugin (Debian: apt-get install nbdkit)"
 		;;
 	qemu-nbd)
 		need qemu-nbd qemu-utils
@@ -137,6 +164,15 @@ OUT=$RESULTS/$STAMP
 mkdir -p "$OUT/json" "$OUT/logs"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbd-bench.XXXXXX")
 SHM_FILE=$SHM_DIR/nbd-bench-$$.raw
+if [[ $BACKEND != mem ]]; then
+	mkdir -p "$FILE_DIR"
+	if [[ $BACKEND == direct && $(stat -f -c %T "$FILE_DIR") == tmpfs ]]; then
+		die "FILE_DIR=$FILE_DIR is on tmpfs, which refuses O_DIRECT; give FILE_DIR on a disk"
+	fi
+fi
+# Each server's own file (file and direct backends), written in full before
+# measuring so no server reads holes or allocates blocks on the first writes.
+backing_file() { echo "$FILE_DIR/nbd-bench-$$-$1.raw"; }
 
 declare -A PID URI
 STARTED=()
@@ -154,7 +190,7 @@ cleanup() {
 		kill -KILL "$p" 2>/dev/null || true
 		wait "$p" 2>/dev/null || true
 	done
-	rm -f "$SHM_FILE"
+	rm -f "$SHM_FILE" "$FILE_DIR"/nbd-bench-$$-*.raw
 	rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -182,9 +218,14 @@ start_server() {
 	case $s in
 	nbd-runner)
 		mkdir -p "$WORK/state"
+		export_spec="mem:disk0,size=$SIZE"
+		case $BACKEND in
+		file) export_spec="file:$(backing_file "$s"),size=$SIZE" ;;
+		direct) export_spec="file:$(backing_file "$s"),size=$SIZE,direct" ;;
+		esac
 		# shellcheck disable=SC2086 # RUNNER_ARGS is a list of flags
 		"$NBD_RUNNER" --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads "$RUNNER_THREADS" \
-			--state-dir "$WORK/state" --export "mem:disk0,size=$SIZE" $RUNNER_ARGS \
+			--state-dir "$WORK/state" --export "$export_spec" $RUNNER_ARGS \
 			>"$WORK/runner.out" 2>"$OUT/logs/$s.log" &
 		p=$!
 		STARTED+=("$p")
@@ -196,28 +237,39 @@ start_server() {
 		done
 		[[ -n $line ]] || die "nbd-runner printed no ready line within 10 s"
 		line=${line#*io=} # "nbd-runner ready io=ADDR:PORT[ rpc=...]"
-		URI[$s]="nbd://${line%% *}/disk0"
-		echo "$NBD_RUNNER --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads $RUNNER_THREADS --export mem:disk0,size=$SIZE $RUNNER_ARGS" >"$OUT/logs/$s.cmd"
+		# The export is named by its key: a file key is an absolute path.
+		URI[$s]="nbd://${line%% *}/${export_spec#*:}"
+		URI[$s]=${URI[$s]%%,*}
+		[[ $BACKEND == mem ]] && URI[$s]="nbd://${line%% *}/disk0"
+		echo "$NBD_RUNNER --iohost 127.0.0.1 --ioport 0 --rpcport 0 --threads $RUNNER_THREADS --export $export_spec $RUNNER_ARGS" >"$OUT/logs/$s.cmd"
 		;;
 	nbdkit)
 		port=$(free_port)
-		nbdkit -f -i 127.0.0.1 -p "$port" --threads "$NBDKIT_THREADS" memory "$SIZE" \
+		plugin=(memory "$SIZE")
+		if [[ $BACKEND != mem ]]; then
+			truncate -s "$SIZE" "$(backing_file "$s")"
+			plugin=(file "$(backing_file "$s")")
+			[[ $BACKEND == direct ]] && plugin+=(cache=none)
+		fi
+		nbdkit -f -i 127.0.0.1 -p "$port" --threads "$NBDKIT_THREADS" "${plugin[@]}" \
 			>"$OUT/logs/$s.log" 2>&1 &
 		p=$!
 		STARTED+=("$p")
 		URI[$s]="nbd://127.0.0.1:$port/"
-		echo "nbdkit -f -i 127.0.0.1 -p $port --threads $NBDKIT_THREADS memory $SIZE" >"$OUT/logs/$s.cmd"
+		echo "nbdkit -f -i 127.0.0.1 -p $port --threads $NBDKIT_THREADS ${plugin[*]}" >"$OUT/logs/$s.cmd"
 		;;
 	qemu-nbd)
 		port=$(free_port)
-		rm -f "$SHM_FILE"
-		truncate -s "$SIZE" "$SHM_FILE"
+		qfile=$SHM_FILE
+		[[ $BACKEND == mem ]] || qfile=$(backing_file "$s")
+		rm -f "$qfile"
+		truncate -s "$SIZE" "$qfile"
 		qemu-nbd -f raw --cache="$QEMU_CACHE" --aio="$QEMU_AIO" -e "$QEMU_SHARED" -t \
-			-b 127.0.0.1 -p "$port" "$SHM_FILE" >"$OUT/logs/$s.log" 2>&1 &
+			-b 127.0.0.1 -p "$port" "$qfile" >"$OUT/logs/$s.log" 2>&1 &
 		p=$!
 		STARTED+=("$p")
 		URI[$s]="nbd://127.0.0.1:$port/"
-		echo "qemu-nbd -f raw --cache=$QEMU_CACHE --aio=$QEMU_AIO -e $QEMU_SHARED -t -b 127.0.0.1 -p $port $SHM_FILE" >"$OUT/logs/$s.cmd"
+		echo "qemu-nbd -f raw --cache=$QEMU_CACHE --aio=$QEMU_AIO -e $QEMU_SHARED -t -b 127.0.0.1 -p $port $qfile" >"$OUT/logs/$s.cmd"
 		;;
 	esac
 	PID[$s]=$p
@@ -246,7 +298,8 @@ cpu_ticks() { # utime+stime of every thread of a process, in clock ticks
 	echo "host: $(uname -srm), $(nproc) cpus, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
 	echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
 	echo "fio: $(fio --version)"
-	echo "RT=$RT REPS=$REPS CASES=$CASES SERVERS=$SERVERS PREFILL=$PREFILL"
+	echo "RT=$RT REPS=$REPS CASES=$CASES SERVERS=$SERVERS PREFILL=$PREFILL BACKEND=$BACKEND"
+	[[ $BACKEND == mem ]] || echo "files: $FILE_DIR ($(stat -f -c %T "$FILE_DIR"))"
 	echo "git: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
 } >"$OUT/env.txt"
 

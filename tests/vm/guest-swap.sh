@@ -1,5 +1,7 @@
 #!/bin/bash
-# Runs INSIDE the VM (tests/vm/run-in-vm.sh with VM_DISK), driven by tests/kernel.rs: swap on
+# Runs INSIDE the VM (tests/vm/run-in-vm.sh with VM_DISK), driven by tests/kernel.rs with
+# NBD_TEST_SWAP=1 (not in CI: it passed every run on the development machine and hung on a
+# fresh CI machine, nothing in flight on the device and a runner thread running): swap on
 # an NBD device the runner serves, under memory pressure, without the reclaim deadlock.
 #   The backstore is the virtio disk /dev/vda itself (a host file; not in guest RAM: / is a
 #   tmpfs overlay), served direct; /dev/nbdX is the guest's only swap; a memory hog takes well more than the
