@@ -319,6 +319,7 @@ fn delete_is_refused_while_mapped_or_connected_and_removes_the_image() {
         .call(&Request::MapBegin {
             handler: Handler::Ceph,
             key: key.clone(),
+            shards: vec![],
         })
         .unwrap()
     else {

@@ -428,6 +428,7 @@ fn io_connections_dropping_under_a_mapped_backstore_make_it_dead() {
         .call(&Request::MapBegin {
             handler: Handler::Mem,
             key: "d0".into(),
+            shards: vec![],
         })
         .unwrap()
     else {
@@ -463,6 +464,7 @@ fn io_connections_dropping_under_a_mapped_backstore_make_it_dead() {
         .call(&Request::MapBegin {
             handler: Handler::Mem,
             key: "d0".into(),
+            shards: vec![],
         })
         .unwrap()
     else {
@@ -772,4 +774,186 @@ fn allow_block_devices_lets_the_operator_hand_devices_to_control_clients() {
         &["file", "create", "/etc/hostname", "size", "1M"],
         "not beneath a file root",
     );
+}
+
+/// `map ... shards LIST` up to the kernel, with this test standing in for
+/// it: nbd-cli's own connection code places each connection on its listed
+/// shard, over TCP and over the unix socket; `info` names each one's shard
+/// and that shard's thread, whose CPUs /proc confirms; a reattach places
+/// them the same way, and so does one after a runner restart.
+#[test]
+fn map_shards_puts_each_connection_on_its_shard_and_a_reattach_keeps_them_there() {
+    use nbd_cli::cli_args::IoRoute;
+    use nbd_cli::map::{io_connections, MapOptions};
+    use nbd_control::model::{Handler, LinkInfo, State};
+    use nbd_control::wire::{Request, Response};
+    let dir = scratch();
+    let state = tmp_path(&dir, "state");
+    let img = tmp_path(&dir, "d0.raw");
+    let key = path_str(&img).to_owned();
+    // Two shards; with two CPUs, listed backwards: shard i runs on the
+    // i-th listed CPU.
+    let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let cpus: &[&str] = if two_cpus {
+        &["--cpus", "1,0"]
+    } else {
+        &["--threads", "2"]
+    };
+    let start = || {
+        let mut args = vec!["--state-dir", path_str(&state)];
+        args.extend_from_slice(cpus);
+        Runner::start_with(&args)
+    };
+    let mut r = start();
+    cli_ok(&r, &["file", "create", &key, "size", "1M"]);
+    // A shard the runner does not have, or no list: one line, nothing changes.
+    cli_fails(
+        &r,
+        &["file", "map", &key, "shards", "0,2"],
+        "shard 2 does not exist: the runner has 2 (0-1)",
+    );
+    cli_fails(
+        &r,
+        &["file", "map", &key, "shards", "x"],
+        "not a shard index",
+    );
+    assert!(cli_ok(&r, &["info", &key]).contains("created"));
+
+    let info = |c: &mut nbd_control::client::Client| match c
+        .call(&Request::Info { key: key.clone() })
+        .unwrap()
+    {
+        Response::Backstore(b) => b,
+        other => panic!("{other:?}"),
+    };
+    // Each link on the shard asked for, and that shard's thread on the CPUs
+    // the runner reports (read back from /proc).
+    let check = |r: &Runner, links: &[LinkInfo], want: &[u32]| {
+        let shards: Vec<u32> = links.iter().map(|l| l.shard).collect();
+        assert_eq!(shards, want, "{links:?}");
+        for l in links {
+            let task = format!("/proc/{}/task/{}", r.pid(), l.thread);
+            let comm = std::fs::read_to_string(format!("{task}/comm")).unwrap();
+            assert!(comm.starts_with("nbd-shard"), "{l:?} runs on {comm}");
+            let status = std::fs::read_to_string(format!("{task}/status")).unwrap();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim();
+            assert_eq!(cpus, l.cpus, "{l:?}");
+        }
+        if two_cpus {
+            for l in links {
+                assert_eq!(l.cpus, if l.shard == 0 { "1" } else { "0" }, "{l:?}");
+            }
+        }
+        let threads: std::collections::BTreeSet<i32> = links.iter().map(|l| l.thread).collect();
+        let distinct: std::collections::BTreeSet<u32> = want.iter().copied().collect();
+        assert_eq!(
+            threads.len(),
+            distinct.len(),
+            "one thread per shard: {links:?}"
+        );
+    };
+    let connect =
+        |r: &Runner, c: &mut nbd_control::client::Client, shards: &[Option<u32>], route| {
+            let Response::Map(target) = c
+                .call(&Request::MapBegin {
+                    handler: Handler::File,
+                    key: key.clone(),
+                    shards: shards.to_vec(),
+                })
+                .unwrap()
+            else {
+                panic!("no map target")
+            };
+            let opts = MapOptions {
+                device: None,
+                timeout: None,
+                readonly: false,
+                connections: None,
+                shards: shards.to_vec(),
+                route,
+                tls: None,
+            };
+            let count = target.placement.len().max(1);
+            let (socks, _) = io_connections(c, &target, count, &opts)
+                .unwrap_or_else(|e| panic!("{route:?}: {e:#}"));
+            let _ = r;
+            (target, socks)
+        };
+    let mut c = r.control();
+    for (route, ask) in [
+        (IoRoute::Tcp, vec![Some(1), Some(0), Some(1)]),
+        (IoRoute::Unix, vec![Some(1), Some(1), Some(0)]),
+    ] {
+        let (_, socks) = connect(&r, &mut c, &ask, route);
+        c.call(&Request::MapDone {
+            key: key.clone(),
+            device: "/dev/nbd7".into(),
+            connections: 3,
+        })
+        .unwrap();
+        let b = info(&mut c);
+        let want: Vec<u32> = ask.iter().map(|s| s.unwrap()).collect();
+        check(&r, &b.links, &want);
+        assert_eq!(b.placement, ask);
+        let peer = if route == IoRoute::Unix {
+            "unix:"
+        } else {
+            "127.0.0.1:"
+        };
+        assert!(
+            b.links.iter().all(|l| l.peer.starts_with(peer)),
+            "{route:?}: {b:?}"
+        );
+        // The operator's view.
+        let shown = cli_ok(&r, &["info", &key]);
+        assert!(
+            shown.contains(&format!(
+                "shards       {}",
+                want.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )),
+            "{shown}"
+        );
+        assert!(shown.contains("link 2       shard "), "{shown}");
+        // The connections die: dead; the reattach (no list: the saved one)
+        // places them as before.
+        drop(socks);
+        while info(&mut c).state != State::Dead {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (target, socks) = connect(&r, &mut c, &[], route);
+        assert_eq!(target.placement, ask);
+        assert_eq!(target.reattach.as_deref(), Some("/dev/nbd7"));
+        c.call(&Request::MapDone {
+            key: key.clone(),
+            device: "/dev/nbd7".into(),
+            connections: 3,
+        })
+        .unwrap();
+        check(&r, &info(&mut c).links, &want);
+        drop(socks);
+        while info(&mut c).state != State::Dead {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // A restarted runner still knows where the device's connections go.
+    drop(c);
+    r.stop();
+    let r = start();
+    let mut c = r.control();
+    let (target, _socks) = connect(&r, &mut c, &[], IoRoute::Unix);
+    assert_eq!(target.placement, [Some(1), Some(1), Some(0)]);
+    c.call(&Request::MapDone {
+        key: key.clone(),
+        device: "/dev/nbd7".into(),
+        connections: 3,
+    })
+    .unwrap();
+    check(&r, &info(&mut c).links, &[1, 1, 0]);
 }

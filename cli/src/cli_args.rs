@@ -4,7 +4,7 @@
 //! ```text
 //! nbd-cli <gluster|ceph|file|mem> create <KEY> [prealloc] size <SIZE> [option K=V]... [host H]
 //! nbd-cli <handler> delete <KEY> [host H]
-//! nbd-cli <handler> map <KEY> [/dev/nbdX] [timeout T] [readonly] [connections N] [route auto|unix|tcp] [host H]
+//! nbd-cli <handler> map <KEY> [/dev/nbdX] [timeout T] [readonly] [connections N] [shards LIST] [route auto|unix|tcp] [host H]
 //! nbd-cli <handler> unmap </dev/nbdX|KEY> [host H]
 //! nbd-cli <handler> list [map|unmap|create|dead|live|all] [host H]
 //! nbd-cli [<handler>] info|stats <KEY> [host H]
@@ -14,6 +14,7 @@
 //! ```
 
 use nbd_control::model::{Handler, ListFilter};
+use nbd_engine::config::shardlist::parse_shard_list;
 use nbd_engine::config::size::parse_size;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,6 +52,8 @@ pub enum Command {
         timeout: Option<u64>,
         readonly: bool,
         connections: Option<u32>,
+        /// The runner shard of each connection (None: least-loaded).
+        shards: Vec<Option<u32>>,
         route: IoRoute,
     },
     Unmap {
@@ -111,7 +114,7 @@ pub struct Invocation {
 }
 
 /// Flags that take a value (`--NAME VALUE` or `--NAME=VALUE`), anywhere.
-const VALUE_FLAGS: [&str; 11] = [
+const VALUE_FLAGS: [&str; 12] = [
     "host",
     "token-file",
     "tls-certificates",
@@ -123,6 +126,7 @@ const VALUE_FLAGS: [&str; 11] = [
     "device",
     "interval",
     "route",
+    "shards",
 ];
 /// Flags that stand alone, anywhere.
 const SWITCHES: [&str; 6] = [
@@ -388,6 +392,10 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
                 return Err("connections must be at least 1".into());
             }
             let readonly = words.switch("readonly");
+            let shards = match words.value("shards")? {
+                Some(list) => parse_shard_list(&list).map_err(|e| e.to_string())?,
+                None => Vec::new(),
+            };
             let route = words
                 .value("route")?
                 .map_or(Ok(IoRoute::Auto), |r| r.parse())?;
@@ -406,6 +414,7 @@ fn handler_command(words: &mut Words, handler: Handler) -> Result<Command, Strin
                 timeout,
                 readonly,
                 connections,
+                shards,
                 route,
             }
         }
@@ -505,9 +514,20 @@ mod tests {
                 timeout: Some(30),
                 readonly: true,
                 connections: Some(4),
+                shards: vec![],
                 route: IoRoute::Auto,
             }
         );
+        assert!(matches!(
+            cmd("mem map disk0 connections 3 shards 1,0,auto"),
+            Command::Map { connections: Some(3), ref shards, .. }
+                if *shards == [Some(1), Some(0), None]
+        ));
+        assert!(matches!(
+            cmd("mem map shards --shards=0-1"),
+            Command::Map { ref key, ref shards, .. }
+                if key == "shards" && *shards == [Some(0), Some(1)]
+        ));
         assert!(matches!(
             cmd("mem map disk0 route tcp"),
             Command::Map {
@@ -569,6 +589,7 @@ mod tests {
                 timeout: None,
                 readonly: true,
                 connections: None,
+                shards: vec![],
                 route: IoRoute::Auto,
             }
         );
@@ -664,6 +685,8 @@ mod tests {
             ("mem map disk0 connections 0", "at least 1"),
             ("mem map disk0 timeout soon", "positive number"),
             ("mem map disk0 route udp", "auto, unix or tcp"),
+            ("mem map disk0 shards one", "not a shard index or auto"),
+            ("mem map disk0 shards", "shards needs a value"),
             ("mem map disk0 /dev/sda", "bad device"),
             ("mem map disk0 --device /dev/sda", "bad device"),
             ("mem list sideways", "unknown list filter"),

@@ -1,6 +1,6 @@
 //! What nbd-cli prints: aligned tables for people, JSON with `--json`.
 
-use nbd_control::model::{BackstoreInfo, ShardConnections, StatsReport};
+use nbd_control::model::{BackstoreInfo, LinkInfo, ShardConnections, StatsReport};
 use nbd_engine::protocol::consts::*;
 
 pub use nbd_engine::config::size::human_size;
@@ -108,6 +108,28 @@ fn placement(c: &[ShardConnections]) -> String {
     format!("{total} ({})", per.join(", "))
 }
 
+/// A map's placement as `map ... shards` takes it: `1,0,auto`, or `auto`.
+fn shard_list(p: &[Option<u32>]) -> String {
+    if p.is_empty() {
+        return "auto".into();
+    }
+    let each: Vec<String> = p
+        .iter()
+        .map(|s| s.map_or("auto".into(), |s| s.to_string()))
+        .collect();
+    each.join(",")
+}
+
+/// One connection: `shard 1 (cpu 1, thread 4242) unix:uid=0,pid=77`.
+fn link(l: &LinkInfo) -> String {
+    let cpus = match l.cpus.as_str() {
+        "" => "cpus unknown".to_owned(),
+        c if c.contains([',', '-']) => format!("cpus {c}"),
+        c => format!("cpu {c}"),
+    };
+    format!("shard {} ({cpus}, thread {}) {}", l.shard, l.thread, l.peer)
+}
+
 pub fn info(b: &BackstoreInfo) -> String {
     let mut out = String::new();
     let mut field = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
@@ -119,6 +141,10 @@ pub fn info(b: &BackstoreInfo) -> String {
     field("flags", flag_names(b.flags).join(" "));
     field("mode", b.mode.clone());
     field("connections", placement(&b.connections));
+    field("shards", shard_list(&b.placement));
+    for (i, l) in b.links.iter().enumerate() {
+        field(&format!("link {i}"), link(l));
+    }
     field("reattached", reattached(b, now()));
     if let Some(e) = &b.error {
         field("error", e.clone());

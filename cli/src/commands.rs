@@ -97,6 +97,7 @@ pub fn run(inv: Invocation) -> Result<()> {
             timeout,
             readonly,
             connections,
+            shards,
             route,
         } => {
             let opts = map::MapOptions {
@@ -104,6 +105,7 @@ pub fn run(inv: Invocation) -> Result<()> {
                 timeout,
                 readonly,
                 connections,
+                shards,
                 route,
                 tls: tls_config(&global)?,
             };
@@ -263,11 +265,12 @@ fn help(handler: Option<Handler>) -> String {
          \t\tCreate a backstore. SIZE takes B, K/KiB, M/MiB, G/GiB, T, P, E and decimals (1.5G).\n\
          \tnbd-cli {h} delete {key} [host <RUNNER_HOST>]\n\
          \t\tDelete a backstore (refused while it is mapped).\n\
-         \tnbd-cli {h} map {key} [/dev/nbdX] [timeout T] [readonly] [connections N] [route auto|unix|tcp] [host <RUNNER_HOST>]\n\
+         \tnbd-cli {h} map {key} [/dev/nbdX] [timeout T] [readonly] [connections N] [shards LIST] [route auto|unix|tcp] [host <RUNNER_HOST>]\n\
          \t\tAttach it to /dev/nbdX (root); a dead backstore is reattached to its old device.\n\
+         \t\tshards LIST puts connection i on the i-th listed runner shard (0,1 or 0-3; auto: least-loaded).\n\
          \tnbd-cli {h} unmap </dev/nbdX|{key}> [host <RUNNER_HOST>]\n\
          \tnbd-cli {h} list [map|unmap|create|dead|live|all] [host <RUNNER_HOST>]\n\
-         \tnbd-cli [{h}] info {key}     size, flags, state, device, connections per shard\n\
+         \tnbd-cli [{h}] info {key}     size, flags, state, device, each connection's shard and CPU\n\
          \tnbd-cli [{h}] stats {key}    IOPS and latency percentiles per operation\n\
          \tnbd-cli {h} resize {key} size <SIZE> [allow-shrink]\n\
          \t\tGrow the backstore (ceph); a mapped device sees the new size. Shrinking\n\
@@ -279,7 +282,7 @@ fn help(handler: Option<Handler>) -> String {
          Options anywhere: --host HOST[:PORT] (default 127.0.0.1:24110, or a unix socket path),\n\
          --json, --token-file PATH (TCP needs the runner's token; the local default is read for loopback),\n\
          --tls-certificates DIR (ca-cert.pem, client-cert.pem, client-key.pem: TLS to the runner),\n\
-         --size SIZE, --prealloc, --readonly, --timeout T, --connections N, --route R, --device /dev/nbdX.\n"
+         --size SIZE, --prealloc, --readonly, --timeout T, --connections N, --shards LIST, --route R, --device /dev/nbdX.\n"
     );
     if let Some(h) = handler {
         s.push_str(&format!("\n{h} keys are {}.\n", h.key_form()));

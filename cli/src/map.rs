@@ -8,7 +8,7 @@ use crate::kernel::{self, netlink, ConnectParams, ReconfigureParams};
 use anyhow::{anyhow, bail, Context, Result};
 use nbd_control::client::Client;
 use nbd_control::model::Handler;
-use nbd_control::wire::{MapTarget, Request, Response};
+use nbd_control::wire::{ConnPeer, MapTarget, Request, Response};
 use std::os::fd::OwnedFd;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -19,6 +19,9 @@ pub struct MapOptions {
     pub timeout: Option<u64>,
     pub readonly: bool,
     pub connections: Option<u32>,
+    /// The runner shard of each connection (None: least-loaded); empty
+    /// keeps a reattach's placement, or places all on the least-loaded.
+    pub shards: Vec<Option<u32>>,
     pub route: IoRoute,
     /// TLS on the IO route, handed to the kernel's TLS.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
@@ -34,6 +37,7 @@ pub fn map(client: &mut Client, handler: Handler, key: &str, opts: &MapOptions) 
     let target = match client.call(&Request::MapBegin {
         handler,
         key: key.to_owned(),
+        shards: opts.shards.clone(),
     })? {
         Response::Map(t) => t,
         other => bail!("unexpected answer to map: {other:?}"),
@@ -130,8 +134,8 @@ fn io_address(client: &Client, target: &MapTarget) -> String {
 /// socket's mode authenticates (TLS over loopback protects nothing), and
 /// the only route that carries the kernel's swap writes under memory
 /// pressure, which TCP over loopback drops (see `Route::Unix`).
-fn io_connections(
-    client: &Client,
+pub fn io_connections(
+    client: &mut Client,
     target: &MapTarget,
     count: usize,
     opts: &MapOptions,
@@ -148,24 +152,50 @@ fn io_connections(
             target.io_unix
         ),
     };
+    // The runner places each connection on a shard when it accepts it,
+    // so connections with a placement are announced by peer first.
+    let placed = !target.placement.is_empty();
     if use_unix {
+        if placed {
+            let pid = rustix::process::getpid().as_raw_nonzero().get();
+            announce(client, target, vec![ConnPeer::Unix { pid }; count])?;
+        }
         let (s, info) = kernel::connect_unix_many(unix, &target.key, count, NEGOTIATE_TIMEOUT)
             .with_context(|| format!("connecting to the IO route at {}", unix.display()))?;
         return Ok((s.into_iter().map(OwnedFd::from).collect(), info));
     }
     let addr = io_address(client, target);
-    let (s, info) = kernel::connect_export_many(
-        &addr,
-        &target.key,
-        count,
-        NEGOTIATE_TIMEOUT,
-        opts.tls.as_ref(),
-    )
-    .with_context(|| format!("connecting to the IO route at {addr}"))?;
+    let context = || format!("connecting to the IO route at {addr}");
+    let (s, info) = if placed {
+        let bound = kernel::BoundSockets::new(&addr, count).with_context(context)?;
+        let peers = bound.sources().into_iter().map(ConnPeer::Tcp).collect();
+        announce(client, target, peers)?;
+        bound.connect(&target.key, NEGOTIATE_TIMEOUT, opts.tls.as_ref())
+    } else {
+        kernel::connect_export_many(
+            &addr,
+            &target.key,
+            count,
+            NEGOTIATE_TIMEOUT,
+            opts.tls.as_ref(),
+        )
+    }
+    .with_context(context)?;
     Ok((s.into_iter().map(OwnedFd::from).collect(), info))
 }
 
-fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Attached> {
+/// Tells the runner which peers the map's connections come from.
+fn announce(client: &mut Client, target: &MapTarget, peers: Vec<ConnPeer>) -> Result<()> {
+    match client.call(&Request::MapPeers {
+        key: target.key.clone(),
+        peers,
+    })? {
+        Response::Done => Ok(()),
+        other => bail!("unexpected answer to placing connections: {other:?}"),
+    }
+}
+
+fn attach(client: &mut Client, target: &MapTarget, opts: &MapOptions) -> Result<Attached> {
     // A reattach replaces every connection the device has; a new map
     // takes one per shard unless told.
     let count = match (&target.reattach, target.connections) {
@@ -178,7 +208,11 @@ fn attach(client: &Client, target: &MapTarget, opts: &MapOptions) -> Result<Atta
             }
             n
         }
-        _ => opts.connections.unwrap_or(target.shards),
+        // Connections follow a shard list unless counted.
+        _ => opts.connections.unwrap_or(match target.placement.len() {
+            0 => target.shards,
+            n => n as u32,
+        }),
     }
     .max(1) as usize;
     let (sockets, info) = io_connections(client, target, count, opts)?;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use nbd_control::daemon;
 use nbd_engine::export::ExportTable;
 use nbd_engine::protocol::TlsPolicy;
+use nbd_engine::server::directory::ShardDirectory;
 use nbd_engine::server::{self, EngineConfig, Limits, Shutdown};
 use std::io::Write;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
         }
     }
     let table = Arc::new(ExportTable::new(threads));
+    let directory = Arc::new(ShardDirectory::new(threads));
     let settings = args.settings();
     prepare_default_file_root(&args);
     for spec in &args.exports {
@@ -75,7 +77,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
         &args.daemon_config(settings, tls.as_ref().map(|t| t.config.clone())),
         table.clone(),
         addr,
-        threads,
+        directory.clone(),
         shutdown.flag(),
     )?;
     let rpc = control.tcp_addr;
@@ -109,6 +111,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
             } else {
                 args.swap_reserve as usize
             },
+            directory,
         },
         table.clone(),
         shutdown,

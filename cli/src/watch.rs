@@ -81,6 +81,8 @@ impl Host for Live<'_> {
             timeout: None,
             readonly: b.read_only,
             connections: None,
+            // Empty: the runner keeps the device's saved placement.
+            shards: Vec::new(),
             route: IoRoute::Auto,
             tls: self.tls.clone(),
         };
@@ -296,6 +298,8 @@ mod tests {
             mode: String::new(),
             error: None,
             connections: Vec::new(),
+            links: Vec::new(),
+            placement: Vec::new(),
             options: BTreeMap::new(),
             reattaches: 0,
             reattached_at: None,

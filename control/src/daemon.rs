@@ -9,6 +9,7 @@ use crate::saveconfig::{PersistError, StateStore};
 use crate::server::{self, ControlConfig, ControlServer};
 use crate::token::{self, TokenError};
 use nbd_engine::export::ExportTable;
+use nbd_engine::server::directory::ShardDirectory;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -62,7 +63,7 @@ pub fn start(
     cfg: &DaemonConfig,
     table: Arc<ExportTable>,
     io: SocketAddr,
-    shards: usize,
+    directory: Arc<ShardDirectory>,
     stop: Arc<AtomicBool>,
 ) -> Result<ControlServer, DaemonError> {
     let (store, saved) = StateStore::open(&cfg.state_dir).map_err(|e| {
@@ -81,8 +82,9 @@ pub fn start(
             io.ip().to_string()
         },
         port: io.port(),
-        shards: shards as u32,
+        shards: directory.shards() as u32,
         unix: Some(cfg.state_dir.join(IO_SOCKET_NAME)),
+        directory,
     };
     let registry =
         Registry::load(store, saved, table, route, cfg.settings.clone()).map_err(|e| {

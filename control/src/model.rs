@@ -241,6 +241,18 @@ pub struct ShardConnections {
     pub connections: u64,
 }
 
+/// One live IO connection of a backstore: the shard that serves it and
+/// where that shard runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkInfo {
+    pub shard: u32,
+    /// Its address, or its unix credentials.
+    pub peer: String,
+    /// The shard's thread (0: not started) and the CPUs it may run on.
+    pub thread: i32,
+    pub cpus: String,
+}
+
 /// What `list` and `info` show about one backstore.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackstoreInfo {
@@ -257,6 +269,12 @@ pub struct BackstoreInfo {
     /// Set when the runner could not open the backstore.
     pub error: Option<String>,
     pub connections: Vec<ShardConnections>,
+    /// Each live IO connection, oldest first.
+    pub links: Vec<LinkInfo>,
+    /// The shard each of the device's connections was asked to be on
+    /// (`map ... shards`), in connection order; None is the least-loaded
+    /// one. Empty: all least-loaded.
+    pub placement: Vec<Option<u32>>,
     pub options: BTreeMap<String, String>,
     /// Reattaches of the kernel device after its connections died, and
     /// the last one's time (seconds since the epoch).

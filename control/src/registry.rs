@@ -3,13 +3,15 @@
 
 use crate::factory::{self, BackstoreSpec, OpenMode, Opened, Origin, Settings};
 use crate::model::{
-    next, BackstoreInfo, Event, Handler, ListFilter, OpReport, Refused, ShardConnections, State,
-    StatsReport,
+    next, BackstoreInfo, Event, Handler, LinkInfo, ListFilter, OpReport, Refused, ShardConnections,
+    State, StatsReport,
 };
 use crate::saveconfig::{SaveConfig, SavedBackstore, StateStore};
-use crate::wire::{CreateRequest, ErrorCode, MapTarget, UnmapTarget};
+use crate::wire::{ConnPeer, CreateRequest, ErrorCode, MapTarget, UnmapTarget};
 use nbd_engine::backend::{BackendError, Progress};
+use nbd_engine::config::cpulist::format_cpu_list;
 use nbd_engine::export::{Export, ExportTable};
+use nbd_engine::server::directory::{PeerKey, ShardDirectory};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +45,8 @@ pub struct IoRoute {
     pub shards: u32,
     /// The IO route's unix socket, for maps on this host.
     pub unix: Option<std::path::PathBuf>,
+    /// Where the shards run, and the placements of maps in progress.
+    pub directory: Arc<ShardDirectory>,
 }
 
 struct Entry {
@@ -51,6 +55,8 @@ struct Entry {
     /// Why the storage could not be opened.
     error: Option<String>,
     mapping_since: Option<Instant>,
+    /// The placement of the map in progress, saved when it is done.
+    placing: Vec<Option<u32>>,
 }
 
 pub struct Registry {
@@ -157,6 +163,7 @@ impl Registry {
                 export: None,
                 error: None,
                 mapping_since: None,
+                placing: Vec::new(),
             };
             reg.open(&mut entry);
             if let Some(e) = &entry.error {
@@ -308,6 +315,7 @@ impl Registry {
                 connections: 0,
                 reattaches: 0,
                 reattached_at: None,
+                placement: Vec::new(),
             },
             settings: self.settings.clone(),
         })
@@ -340,6 +348,7 @@ impl Registry {
                 export: Some(export),
                 error: None,
                 mapping_since: None,
+                placing: Vec::new(),
             },
         );
         if let Err(e) = self.save() {
@@ -504,8 +513,27 @@ impl Registry {
         Ok((self.info(key)?, cookie))
     }
 
-    pub fn map_begin(&mut self, handler: Handler, key: &str) -> Result<MapTarget, CtlError> {
+    /// The most connections one map may place (the kernel takes far fewer).
+    pub const MAX_MAP_CONNECTIONS: usize = 256;
+
+    pub fn map_begin(
+        &mut self,
+        handler: Handler,
+        key: &str,
+        shards: &[Option<u32>],
+    ) -> Result<MapTarget, CtlError> {
         self.check_not_busy(key)?;
+        within_map_limit(shards.len(), "shards listed")?;
+        if let Some(bad) = shards.iter().flatten().find(|&&s| s >= self.io.shards) {
+            return fail(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "shard {bad} does not exist: the runner has {} (0-{})",
+                    self.io.shards,
+                    self.io.shards - 1
+                ),
+            );
+        }
         let entry = self.entry(Some(handler), key)?;
         let (state, device) = (entry.saved.state, entry.saved.device.clone());
         let stale = entry
@@ -527,6 +555,17 @@ impl Registry {
         self.transition(key, |s| s.state = to)?;
         let entry = self.entries.get_mut(key).expect("checked");
         entry.mapping_since = Some(Instant::now());
+        // Asked for, or a reattach keeps what the device had.
+        entry.placing = if !shards.is_empty() {
+            shards.to_vec()
+        } else if state == State::Dead {
+            entry.saved.placement.clone()
+        } else {
+            Vec::new()
+        };
+        if entry.placing.iter().all(Option::is_none) {
+            entry.placing.clear();
+        }
         Ok(MapTarget {
             key: key.to_owned(),
             io_host: self.io.host.clone(),
@@ -541,7 +580,46 @@ impl Registry {
             cookie: cookie(&entry.saved),
             connections: entry.saved.connections,
             reattach: if state == State::Dead { device } else { None },
+            placement: entry.placing.clone(),
         })
+    }
+
+    /// Reserves the shards of the map in progress for the peers its
+    /// connections will come from (connection i takes placement i, round
+    /// robin when there are more connections).
+    pub fn map_peers(&mut self, key: &str, peers: &[ConnPeer]) -> Result<(), CtlError> {
+        let entry = self.entry(None, key)?;
+        if entry.saved.state != State::Mapping {
+            return fail(
+                ErrorCode::WrongState,
+                format!("{key:?} is not being mapped"),
+            );
+        }
+        within_map_limit(peers.len(), "connections")?;
+        let placing = &entry.placing;
+        let wanted: Vec<(PeerKey, usize)> = if placing.is_empty() {
+            Vec::new()
+        } else {
+            peers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    let shard = placing[i % placing.len()]?;
+                    let key = match *p {
+                        ConnPeer::Tcp(a) => PeerKey::Tcp(a),
+                        ConnPeer::Unix { pid } => PeerKey::Unix { pid },
+                    };
+                    Some((key, shard as usize))
+                })
+                .collect()
+        };
+        self.io
+            .directory
+            .reserve(key, &wanted, Instant::now())
+            .map_err(|e| CtlError {
+                code: ErrorCode::InvalidArgument,
+                message: e.to_string(),
+            })
     }
 
     /// Records the device and its connection count; the same device again
@@ -564,10 +642,13 @@ impl Registry {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let device = device.to_owned();
+        let placement = entry.placing.clone();
+        self.io.directory.release(key);
         self.transition(key, |s| {
             s.state = to;
             s.device = Some(device);
             s.connections = connections;
+            s.placement = placement;
             if reattach {
                 s.reattaches += 1;
                 s.reattached_at = Some(now);
@@ -584,6 +665,7 @@ impl Registry {
         if to == entry.saved.state {
             return Ok(()); // nothing was being mapped
         }
+        self.io.directory.release(key);
         tracing::warn!(backstore = %key, %reason, "map failed");
         self.transition(key, |s| s.state = to)?;
         self.entries.get_mut(key).expect("checked").mapping_since = None;
@@ -670,8 +752,8 @@ impl Registry {
         let mut all: Vec<BackstoreInfo> = self
             .entries
             .values()
-            .map(describe)
-            .chain(self.statics.values().map(|x| describe_static(x)))
+            .map(|e| self.describe(e))
+            .chain(self.statics.values().map(|x| self.describe_static(x)))
             .filter(|b| handler.is_none_or(|h| h == b.handler))
             .filter(|b| filter.matches(b.state))
             .collect();
@@ -681,9 +763,9 @@ impl Registry {
 
     pub fn info(&self, key: &str) -> Result<BackstoreInfo, CtlError> {
         if let Some(x) = self.statics.get(key) {
-            return Ok(describe_static(x));
+            return Ok(self.describe_static(x));
         }
-        Ok(describe(self.entry(None, key)?))
+        Ok(self.describe(self.entry(None, key)?))
     }
 
     pub fn stats(&self, key: &str) -> Result<StatsReport, CtlError> {
@@ -725,6 +807,20 @@ impl Registry {
     }
 }
 
+/// One map's connections (or their shards) are at most a bounded few.
+fn within_map_limit(n: usize, what: &str) -> Result<(), CtlError> {
+    if n > Registry::MAX_MAP_CONNECTIONS {
+        return fail(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{n} {what}; a map has at most {} connections",
+                Registry::MAX_MAP_CONNECTIONS
+            ),
+        );
+    }
+    Ok(())
+}
+
 fn connections(export: &Export) -> Vec<ShardConnections> {
     export
         .stats
@@ -742,50 +838,76 @@ fn total(c: &[ShardConnections]) -> u64 {
     c.iter().map(|s| s.connections).sum()
 }
 
-fn describe(e: &Entry) -> BackstoreInfo {
-    let (flags, mode, read_only) = match &e.export {
-        Some(x) => {
-            let caps = x.backend.capabilities();
-            (caps.transmission_flags(), x.backend.mode(), caps.read_only)
+impl Registry {
+    fn describe(&self, e: &Entry) -> BackstoreInfo {
+        let (flags, mode, read_only) = match &e.export {
+            Some(x) => {
+                let caps = x.backend.capabilities();
+                (caps.transmission_flags(), x.backend.mode(), caps.read_only)
+            }
+            None => (0, String::new(), false),
+        };
+        BackstoreInfo {
+            key: e.saved.key.clone(),
+            handler: e.saved.handler,
+            size: e.saved.size,
+            state: e.saved.state,
+            device: e.saved.device.clone(),
+            read_only,
+            flags,
+            mode,
+            error: e.error.clone(),
+            connections: e.export.as_deref().map(connections).unwrap_or_default(),
+            links: e
+                .export
+                .as_deref()
+                .map(|x| self.links(x))
+                .unwrap_or_default(),
+            placement: e.saved.placement.clone(),
+            options: e.saved.options.clone(),
+            reattaches: e.saved.reattaches,
+            reattached_at: e.saved.reattached_at,
+            cookie: cookie(&e.saved),
         }
-        None => (0, String::new(), false),
-    };
-    BackstoreInfo {
-        key: e.saved.key.clone(),
-        handler: e.saved.handler,
-        size: e.saved.size,
-        state: e.saved.state,
-        device: e.saved.device.clone(),
-        read_only,
-        flags,
-        mode,
-        error: e.error.clone(),
-        connections: e.export.as_deref().map(connections).unwrap_or_default(),
-        options: e.saved.options.clone(),
-        reattaches: e.saved.reattaches,
-        reattached_at: e.saved.reattached_at,
-        cookie: cookie(&e.saved),
     }
-}
 
-fn describe_static(x: &Export) -> BackstoreInfo {
-    let caps = x.backend.capabilities();
-    BackstoreInfo {
-        key: x.name.clone(),
-        // Startup exports come from the handlers the control plane knows.
-        handler: x.backend.handler().parse().unwrap_or(Handler::File),
-        size: x.backend.size(),
-        state: State::Static,
-        device: None,
-        read_only: caps.read_only,
-        flags: caps.transmission_flags(),
-        mode: x.backend.mode(),
-        error: None,
-        connections: connections(x),
-        options: BTreeMap::new(),
-        reattaches: 0,
-        reattached_at: None,
-        cookie: String::new(),
+    fn describe_static(&self, x: &Export) -> BackstoreInfo {
+        let caps = x.backend.capabilities();
+        BackstoreInfo {
+            key: x.name.clone(),
+            // Startup exports come from the handlers the control plane knows.
+            handler: x.backend.handler().parse().unwrap_or(Handler::File),
+            size: x.backend.size(),
+            state: State::Static,
+            device: None,
+            read_only: caps.read_only,
+            flags: caps.transmission_flags(),
+            mode: x.backend.mode(),
+            error: None,
+            connections: connections(x),
+            links: self.links(x),
+            placement: Vec::new(),
+            options: BTreeMap::new(),
+            reattaches: 0,
+            reattached_at: None,
+            cookie: String::new(),
+        }
+    }
+
+    fn links(&self, x: &Export) -> Vec<LinkInfo> {
+        x.stats
+            .links()
+            .into_iter()
+            .map(|l| {
+                let thread = self.io.directory.thread(l.shard);
+                LinkInfo {
+                    shard: l.shard as u32,
+                    peer: l.peer,
+                    thread: thread.as_ref().map_or(0, |t| t.tid),
+                    cpus: thread.map_or_else(String::new, |t| format_cpu_list(&t.cpus)),
+                }
+            })
+            .collect()
     }
 }
 
@@ -806,6 +928,7 @@ mod tests {
             port: 24111,
             shards: 2,
             unix: None,
+            directory: Arc::new(ShardDirectory::new(2)),
         };
         // File keys in these tests live beside the state directory.
         let settings = Settings {
@@ -835,6 +958,7 @@ mod tests {
             port: 24111,
             shards: 2,
             unix: None,
+            directory: Arc::new(ShardDirectory::new(2)),
         };
         let mut reg = Registry::load(store, cfg, table, io, Default::default()).unwrap();
         create(&mut reg, Handler::Mem, "made", 4096).unwrap();
@@ -846,7 +970,7 @@ mod tests {
         assert!(reg.list(None, ListFilter::Map).is_empty());
         assert_eq!(reg.info("boot").unwrap().state, State::Static);
         assert!(reg.stats("boot").is_ok());
-        let refused = reg.map_begin(Handler::Mem, "boot").unwrap_err();
+        let refused = reg.map_begin(Handler::Mem, "boot", &[]).unwrap_err();
         assert_eq!(refused.code, ErrorCode::InvalidArgument);
         assert!(refused.message.contains("--export"), "{}", refused.message);
         assert!(reg.delete(Handler::Mem, "boot").is_err());
@@ -879,7 +1003,7 @@ mod tests {
             "{}",
             busy.message
         );
-        assert!(reg.map_begin(Handler::Mem, "slow").is_err());
+        assert!(reg.map_begin(Handler::Mem, "slow", &[]).is_err());
         // Others go on meanwhile.
         create(&mut reg, Handler::Mem, "other", 4096).unwrap();
         assert_eq!(
@@ -905,7 +1029,7 @@ mod tests {
         let pending = reg.delete_begin(Handler::Mem, "slow").unwrap();
         assert!(reg.table.get("slow").is_none());
         assert!(reg
-            .map_begin(Handler::Mem, "slow")
+            .map_begin(Handler::Mem, "slow", &[])
             .err()
             .unwrap()
             .message
@@ -966,9 +1090,9 @@ mod tests {
             ErrorCode::Exists
         );
 
-        let wrong = reg.map_begin(Handler::File, "disk0").unwrap_err();
+        let wrong = reg.map_begin(Handler::File, "disk0", &[]).unwrap_err();
         assert!(wrong.message.contains("mem backstore"), "{wrong}");
-        let target = reg.map_begin(Handler::Mem, "disk0").unwrap();
+        let target = reg.map_begin(Handler::Mem, "disk0", &[]).unwrap();
         assert!(target.cookie.starts_with("nbd-runner:"));
         assert_eq!(
             (target.io_port, target.shards, target.reattach),
@@ -976,7 +1100,7 @@ mod tests {
         );
         assert_eq!(state(&reg, "disk0"), State::Mapping);
         assert_eq!(
-            reg.map_begin(Handler::Mem, "disk0").unwrap_err().code,
+            reg.map_begin(Handler::Mem, "disk0", &[]).unwrap_err().code,
             ErrorCode::WrongState
         );
         reg.map_done("disk0", "/dev/nbd3", 2).unwrap();
@@ -1011,7 +1135,7 @@ mod tests {
             let mut reg = registry(&state_dir);
             create(&mut reg, Handler::File, img, 4 << 20).unwrap();
             create(&mut reg, Handler::Mem, "scratch", 1 << 20).unwrap();
-            let t = reg.map_begin(Handler::File, img).unwrap();
+            let t = reg.map_begin(Handler::File, img, &[]).unwrap();
             reg.map_done(img, "/dev/nbd0", 1).unwrap();
             t.cookie
         };
@@ -1020,7 +1144,7 @@ mod tests {
         assert_eq!(state(&reg, "scratch"), State::Created);
         assert_eq!(reg.list(None, ListFilter::Dead).len(), 1);
         assert!(reg.info(img).unwrap().error.is_none());
-        let again = reg.map_begin(Handler::File, img).unwrap();
+        let again = reg.map_begin(Handler::File, img, &[]).unwrap();
         assert_eq!(again.cookie, cookie, "the cookie must survive restarts");
         assert_eq!(again.reattach.as_deref(), Some("/dev/nbd0"));
         assert_eq!(again.connections, 1, "a reattach replaces every connection");
@@ -1029,7 +1153,7 @@ mod tests {
         assert_eq!(state(&reg, img), State::Dead);
         assert_eq!(reg.info(img).unwrap().reattaches, 0);
         // A reattach is counted, and the count survives a restart.
-        reg.map_begin(Handler::File, img).unwrap();
+        reg.map_begin(Handler::File, img, &[]).unwrap();
         reg.map_done(img, "/dev/nbd0", 1).unwrap();
         let info = reg.info(img).unwrap();
         assert_eq!((info.state, info.reattaches), (State::Mapped, 1));
@@ -1037,6 +1161,69 @@ mod tests {
         drop(reg);
         let reg = registry(&state_dir);
         assert_eq!(reg.info(img).unwrap().reattaches, 1);
+    }
+
+    #[test]
+    fn a_placement_is_checked_reserved_saved_and_kept_for_a_reattach() {
+        use nbd_engine::server::directory::PeerKey;
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let peer = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        {
+            let mut reg = registry(&state_dir);
+            create(&mut reg, Handler::Mem, "d", 1 << 20).unwrap();
+            // Hostile lists: a shard past the last, or more than a map may have.
+            let e = reg
+                .map_begin(Handler::Mem, "d", &[Some(0), Some(2)])
+                .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            assert_eq!(e.message, "shard 2 does not exist: the runner has 2 (0-1)");
+            let long = vec![None; Registry::MAX_MAP_CONNECTIONS + 1];
+            let e = reg.map_begin(Handler::Mem, "d", &long).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            assert_eq!(
+                state(&reg, "d"),
+                State::Created,
+                "a refused map changes nothing"
+            );
+            // Peers before MapBegin: refused.
+            let e = reg.map_peers("d", &[ConnPeer::Tcp(peer(1))]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::WrongState);
+
+            let t = reg.map_begin(Handler::Mem, "d", &[Some(1), None]).unwrap();
+            assert_eq!(t.placement, [Some(1), None]);
+            let peers: Vec<_> = (1..=3).map(|p| ConnPeer::Tcp(peer(p))).collect();
+            reg.map_peers("d", &peers).unwrap();
+            // Connection i takes placement i, round robin; auto reserves nothing.
+            let dirs = reg.io.directory.clone();
+            let now = Instant::now();
+            assert_eq!(dirs.take(&PeerKey::Tcp(peer(2)), now), None);
+            assert_eq!(dirs.take(&PeerKey::Tcp(peer(3)), now), Some(1));
+            let e = reg.map_peers("d", &vec![peers[0]; 257]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            reg.map_done("d", "/dev/nbd4", 3).unwrap();
+            // What the connections did not take is released.
+            assert_eq!(dirs.take(&PeerKey::Tcp(peer(1)), now), None);
+            assert_eq!(reg.info("d").unwrap().placement, [Some(1), None]);
+        }
+        // After a restart the device is dead; a reattach keeps the placement.
+        let mut reg = registry(&state_dir);
+        let t = reg.map_begin(Handler::Mem, "d", &[]).unwrap();
+        assert_eq!(t.reattach.as_deref(), Some("/dev/nbd4"));
+        assert_eq!(t.placement, [Some(1), None]);
+        reg.map_abort("d", "test").unwrap();
+        // Asked again, a reattach takes the new placement; a fresh map with
+        // none is all least-loaded.
+        let t = reg.map_begin(Handler::Mem, "d", &[Some(0)]).unwrap();
+        assert_eq!(t.placement, [Some(0)]);
+        reg.map_done("d", "/dev/nbd4", 1).unwrap();
+        reg.unmap_begin(Handler::Mem, "d").unwrap();
+        reg.unmap_done("d").unwrap();
+        assert!(reg
+            .map_begin(Handler::Mem, "d", &[])
+            .unwrap()
+            .placement
+            .is_empty());
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub struct SavedBackstore {
     pub reattaches: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reattached_at: Option<u64>,
+    /// The shards the device's connections were placed on (`map ...
+    /// shards`), kept so a reattach places them the same way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Option<u32>>,
 }
 
 fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
@@ -270,6 +274,7 @@ mod tests {
             connections: 0,
             reattaches: 0,
             reattached_at: None,
+            placement: Vec::new(),
         }
     }
 

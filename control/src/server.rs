@@ -503,7 +503,12 @@ fn dispatch(
 fn dispatch_locked(reg: &mut Registry, request: Request) -> Result<Response, CtlError> {
     match request {
         Request::Create(_) | Request::Delete { .. } => unreachable!("dispatched above"),
-        Request::MapBegin { handler, key } => reg.map_begin(handler, &key).map(Response::Map),
+        Request::MapBegin {
+            handler,
+            key,
+            shards,
+        } => reg.map_begin(handler, &key, &shards).map(Response::Map),
+        Request::MapPeers { key, peers } => reg.map_peers(&key, &peers).map(|()| Response::Done),
         Request::MapDone {
             key,
             device,

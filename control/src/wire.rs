@@ -14,7 +14,7 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"NBDR";
 /// Bumped on any change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest frame either side accepts; real messages are a few KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 const MAX_TOKEN: usize = 4096;
@@ -198,6 +198,16 @@ pub enum Request {
     MapBegin {
         handler: Handler,
         key: String,
+        /// The shard for each connection, in order (None: least-loaded);
+        /// empty keeps a reattach's saved placement, or is all least-loaded.
+        shards: Vec<Option<u32>>,
+    },
+    /// Before `map` connects: the peers its connections will come from, in
+    /// connect order, so the runner can place them as
+    /// [`MapTarget::placement`] says.
+    MapPeers {
+        key: String,
+        peers: Vec<ConnPeer>,
     },
     /// Second half: the kernel holds the device now.
     MapDone {
@@ -238,6 +248,15 @@ pub enum Request {
     },
 }
 
+/// An IO connection as the runner will see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnPeer {
+    /// Its TCP source address (bound before connecting).
+    Tcp(std::net::SocketAddr),
+    /// From this process, on the runner's unix socket.
+    Unix { pid: i32 },
+}
+
 /// Where `map` connects and what it must check.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapTarget {
@@ -256,6 +275,9 @@ pub struct MapTarget {
     pub connections: u32,
     /// Set for a dead backstore: the device to reattach with RECONFIGURE.
     pub reattach: Option<String>,
+    /// The shard of each connection (None: least-loaded), asked for or
+    /// saved for a reattach; empty when all are least-loaded.
+    pub placement: Vec<Option<u32>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -76,8 +76,19 @@ struct ShardSlot {
     connections: AtomicU64,
 }
 
+/// One live connection of an export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub shard: usize,
+    /// Its address, or its unix credentials.
+    pub peer: String,
+}
+
 pub struct ExportStats {
     shards: Vec<ShardSlot>,
+    /// Live connections by accept order, for `nbd-cli info` (changed only
+    /// at open and close).
+    links: Mutex<std::collections::BTreeMap<u64, Link>>,
     /// Signalled on every close, for [`ExportStats::wait_idle`].
     closed: (Mutex<()>, Condvar),
 }
@@ -97,6 +108,7 @@ impl ExportStats {
                     connections: AtomicU64::new(0),
                 })
                 .collect(),
+            links: Mutex::new(Default::default()),
             closed: (Mutex::new(()), Condvar::new()),
         }
     }
@@ -114,13 +126,27 @@ impl ExportStats {
         }
     }
 
-    pub fn connection_opened(&self, shard: usize) {
+    /// Counts a connection on `shard`; `id` (unique, in accept order) is
+    /// what [`connection_closed`](Self::connection_closed) takes.
+    pub fn connection_opened(&self, shard: usize, peer: &str, id: u64) {
         self.shards[shard % self.shards.len()]
             .connections
             .fetch_add(1, Ordering::SeqCst);
+        let link = Link {
+            shard,
+            peer: peer.to_owned(),
+        };
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, link);
     }
 
-    pub fn connection_closed(&self, shard: usize) {
+    pub fn connection_closed(&self, shard: usize, id: u64) {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         self.shards[shard % self.shards.len()]
             .connections
             .fetch_sub(1, Ordering::SeqCst);
@@ -156,6 +182,12 @@ impl ExportStats {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Live connections, in accept order.
+    pub fn links(&self) -> Vec<Link> {
+        let l = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        l.values().cloned().collect()
     }
 
     /// Live connections per shard.
@@ -216,7 +248,8 @@ mod tests {
         st.record(0, Op::Read, Duration::from_micros(10), 4096, true);
         st.record(1, Op::Read, Duration::from_micros(30), 4096, true);
         st.record(1, Op::Write, Duration::from_micros(5), 4096, false);
-        st.connection_opened(1);
+        let id = 3;
+        st.connection_opened(1, "127.0.0.1:5000", id);
         let snap = st.snapshot();
         let read = &snap.ops[Op::Read as usize].1;
         assert_eq!(read.count(), 2);
@@ -226,5 +259,13 @@ mod tests {
         assert_eq!((write.count(), write.errors, write.bytes), (1, 1, 0));
         assert_eq!(snap.connections_per_shard, vec![0, 1]);
         assert!(snap.render().contains("read"));
+        let link = Link {
+            shard: 1,
+            peer: "127.0.0.1:5000".into(),
+        };
+        assert_eq!(st.links(), [link]);
+        st.connection_closed(1, id);
+        assert!(st.links().is_empty());
+        assert_eq!(st.connections(), 0);
     }
 }

@@ -1,9 +1,10 @@
 #!/bin/bash
 # Runs INSIDE the VM (tests/vm/run-in-vm.sh), driven by tests/kernel.rs: the operator's
 # flow with nbd-cli against nbd-runner's control route and a real kernel.
-#   create -> map (2 connections) -> ext4 round trip -> unmap -> map again, identical ->
-#   kill -9 + restart while mapped -> `list dead` shows it -> map reattaches the same
-#   device, data intact -> readonly map refuses writes -> delete refused while mapped.
+#   create -> map (2 connections) -> ext4 round trip -> unmap -> map again on shards 1,0,
+#   identical, each connection on its shard (info, /proc) -> kill -9 + restart while mapped
+#   -> `list dead` shows it -> map reattaches the same device on the same shards, data
+#   intact -> readonly map refuses writes -> delete refused while mapped.
 #   -> unmap after a restart leaves a device that now serves another backstore alone.
 # Env: NBD_RUNNER, NBD_CLI, NBD_ATTACH (paths of the binaries). Prints GUEST-CLI-OK at the end.
 set -euo pipefail
@@ -22,6 +23,21 @@ fail() {
 trap 'fail "line $LINENO: $BASH_COMMAND (exit $?)"' ERR
 . "$(dirname "$0")/guest-lib.sh"
 state_of() { "$CLI" info "$KEY" --json | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p'; }
+# check_links SHARD...: info lists one link per SHARD, in order, each on that
+# shard, and the shard's thread may run only on the CPUs info names.
+check_links() {
+  local info i=0 want shard cpus tid
+  info=$("$CLI" info "$KEY")
+  for want in "$@"; do
+    read -r shard cpus tid <<<"$(echo "$info" | awk -v l="link $i" 'index($0, l " ") == 1 {
+      gsub(/,$/, "", $6); gsub(/\)$/, "", $8); print $4, $6, $8 }')"
+    expect_eq "$shard" "$want" "link $i's shard"
+    expect_eq "$(awk '/^Cpus_allowed_list:/ {print $2}' /proc/$RP/task/"$tid"/status)" "$cpus" \
+      "link $i's CPUs (thread $tid)"
+    i=$((i + 1))
+  done
+  [ "$(echo "$info" | grep -c '^link ')" = $# ] || fail "links are not $*: $info"
+}
 
 
 rm -rf /tmp/st $KEY $MNT /tmp/runner.log
@@ -54,11 +70,13 @@ ext4_store "$DEV"
 expect_eq "$(state_of)" created "state after unmap"
 [ ! -e /sys/block/nbd"$N"/backend ] || fail "device still attached after unmap"
 
-step "map again and read back"
-DEV=$("$CLI" file map $KEY connections 2)
+step "map again on shards 1,0 and read back"
+DEV=$("$CLI" file map $KEY shards 1,0)
 N=${DEV#/dev/nbd}
+"$CLI" info $KEY | grep -E '^(connections|shards|link)'
+check_links 1 0
 ext4_same "$DEV" "after map/unmap/map"
-echo "CLI: 20 MiB file identical after unmap and map"
+echo "CLI: 20 MiB file identical after unmap and map; connections on shards 1,0"
 
 step "kill -9 the runner while mapped and mounted, restart it"
 kill -9 $RP
@@ -72,10 +90,11 @@ start_runner
 expect_eq "$(state_of)" dead "state after restart"
 echo "CLI: restarted runner lists $KEY dead on $DEV"
 
-step "map reattaches the same device"
+step "map reattaches the same device, on the same shards"
 AGAIN=$("$CLI" file map $KEY)
 expect_eq "$AGAIN" "$DEV" "reattached device"
 expect_eq "$(state_of)" mapped "state after reattach"
+check_links 1 0
 echo 3 >/proc/sys/vm/drop_caches
 cmp /tmp/rand.bin $MNT/f || fail "data differs after reattach"
 echo after-reattach >$MNT/g

@@ -15,7 +15,7 @@ pub mod netlink;
 
 pub use negotiate::{
     connect_export, connect_export_many, connect_export_with, connect_unix_many, negotiate,
-    NegotiateError, Negotiated,
+    BoundSockets, NegotiateError, Negotiated,
 };
 pub use netlink::{
     backend_id, connect, devices, disconnect, reconfigure, status, ConnectParams, DeviceStatus,

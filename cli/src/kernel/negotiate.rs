@@ -78,28 +78,9 @@ pub fn connect_export_with(
     timeout: Duration,
     tls: Option<&Arc<ClientConfig>>,
 ) -> Result<(TcpStream, Negotiated), NegotiateError> {
-    let tls = match tls {
-        None => None,
-        Some(config) => {
-            let host = nbd_engine::config::hostport::split_host_port(addr)
-                .map(|(h, _)| h.to_owned())
-                .unwrap_or_else(|_| addr.to_owned());
-            let name = ServerName::try_from(host.clone()).map_err(|e| NegotiateError::Tls {
-                host: host.clone(),
-                why: e.to_string(),
-            })?;
-            Some((config.clone(), name, host))
-        }
-    };
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|source| NegotiateError::Connect {
-            addr: addr.to_owned(),
-            source,
-        })?
-        .collect();
+    let tls = tls_target(addr, tls)?;
     let mut last = None;
-    for a in &addrs {
+    for a in &resolve(addr)? {
         match TcpStream::connect_timeout(a, timeout) {
             Ok(s) => {
                 let info = negotiate_with(&s, export, timeout, tls.clone())?;
@@ -117,6 +98,116 @@ pub fn connect_export_with(
             addr: addr.to_owned(),
         },
     })
+}
+
+fn resolve(addr: &str) -> Result<Vec<SocketAddr>, NegotiateError> {
+    Ok(addr
+        .to_socket_addrs()
+        .map_err(|source| NegotiateError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?
+        .collect())
+}
+
+/// With TLS, what the server's certificate must name: the host in `addr`.
+fn tls_target(
+    addr: &str,
+    tls: Option<&Arc<ClientConfig>>,
+) -> Result<Option<TlsTarget>, NegotiateError> {
+    let Some(config) = tls else {
+        return Ok(None);
+    };
+    let host = nbd_engine::config::hostport::split_host_port(addr)
+        .map(|(h, _)| h.to_owned())
+        .unwrap_or_else(|_| addr.to_owned());
+    let name = ServerName::try_from(host.clone()).map_err(|e| NegotiateError::Tls {
+        host: host.clone(),
+        why: e.to_string(),
+    })?;
+    Ok(Some((config.clone(), name, host)))
+}
+
+/// TCP sockets bound, before they connect, to the source address they will
+/// reach the server from, so the server's view of each (its peer address)
+/// is known in advance: the runner places connections by it.
+pub struct BoundSockets {
+    addr: String,
+    remote: SocketAddr,
+    sockets: Vec<socket2::Socket>,
+}
+
+impl BoundSockets {
+    /// `count` sockets for `addr` (HOST:PORT, its first address).
+    pub fn new(addr: &str, count: usize) -> Result<Self, NegotiateError> {
+        let failed = |source| NegotiateError::Connect {
+            addr: addr.to_owned(),
+            source,
+        };
+        let remote = *resolve(addr)?
+            .first()
+            .ok_or_else(|| NegotiateError::NoAddress {
+                addr: addr.to_owned(),
+            })?;
+        // The source address routing picks for `remote`, as connect would
+        // (socket2 opens sockets close-on-exec).
+        let any: SocketAddr = match remote {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let probe = std::net::UdpSocket::bind(any).map_err(failed)?;
+        probe.connect(remote).map_err(failed)?;
+        let source = SocketAddr::new(probe.local_addr().map_err(failed)?.ip(), 0);
+        let sockets = (0..count)
+            .map(|_| {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(remote),
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )?;
+                s.bind(&source.into())?;
+                Ok(s)
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(failed)?;
+        Ok(BoundSockets {
+            addr: addr.to_owned(),
+            remote,
+            sockets,
+        })
+    }
+
+    /// Each socket's source address, in connect order.
+    pub fn sources(&self) -> Vec<SocketAddr> {
+        self.sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok()?.as_socket())
+            .collect()
+    }
+
+    /// Connects them in order and negotiates, as [`connect_export_many`].
+    pub fn connect(
+        self,
+        export: &str,
+        timeout: Duration,
+        tls: Option<&Arc<ClientConfig>>,
+    ) -> Result<(Vec<TcpStream>, Negotiated), NegotiateError> {
+        let tls = tls_target(&self.addr, tls)?;
+        let (addr, remote) = (self.addr, self.remote);
+        let count = self.sockets.len();
+        let mut sockets = self.sockets.into_iter();
+        connect_many(export, count, || {
+            let s = sockets.next().expect("one socket per connection");
+            s.connect_timeout(&remote.into(), timeout)
+                .map_err(|source| NegotiateError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let s = TcpStream::from(s);
+            let info = negotiate_with(&s, export, timeout, tls.clone())?;
+            Ok((s, info))
+        })
+    }
 }
 
 /// Opens `count` connections to the same export (for a multi-connection

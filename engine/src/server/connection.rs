@@ -33,28 +33,12 @@ const RECV_BUF: usize = 256 * 1024;
 const HANDSHAKE_BUF: usize = 4096;
 
 /// Serves one accepted connection to completion.
-pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>, route: super::Route) {
-    let peer = match route {
-        super::Route::Tcp => stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-        // The socket is 0600 in a 0700 directory; the credentials check
-        // stands behind that, as on the control socket.
-        super::Route::Unix => {
-            let raw = std::os::fd::AsRawFd::as_raw_fd(&stream);
-            // SAFETY: the stream owns the descriptor for this whole call.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
-            match super::unix_peer(fd) {
-                Some((uid, pid, true)) => format!("unix:uid={uid},pid={pid}"),
-                other => {
-                    let uid = other.map(|(uid, _, _)| uid);
-                    tracing::warn!(?uid, "refused an IO connection on the unix socket: not root or the runner's user");
-                    return;
-                }
-            }
-        }
-    };
+pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>, peer: super::Peer) {
+    let super::Peer {
+        route,
+        name: peer,
+        seq,
+    } = peer;
     let _ = stream.set_nodelay(true);
     let socket = match NbdSocket::dup_of(&stream) {
         Ok(s) => s,
@@ -92,7 +76,7 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>, route: super::Route) 
     };
     // Counted before the check, so a delete that took the export out of the
     // table either sees this connection or is seen by it.
-    let _attached = Attached::new(export.clone(), shard.index);
+    let _attached = Attached::new(export.clone(), shard.index, &peer, seq);
     if !shard.table.serves(&export) {
         return;
     }
@@ -146,18 +130,19 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>, route: super::Route) 
 struct Attached {
     export: Arc<Export>,
     shard: usize,
+    id: u64,
 }
 
 impl Attached {
-    fn new(export: Arc<Export>, shard: usize) -> Self {
-        export.stats.connection_opened(shard);
-        Attached { export, shard }
+    fn new(export: Arc<Export>, shard: usize, peer: &str, id: u64) -> Self {
+        export.stats.connection_opened(shard, peer, id);
+        Attached { export, shard, id }
     }
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        self.export.stats.connection_closed(self.shard);
+        self.export.stats.connection_closed(self.shard, self.id);
     }
 }
 

@@ -11,6 +11,7 @@
 mod admission;
 mod budget;
 mod connection;
+pub mod directory;
 mod outbox;
 pub mod placement;
 mod recvbuf;
@@ -21,12 +22,14 @@ mod tls;
 use crate::export::ExportTable;
 use crate::protocol::TlsPolicy;
 use admission::{Admission, Admitted};
+use directory::{PeerKey, ShardDirectory, ShardThread};
 use futures_lite::future::or;
 use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver};
-use glommio::net::{AcceptedTcpStream, TcpListener};
+use glommio::net::{AcceptedTcpStream, TcpListener, TcpStream};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use shard::ShardCtx;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -101,6 +104,9 @@ pub struct EngineConfig {
     /// the allocator keeping freed memory (and memory locked), the shard's
     /// IO then finds its pages already there, also under memory pressure.
     pub warm_reserve: usize,
+    /// Shared with the control plane: where each shard runs, and where the
+    /// connections of a map in progress go.
+    pub directory: Arc<ShardDirectory>,
 }
 
 /// Which listener a connection came in on.
@@ -228,12 +234,13 @@ pub fn run(
     let senders = Arc::new(Mutex::new(Some(senders)));
     let receivers: Arc<Mutex<Vec<Option<SharedReceiver<Handoff>>>>> =
         Arc::new(Mutex::new(receivers.into_iter().map(Some).collect()));
-    let next_index = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(StartOrder::new(threads));
     let load = ShardLoad::new(threads);
     let limits = config.limits;
     let admission = Admission::new(limits.max_connections, limits.max_connections_per_peer);
     let tls = config.tls.clone();
     let warm_reserve = config.warm_reserve;
+    let directory = config.directory.clone();
     // Each shard reports once it is set up; "ready" waits for all of them.
     let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
     let up_tx = Arc::new(Mutex::new(up_tx));
@@ -248,24 +255,32 @@ pub fn run(
         .on_all_shards(move || {
             let admission = admission.clone();
             let up = up_tx.lock().unwrap().clone();
-            let (senders, receivers, table, shutdown, next_index, load, tls) = (
+            let (senders, receivers, table, shutdown, started, load, tls, directory) = (
                 senders.clone(),
                 receivers.clone(),
                 table.clone(),
                 shutdown.clone(),
-                next_index.clone(),
+                started.clone(),
                 load.clone(),
                 tls.clone(),
+                directory.clone(),
             );
             async move {
                 warm_heap(warm_reserve);
+                let index = started.index_of(glommio::executor().id());
                 if let Ok(cpus) = placement::usable_cpus() {
+                    directory.shard_started(
+                        index,
+                        ShardThread {
+                            tid: rustix::thread::gettid().as_raw_nonzero().get(),
+                            cpus: cpus.clone(),
+                        },
+                    );
                     let _ = glommio::executor()
                         .spawn_blocking(move || placement::confine_current_thread(&cpus))
                         .await;
                 }
                 let _ = up.send(());
-                let index = next_index.fetch_add(1, Ordering::SeqCst);
                 let shard = ShardCtx::new(index, table, limits, tls);
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
                 if index == 0 {
@@ -280,6 +295,8 @@ pub fn run(
                         shard: shard.clone(),
                         load,
                         admission,
+                        directory,
+                        accepted: Default::default(),
                     };
                     let unix = unix_fd.map(|fd| {
                         let accept = accept.clone();
@@ -314,6 +331,42 @@ pub fn run(
         r.map_err(|e| EngineError::Executor(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Shard indexes in placement order: shard i runs on the i-th CPU of
+/// `--cpus` (or of the spread), whichever thread starts first. glommio
+/// numbers its executors in the order it places them, so a shard's index
+/// is its executor id's rank once every shard has reported. A shard that
+/// never starts (its executor failed, which fails the runner) is waited
+/// for a bounded time only.
+struct StartOrder {
+    shards: usize,
+    ids: Mutex<Vec<usize>>,
+    reported: std::sync::Condvar,
+}
+
+impl StartOrder {
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn new(shards: usize) -> Self {
+        StartOrder {
+            shards,
+            ids: Mutex::new(Vec::with_capacity(shards)),
+            reported: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Blocks the (not yet serving) shard thread until every shard started.
+    fn index_of(&self, id: usize) -> usize {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        ids.push(id);
+        self.reported.notify_all();
+        let (ids, _) = self
+            .reported
+            .wait_timeout_while(ids, Self::PATIENCE, |ids| ids.len() < self.shards)
+            .unwrap_or_else(|e| e.into_inner());
+        ids.iter().filter(|&&other| other < id).count()
+    }
 }
 
 async fn watch_shutdown(shard: Rc<ShardCtx>, shutdown: Arc<Shutdown>) {
@@ -351,6 +404,13 @@ impl ShardLoad {
             .map(|i| (start + i) % n)
             .min_by_key(|&i| self.0[i].load(Ordering::Relaxed))
             .unwrap_or(0);
+        self.place_on(shard)
+    }
+
+    /// On `shard`, which a map asked for (checked against the shard count
+    /// when it was reserved).
+    fn place_on(&self, shard: usize) -> Placed {
+        let shard = shard.min(self.0.len() - 1);
         self.0[shard].fetch_add(1, Ordering::Relaxed);
         Placed {
             load: self.clone(),
@@ -359,12 +419,46 @@ impl ShardLoad {
     }
 }
 
-/// A connection on its way to its shard, with its admission and placement.
-type Handoff = (AcceptedTcpStream, Placed, Admitted, Route);
+/// Who a connection is, as accepted.
+struct Peer {
+    route: Route,
+    /// For the logs and `info`: its address, or its unix credentials.
+    name: String,
+    /// Accept order across both routes: `info` lists a device's
+    /// connections in the order they connected.
+    seq: u64,
+}
 
-/// Closes an accepted socket (glommio's accepted handle has no Drop).
-fn close(stream: AcceptedTcpStream) {
-    drop(stream.bind_to_executor());
+/// A connection on its way to its shard, with its admission and placement.
+struct Handoff {
+    fd: OwnedFd,
+    peer: Peer,
+    placed: Placed,
+    admitted: Admitted,
+}
+
+impl Handoff {
+    /// Serves it on the shard this runs on.
+    fn serve(self, shard: Rc<ShardCtx>) {
+        // SAFETY: the descriptor is ours; the stream owns it from here on.
+        let stream = unsafe { TcpStream::from_raw_fd(self.fd.into_raw_fd()) };
+        let (placed, admitted) = (self.placed, self.admitted);
+        glommio::spawn_local(async move {
+            connection::serve(stream, shard, self.peer).await;
+            drop((placed, admitted));
+        })
+        .detach();
+    }
+}
+
+/// The accepted socket as a descriptor any shard can take up (glommio's
+/// accepted handle hides its own).
+fn into_fd(stream: AcceptedTcpStream) -> std::io::Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let bound = stream.bind_to_executor();
+    // SAFETY: `bound` owns the descriptor for the duration of the dup.
+    let fd = unsafe { BorrowedFd::borrow_raw(bound.as_raw_fd()) };
+    rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(Into::into)
 }
 
 /// Shard 0's accepting: admission, placement, and the hand-off to the
@@ -375,6 +469,8 @@ struct Acceptor {
     shard: Rc<ShardCtx>,
     load: ShardLoad,
     admission: Arc<Admission>,
+    directory: Arc<ShardDirectory>,
+    accepted: Rc<std::cell::Cell<u64>>,
 }
 
 impl Acceptor {
@@ -400,42 +496,78 @@ impl Acceptor {
                     continue;
                 }
             };
-            // Unix peers count as this host.
-            let peer = match route {
-                Route::Tcp => match stream.peer_addr() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        close(stream); // already gone
-                        continue;
-                    }
-                },
-                Route::Unix => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
-            };
-            let admitted = match self.admission.admit(peer.ip()) {
-                Ok(a) => a,
-                Err(why) => {
-                    if let Some(suppressed) = self.admission.log.admit() {
-                        tracing::warn!(%peer, ?route, %why, suppressed, "refused an IO connection");
-                    }
-                    close(stream);
+            let fd = match into_fd(stream) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?route, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             };
-            let placed = self.load.place(turn);
-            turn = turn.wrapping_add(1);
+            let Some((key, name)) = identify(&fd, route) else {
+                continue; // gone already, or refused (logged)
+            };
+            // Unix peers count as this host.
+            let ip = match key {
+                PeerKey::Tcp(a) => a.ip(),
+                PeerKey::Unix { .. } => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            let admitted = match self.admission.admit(ip) {
+                Ok(a) => a,
+                Err(why) => {
+                    if let Some(suppressed) = self.admission.log.admit() {
+                        tracing::warn!(peer = %name, ?route, %why, suppressed, "refused an IO connection");
+                    }
+                    continue;
+                }
+            };
+            let placed = match self.directory.take(&key, std::time::Instant::now()) {
+                Some(shard) => self.load.place_on(shard),
+                None => {
+                    let placed = self.load.place(turn);
+                    turn = turn.wrapping_add(1);
+                    placed
+                }
+            };
             let target = placed.shard;
+            let seq = self.accepted.get();
+            self.accepted.set(seq + 1);
+            let handoff = Handoff {
+                fd,
+                peer: Peer { route, name, seq },
+                placed,
+                admitted,
+            };
             if target == 0 {
-                let shard = self.shard.clone();
-                glommio::spawn_local(async move {
-                    connection::serve(stream.bind_to_executor(), shard, route).await;
-                    drop((placed, admitted));
-                })
-                .detach();
-            } else if let Err(e) = self.peers[target - 1]
-                .send((stream, placed, admitted, route))
-                .await
-            {
+                handoff.serve(self.shard.clone());
+            } else if let Err(e) = self.peers[target - 1].send(handoff).await {
                 tracing::warn!(error = %e, shard = target, "cannot hand connection to shard");
+            }
+        }
+    }
+}
+
+/// Who is connecting: the key a map's reservation names, and a name for
+/// the logs. On the unix socket, only root and the runner's own user get
+/// in: the socket is 0600 in a 0700 directory, and the credentials check
+/// stands behind that, as on the control socket.
+fn identify(fd: &OwnedFd, route: Route) -> Option<(PeerKey, String)> {
+    match route {
+        Route::Tcp => {
+            let addr = rustix::net::getpeername(fd).ok()??;
+            let addr = std::net::SocketAddr::try_from(addr).ok()?;
+            Some((PeerKey::Tcp(addr), addr.to_string()))
+        }
+        Route::Unix => {
+            match unix_peer(fd) {
+                Some((uid, pid, true)) => {
+                    Some((PeerKey::Unix { pid }, format!("unix:uid={uid},pid={pid}")))
+                }
+                other => {
+                    let uid = other.map(|(uid, _, _)| uid);
+                    tracing::warn!(?uid, "refused an IO connection on the unix socket: not root or the runner's user");
+                    None
+                }
             }
         }
     }
@@ -443,19 +575,32 @@ impl Acceptor {
 
 async fn receive_loop(rx: SharedReceiver<Handoff>, shard: Rc<ShardCtx>) {
     let rx = rx.connect().await;
-    while let Some((stream, placed, admitted, route)) = rx.recv().await {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            connection::serve(stream.bind_to_executor(), shard, route).await;
-            drop((placed, admitted));
-        })
-        .detach();
+    while let Some(handoff) = rx.recv().await {
+        handoff.serve(shard.clone());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_indexes_follow_executor_ids_whatever_order_shards_start_in() {
+        let order = Arc::new(StartOrder::new(3));
+        let got: Vec<_> = [9, 5, 7]
+            .into_iter()
+            .map(|id| {
+                let order = order.clone();
+                std::thread::spawn(move || (id, order.index_of(id)))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let mut got = got;
+        got.sort();
+        assert_eq!(got, [(5, 0), (7, 1), (9, 2)]);
+    }
 
     #[test]
     fn placement_fills_the_emptiest_shard_and_rotates_ties() {

@@ -77,13 +77,16 @@ pub fn shard_cpus(threads: usize, pin: bool, listed: Option<&[usize]>) -> Option
         .collect()
 }
 
-/// glommio's placement for `shard_cpus`' answer.
+/// glommio's placement for `shard_cpus`' answer, such that the i-th
+/// executor it starts runs on `cpus[i]`: glommio takes custom CPU sets
+/// from the back of the list.
 pub(super) fn pool_placement(threads: usize, cpus: Option<&[usize]>) -> PoolPlacement {
     let (Some(cpus), Ok(online)) = (cpus, CpuSet::online()) else {
         return PoolPlacement::Unbound(threads);
     };
     PoolPlacement::Custom(
         cpus.iter()
+            .rev()
             .map(|&cpu| online.clone().filter(|l| l.cpu == cpu))
             .collect(),
     )
