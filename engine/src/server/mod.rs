@@ -250,8 +250,8 @@ pub fn run(
         .spin_before_park(config.spin_before_park)
         // glommio's default binds every shard's blocking thread to the first
         // shard's CPUs; each shard puts its own on its CPUs instead (below):
-        // direct IO runs there.
-        .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
+        // direct IO runs there, one request per thread.
+        .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS))
         .on_all_shards(move || {
             let admission = admission.clone();
             let up = up_tx.lock().unwrap().clone();
@@ -276,9 +276,7 @@ pub fn run(
                             cpus: cpus.clone(),
                         },
                     );
-                    let _ = glommio::executor()
-                        .spawn_blocking(move || placement::confine_current_thread(&cpus))
-                        .await;
+                    confine_blocking_pool(&cpus).await;
                 }
                 let _ = up.send(());
                 let shard = ShardCtx::new(index, table, limits, tls);
@@ -331,6 +329,33 @@ pub fn run(
         r.map_err(|e| EngineError::Executor(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Each shard's blocking threads: direct IO (one pread or pwrite per
+/// thread at a time) and the rare calls io_uring cannot take. Enough for a
+/// kernel device's usual queue depth; idle ones cost a stack.
+const BLOCKING_THREADS: usize = 16;
+
+/// Puts every thread of this shard's blocking pool on `cpus`: one job per
+/// thread, each holding its thread until all have run, so no thread runs
+/// two. Spawned as tasks: a blocking job is queued when first polled.
+async fn confine_blocking_pool(cpus: &[usize]) {
+    let all = Arc::new(std::sync::Barrier::new(BLOCKING_THREADS));
+    let jobs: Vec<_> = (0..BLOCKING_THREADS)
+        .map(|_| {
+            let (all, cpus) = (all.clone(), cpus.to_vec());
+            glommio::spawn_local(glommio::executor().spawn_blocking(move || {
+                let r = placement::confine_current_thread(&cpus);
+                all.wait();
+                r
+            }))
+        })
+        .collect();
+    for job in jobs {
+        if let Err(e) = job.await {
+            tracing::warn!("cannot keep a blocking thread on its shard's CPUs: {e}");
+        }
+    }
 }
 
 /// Shard indexes in placement order: shard i runs on the i-th CPU of
