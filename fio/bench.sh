@@ -19,7 +19,9 @@
 #   file    each server its own 1 GiB raw file in FILE_DIR, buffered IO for all:
 #           nbd-runner file export, nbdkit file plugin, qemu-nbd --cache=writeback --aio=io_uring
 #   direct  the same files with O_DIRECT: nbd-runner file export ",direct", nbdkit file
-#           cache=none, qemu-nbd --cache=none --aio=native (FILE_DIR must not be tmpfs)
+#           cache=none, qemu-nbd --cache=none --aio=native (FILE_DIR must not be tmpfs).
+#           nbdkit has no O_DIRECT: cache=none reads through the page cache (read-ahead
+#           included) and evicts afterwards, so qemu-nbd is the like-for-like peer here.
 #
 # Environment (defaults in brackets):
 #   RT=10            seconds per fio run

@@ -213,7 +213,9 @@ impl Backend for FileBackend {
     fn mode(&self) -> String {
         let mut m = String::from(match self.io_mode {
             IoMode::Buffered => "buffered io_uring, FLUSH/FUA = fdatasync",
-            IoMode::Direct => "direct io_uring (O_DIRECT, 4 KiB aligned), FLUSH/FUA = fdatasync",
+            IoMode::Direct => {
+                "direct (O_DIRECT, 4 KiB aligned, on the shard's IO threads), FLUSH/FUA = fdatasync"
+            }
         });
         if !self.read_only && !self.storage.punch_hole {
             m.push_str(", no hole punching (TRIM not offered, zeroes are written)");
