@@ -13,6 +13,7 @@ pub mod completion;
 pub mod file;
 #[cfg(feature = "gluster")]
 pub mod gluster;
+pub mod lone;
 pub mod mem;
 
 use crate::protocol::consts::*;

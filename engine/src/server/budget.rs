@@ -104,6 +104,7 @@ impl Permit {
         .await;
         conn.take(bytes);
         shard.take(bytes);
+        crate::backend::lone::started();
         Permit {
             conn: conn.clone(),
             shard: shard.clone(),
@@ -114,6 +115,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        crate::backend::lone::finished();
         self.conn.give(self.bytes);
         self.shard.give(self.bytes);
     }
