@@ -11,7 +11,7 @@ use crate::wire::{ConnPeer, CreateRequest, ErrorCode, MapTarget, UnmapTarget};
 use nbd_engine::backend::{BackendError, Progress};
 use nbd_engine::config::cpulist::format_cpu_list;
 use nbd_engine::export::{Export, ExportTable};
-use nbd_engine::server::directory::{PeerKey, ShardDirectory};
+use nbd_engine::server::directory::{PeerKey, ReserveError, ShardDirectory};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -513,8 +513,9 @@ impl Registry {
         Ok((self.info(key)?, cookie))
     }
 
-    /// The most connections one map may place (the kernel takes far fewer).
-    pub const MAX_MAP_CONNECTIONS: usize = 256;
+    /// The most connections one map may place (the kernel takes far fewer);
+    /// the same bound as a `shards` list.
+    pub const MAX_MAP_CONNECTIONS: usize = nbd_engine::config::shardlist::MAX_ENTRIES;
 
     pub fn map_begin(
         &mut self,
@@ -524,16 +525,10 @@ impl Registry {
     ) -> Result<MapTarget, CtlError> {
         self.check_not_busy(key)?;
         within_map_limit(shards.len(), "shards listed")?;
-        if let Some(bad) = shards.iter().flatten().find(|&&s| s >= self.io.shards) {
-            return fail(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "shard {bad} does not exist: the runner has {} (0-{})",
-                    self.io.shards,
-                    self.io.shards - 1
-                ),
-            );
-        }
+        self.io
+            .directory
+            .check(shards.iter().flatten().map(|&s| s as usize))
+            .map_err(placement_error)?;
         let entry = self.entry(Some(handler), key)?;
         let (state, device) = (entry.saved.state, entry.saved.device.clone());
         let stale = entry
@@ -555,11 +550,18 @@ impl Registry {
         self.transition(key, |s| s.state = to)?;
         let entry = self.entries.get_mut(key).expect("checked");
         entry.mapping_since = Some(Instant::now());
-        // Asked for, or a reattach keeps what the device had.
+        // Asked for, or a reattach keeps what the device had: on the shards
+        // this runner has (it may have restarted with fewer).
         entry.placing = if !shards.is_empty() {
             shards.to_vec()
         } else if state == State::Dead {
-            entry.saved.placement.clone()
+            let have = self.io.shards;
+            let saved = &entry.saved.placement;
+            let kept: Vec<_> = saved.iter().map(|s| s.filter(|&s| s < have)).collect();
+            if kept != *saved {
+                tracing::warn!(backstore = %key, shards = have, "the saved placement names shards this runner does not have; those connections go to the least-loaded shard");
+            }
+            kept
         } else {
             Vec::new()
         };
@@ -616,10 +618,7 @@ impl Registry {
         self.io
             .directory
             .reserve(key, &wanted, Instant::now())
-            .map_err(|e| CtlError {
-                code: ErrorCode::InvalidArgument,
-                message: e.to_string(),
-            })
+            .map_err(placement_error)
     }
 
     /// Records the device and its connection count; the same device again
@@ -807,6 +806,13 @@ impl Registry {
     }
 }
 
+fn placement_error(e: ReserveError) -> CtlError {
+    CtlError {
+        code: ErrorCode::InvalidArgument,
+        message: e.to_string(),
+    }
+}
+
 /// One map's connections (or their shards) are at most a bounded few.
 fn within_map_limit(n: usize, what: &str) -> Result<(), CtlError> {
     if n > Registry::MAX_MAP_CONNECTIONS {
@@ -922,13 +928,17 @@ mod tests {
     use crate::wire::CreateRequest;
 
     fn registry(dir: &std::path::Path) -> Registry {
+        registry_with_shards(dir, 2)
+    }
+
+    fn registry_with_shards(dir: &std::path::Path, shards: usize) -> Registry {
         let (store, cfg) = StateStore::open(dir).unwrap();
         let io = IoRoute {
             host: String::new(),
             port: 24111,
-            shards: 2,
+            shards: shards as u32,
             unix: None,
-            directory: Arc::new(ShardDirectory::new(2)),
+            directory: Arc::new(ShardDirectory::new(shards)),
         };
         // File keys in these tests live beside the state directory.
         let settings = Settings {
@@ -938,7 +948,7 @@ mod tests {
             },
             ..Settings::default()
         };
-        Registry::load(store, cfg, Arc::new(ExportTable::new(2)), io, settings).unwrap()
+        Registry::load(store, cfg, Arc::new(ExportTable::new(shards)), io, settings).unwrap()
     }
 
     #[test]
@@ -1224,6 +1234,22 @@ mod tests {
             .unwrap()
             .placement
             .is_empty());
+        reg.map_done("d", "/dev/nbd4", 2).unwrap();
+        drop(reg);
+        // A state file naming shard 1 (or, edited by hand, 99) read by a
+        // runner restarted with one shard: the reattach goes ahead, those
+        // connections least-loaded, and announcing them is accepted.
+        let path = state_dir.join("saveconfig.json");
+        let mut cfg: SaveConfig =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg.backstores[0].placement = vec![Some(1), Some(99), Some(0)];
+        std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let mut reg = registry_with_shards(&state_dir, 1);
+        let t = reg.map_begin(Handler::Mem, "d", &[]).unwrap();
+        assert_eq!(t.reattach.as_deref(), Some("/dev/nbd4"));
+        assert_eq!(t.placement, [None, None, Some(0)]);
+        reg.map_peers("d", &[ConnPeer::Tcp(peer(7)), ConnPeer::Tcp(peer(8))])
+            .unwrap();
     }
 
     #[test]

@@ -83,6 +83,18 @@ impl ShardDirectory {
         t.get(index).cloned().flatten()
     }
 
+    /// Every one of `shards` is a shard the runner has.
+    pub fn check(&self, shards: impl IntoIterator<Item = usize>) -> Result<(), ReserveError> {
+        let count = self.shards();
+        match shards.into_iter().find(|&s| s >= count) {
+            Some(shard) => Err(ReserveError::NoSuchShard {
+                shard,
+                shards: count,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Replaces `owner`'s reservations with `wanted` (peer, shard) pairs.
     pub fn reserve(
         &self,
@@ -90,10 +102,7 @@ impl ShardDirectory {
         wanted: &[(PeerKey, usize)],
         now: Instant,
     ) -> Result<(), ReserveError> {
-        let shards = self.shards();
-        if let Some(&(_, shard)) = wanted.iter().find(|(_, s)| *s >= shards) {
-            return Err(ReserveError::NoSuchShard { shard, shards });
-        }
+        self.check(wanted.iter().map(|&(_, s)| s))?;
         let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         r.retain(|x| x.owner != owner && x.until > now);
         if r.len() + wanted.len() > MAX_RESERVED {
