@@ -8,6 +8,7 @@ pub mod map;
 pub mod reclaim;
 pub mod runner;
 pub mod runner_args;
+pub mod service;
 pub mod watch;
 
 /// An error and its causes on one line, each cause once: many messages

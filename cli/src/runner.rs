@@ -87,6 +87,8 @@ pub fn run(args: RunnerArgs) -> Result<()> {
         .as_ref()
         .map_or("floating".to_owned(), |c| format!("{c:?}"));
     tracing::info!(io = %addr, %rpc, threads, %cpus, sched = ?args.sched, state_dir = %args.state_dir.display(), "nbd-runner started");
+    let heartbeats = crate::service::heartbeats(threads);
+    let mut supervisor = None;
     server::run(
         listener,
         EngineConfig {
@@ -112,9 +114,10 @@ pub fn run(args: RunnerArgs) -> Result<()> {
                 args.swap_reserve as usize
             },
             directory,
+            heartbeats: heartbeats.clone(),
         },
         table.clone(),
-        shutdown,
+        shutdown.clone(),
         || {
             // One machine-readable line for scripts and tests.
             let mut out = std::io::stdout().lock();
@@ -127,6 +130,12 @@ pub fn run(args: RunnerArgs) -> Result<()> {
                 None => writeln!(out, "nbd-runner ready io={addr} rpc={rpc}"),
             };
             let _ = out.flush();
+            supervisor = Some(crate::service::Supervisor::ready(
+                table.clone(),
+                addr.to_string(),
+                heartbeats,
+                shutdown.flag(),
+            ));
         },
     )?;
 
@@ -142,6 +151,9 @@ pub fn run(args: RunnerArgs) -> Result<()> {
     }
     for sock in control.unix_path.iter().chain(&io_unix_path) {
         let _ = std::fs::remove_file(sock);
+    }
+    if let Some(s) = supervisor {
+        s.finish();
     }
     tracing::info!("nbd-runner stopped");
     Ok(())

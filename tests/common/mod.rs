@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 /// One thread of a runner, from /proc.
 #[derive(Debug)]
 pub struct ThreadInfo {
+    pub tid: i32,
     pub name: String,
     /// The CPUs it may run on, as the kernel prints them: "0-1", "3".
     pub cpus: String,
@@ -45,23 +46,35 @@ impl Runner {
     }
 
     pub fn start_with(extra: &[&str]) -> Runner {
-        Self::launch_at(extra, Stdio::inherit(), "warn", false)
+        Self::launch_at(extra, Stdio::inherit(), "warn", false, &[])
+    }
+
+    /// Like [`start_logged`](Self::start_logged), with more environment.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)], log: &Path) -> Runner {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::launch_at(extra, file.into(), "info", false, env)
     }
 
     /// With the runner's default swap safety (mlockall, IO flusher, OOM
     /// shield), which other tests turn off so parallel runners lock nothing.
     pub fn start_swap_safe(extra: &[&str], log: &Path) -> Runner {
         let file = std::fs::File::create(log).expect("log file");
-        Self::launch_at(extra, file.into(), "info", true)
+        Self::launch_at(extra, file.into(), "info", true, &[])
     }
 
     /// Like [`start_with`](Self::start_with), with the log (at info) in `log`.
     pub fn start_logged(extra: &[&str], log: &Path) -> Runner {
         let file = std::fs::File::create(log).expect("log file");
-        Self::launch_at(extra, file.into(), "info", false)
+        Self::launch_at(extra, file.into(), "info", false, &[])
     }
 
-    fn launch_at(extra: &[&str], stderr: Stdio, level: &str, swap_safety: bool) -> Runner {
+    fn launch_at(
+        extra: &[&str],
+        stderr: Stdio,
+        level: &str,
+        swap_safety: bool,
+        env: &[(&str, &str)],
+    ) -> Runner {
         // Each runner gets its own state directory unless the test names one.
         let state = (!extra.contains(&"--state-dir")).then(scratch);
         let state_arg = state.as_ref().map(|d| path_str(d.path()).to_owned());
@@ -91,6 +104,7 @@ impl Runner {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| level.into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -173,6 +187,7 @@ impl Runner {
             .unwrap()
             .filter_map(|t| {
                 let dir = t.ok()?.path();
+                let tid = dir.file_name()?.to_str()?.parse().ok()?;
                 let name = std::fs::read_to_string(dir.join("comm")).ok()?;
                 let status = std::fs::read_to_string(dir.join("status")).ok()?;
                 let cpus = status
@@ -184,6 +199,7 @@ impl Runner {
                 let after = &stat[stat.rfind(')')? + 2..];
                 let policy = after.split_whitespace().nth(41 - 3)?.parse().ok()?;
                 Some(ThreadInfo {
+                    tid,
                     name: name.trim().to_owned(),
                     cpus: cpus.trim().to_owned(),
                     policy,

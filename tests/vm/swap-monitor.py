@@ -29,6 +29,15 @@ def read(fd):
         return f"<{e.strerror}>"
 
 
+def slurp(path):
+    fd = opened(path)
+    try:
+        return read(fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 meminfo, vmstat = opened("/proc/meminfo"), opened("/proc/vmstat")
 inflight = opened(f"/sys/block/{dev}/inflight")
 sysrq = os.open("/proc/sysrq-trigger", os.O_WRONLY)
@@ -48,6 +57,7 @@ def counter(text, key):
 
 
 last = None
+stalls = 0
 for n in range(1, 1000):
     time.sleep(10)
     mem = [l for l in read(meminfo).splitlines()
@@ -65,5 +75,24 @@ for n in range(1, 1000):
         state = read(stat).rsplit(")", 1)[-1].split()[:1]
         out.append(f"  runner thread {tid} {comm} {state}")
         out += ["    " + l for l in read(stack).splitlines()[:14]]
+    # Every task that is running or in D state, the hog's among them (the
+    # walk allocates, but only once swap has stopped moving).
+    me = str(os.getpid())
+    for pid in [p for p in os.listdir("/proc") if p.isdigit() and p != me]:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            t = f"/proc/{pid}/task/{tid}"
+            state = slurp(f"{t}/stat").rsplit(")", 1)[-1].split()[:1]
+            if state and state[0] in ("R", "D"):
+                out.append(f"  task {pid}/{tid} {slurp(t + '/comm').strip()} {state} wchan {slurp(t + '/wchan')}")
+                out += ["    " + l for l in slurp(t + "/stack").splitlines()[:14]]
+    out.append("  memory pressure: " + " ".join(slurp("/proc/pressure/memory").split()))
     print("\n".join(out), flush=True)
+    # Blocked tasks every stall; every task's stack once, at the second.
     os.write(sysrq, b"w")
+    stalls += 1
+    if stalls == 2:
+        os.write(sysrq, b"t")

@@ -12,6 +12,7 @@ mod admission;
 mod budget;
 mod connection;
 pub mod directory;
+pub mod heartbeat;
 mod outbox;
 pub mod placement;
 mod recvbuf;
@@ -107,6 +108,9 @@ pub struct EngineConfig {
     /// Shared with the control plane: where each shard runs, and where the
     /// connections of a map in progress go.
     pub directory: Arc<ShardDirectory>,
+    /// Each shard bumps its counter here while its executor runs (for a
+    /// supervisor's watchdog).
+    pub heartbeats: Option<Arc<heartbeat::Heartbeats>>,
 }
 
 /// Which listener a connection came in on.
@@ -241,6 +245,7 @@ pub fn run(
     let tls = config.tls.clone();
     let warm_reserve = config.warm_reserve;
     let directory = config.directory.clone();
+    let heartbeats = config.heartbeats.clone();
     // Each shard reports once it is set up; "ready" waits for all of them.
     let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
     let up_tx = Arc::new(Mutex::new(up_tx));
@@ -255,6 +260,7 @@ pub fn run(
         .on_all_shards(move || {
             let admission = admission.clone();
             let up = up_tx.lock().unwrap().clone();
+            let heartbeats = heartbeats.clone();
             let (senders, receivers, table, shutdown, started, load, tls, directory) = (
                 senders.clone(),
                 receivers.clone(),
@@ -279,6 +285,9 @@ pub fn run(
                     confine_blocking_pool(&cpus).await;
                 }
                 let _ = up.send(());
+                if let Some(beats) = heartbeats {
+                    glommio::spawn_local(heartbeat::run(beats, index)).detach();
+                }
                 let shard = ShardCtx::new(index, table, limits, tls);
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
                 if index == 0 {
