@@ -71,6 +71,14 @@ pub fn run(args: RunnerArgs) -> Result<()> {
         signal_hook::flag::register(sig, shutdown.flag()).context("installing signal handlers")?;
     }
 
+    // Bound first: a wrong address fails before any other route listens.
+    let metrics_listener = args
+        .metrics
+        .map(|at| {
+            std::net::TcpListener::bind(at)
+                .with_context(|| format!("--metrics {at}: cannot listen"))
+        })
+        .transpose()?;
     let listener = server::bind(args.io_addr())?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let mut control = daemon::start(
@@ -81,6 +89,18 @@ pub fn run(args: RunnerArgs) -> Result<()> {
         shutdown.flag(),
     )?;
     let rpc = control.tcp_addr;
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let bound = listener
+                .local_addr()
+                .context("reading the metrics address")?;
+            nbd_control::metrics_http::spawn(listener, control.metrics_sources(table.clone()))
+                .context("starting the metrics thread")?;
+            tracing::info!(%bound, "Prometheus metrics at /metrics");
+            Some(bound)
+        }
+        None => None,
+    };
     let io_unix = control.io_unix.take();
     let io_unix_path = io_unix.as_ref().map(|(p, _)| p.clone());
     let cpus = shard_cpus
@@ -120,15 +140,15 @@ pub fn run(args: RunnerArgs) -> Result<()> {
         shutdown.clone(),
         || {
             // One machine-readable line for scripts and tests.
+            let mut line = format!("nbd-runner ready io={addr} rpc={rpc}");
+            if let Some(p) = &io_unix_path {
+                line += &format!(" io-unix={}", p.display());
+            }
+            if let Some(m) = metrics {
+                line += &format!(" metrics={m}");
+            }
             let mut out = std::io::stdout().lock();
-            let _ = match &io_unix_path {
-                Some(p) => writeln!(
-                    out,
-                    "nbd-runner ready io={addr} rpc={rpc} io-unix={}",
-                    p.display()
-                ),
-                None => writeln!(out, "nbd-runner ready io={addr} rpc={rpc}"),
-            };
+            let _ = writeln!(out, "{line}");
             let _ = out.flush();
             supervisor = Some(crate::service::Supervisor::ready(
                 table.clone(),

@@ -142,6 +142,12 @@ pub struct RunnerArgs {
     /// file backstores are host paths, and any peer of the IO route may ask).
     #[arg(long)]
     pub list_exports: bool,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by
+    /// default); a bare PORT listens on loopback. Anyone who reaches it
+    /// sees export names and counters: keep it on loopback or a trusted
+    /// network.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
     /// Directory that `file` backstores created through the control route
     /// must live beneath (no `..`, no symlinks); repeatable [default:
     /// /var/lib/nbd-runner]. `--export` paths are not restricted.
@@ -365,6 +371,22 @@ pub fn normalize<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
     out
 }
 
+/// `--metrics`: `PORT` (loopback), `ADDR:PORT` or `[V6]:PORT`.
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    let (host, port) = nbd_engine::config::hostport::split_host_port(s)?;
+    let port = port
+        .ok_or("needs a port: PORT or ADDR:PORT")?
+        .parse::<u16>()
+        .map_err(|_| format!("bad port in {s:?}"))?;
+    let ip: IpAddr = host
+        .parse()
+        .map_err(|_| format!("{host:?} is not an IP address"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,5 +528,16 @@ mod tests {
             parse(&["nbd-runner", "--sched", "normal"]).unwrap().sched,
             Sched::Normal
         );
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        let p = |s: &str| super::parse_metrics_addr(s);
+        assert_eq!(p("9187").unwrap().to_string(), "127.0.0.1:9187");
+        assert_eq!(p("0.0.0.0:9187").unwrap().to_string(), "0.0.0.0:9187");
+        assert_eq!(p("[::1]:9187").unwrap().to_string(), "[::1]:9187");
+        assert!(p("127.0.0.1").unwrap_err().contains("needs a port"));
+        assert!(p("host:9187").unwrap_err().contains("not an IP address"));
+        assert!(p("1.2.3.4:99999").unwrap_err().contains("bad port"));
     }
 }

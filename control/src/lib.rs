@@ -8,6 +8,8 @@ pub mod daemon;
 pub mod factory;
 #[cfg(any(test, fuzzing))]
 pub mod fuzzing;
+pub mod metrics;
+pub mod metrics_http;
 pub mod model;
 pub mod registry;
 pub mod saveconfig;

@@ -11,6 +11,7 @@
 //! gets TLS (the token then never crosses the network in clear); a peer on
 //! another host that speaks plain text is refused.
 
+use crate::metrics::{RequestCounters, Sources};
 use crate::registry::{CtlError, Registry};
 use crate::wire::{
     read_frame, write_frame, ErrorCode, Hello, HelloReply, HelloStatus, Request, Response,
@@ -46,9 +47,19 @@ pub struct ControlServer {
     /// The IO route's unix socket, for the engine to serve.
     pub io_unix: Option<(PathBuf, std::os::unix::net::UnixListener)>,
     registry: Arc<Mutex<Registry>>,
+    requests: Arc<RequestCounters>,
 }
 
 impl ControlServer {
+    /// What `--metrics` reads.
+    pub fn metrics_sources(&self, table: Arc<nbd_engine::export::ExportTable>) -> Sources {
+        Sources {
+            table,
+            registry: self.registry.clone(),
+            requests: self.requests.clone(),
+        }
+    }
+
     /// At shutdown: closes every backstore's storage (librbd images release
     /// their exclusive lock, gluster fds close) once the IO route has stopped.
     pub fn close_all(&self) {
@@ -58,6 +69,7 @@ impl ControlServer {
 
 struct Shared {
     registry: Arc<Mutex<Registry>>,
+    requests: Arc<RequestCounters>,
     token: String,
     tls: Option<Arc<rustls::ServerConfig>>,
     clients: AtomicUsize,
@@ -76,6 +88,7 @@ pub fn start(
     let tcp_addr = tcp.local_addr()?;
     let shared = Arc::new(Shared {
         registry: registry.clone(),
+        requests: Default::default(),
         token: cfg.token,
         tls: cfg.tls,
         clients: AtomicUsize::new(0),
@@ -115,6 +128,7 @@ pub fn start(
         unix_path: cfg.unix,
         io_unix: None,
         registry: shared.registry.clone(),
+        requests: shared.requests.clone(),
     })
 }
 
@@ -410,10 +424,16 @@ fn serve<C: Conn>(
             }
         };
         tracing::debug!(%peer, ?request, "control request");
+        let kind = request.kind();
         let response = dispatch(&shared.registry, request, &mut |done, total| {
             // A client that went away shows up at the final write.
             let _ = write_frame(&mut *stream, &Response::Progress { done, total });
         });
+        let result = match &response {
+            Response::Error { code, .. } => code.name(),
+            _ => "ok",
+        };
+        shared.requests.count(kind, result);
         write_frame(stream, &response)?;
     }
 }

@@ -248,6 +248,26 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Its name in metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Create(_) => "create",
+            Request::Delete { .. } => "delete",
+            Request::MapBegin { .. } => "map_begin",
+            Request::MapPeers { .. } => "map_peers",
+            Request::MapDone { .. } => "map_done",
+            Request::MapAbort { .. } => "map_abort",
+            Request::UnmapBegin { .. } => "unmap_begin",
+            Request::UnmapDone { .. } => "unmap_done",
+            Request::List { .. } => "list",
+            Request::Info { .. } => "info",
+            Request::Stats { .. } => "stats",
+            Request::Resize { .. } => "resize",
+        }
+    }
+}
+
 /// An IO connection as the runner will see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnPeer {
@@ -299,6 +319,21 @@ pub enum ErrorCode {
     Backend,
     Persistence,
     Internal,
+}
+
+impl ErrorCode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Exists => "exists",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::WrongState => "wrong_state",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Backend => "backend",
+            ErrorCode::Persistence => "persistence",
+            ErrorCode::Internal => "internal",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

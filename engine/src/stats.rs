@@ -3,6 +3,7 @@
 //! Each shard records into its own slot, so the lock is never contended on
 //! the hot path; readers merge the slots on request.
 
+use crate::protocol::errno::Errno;
 use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -47,6 +48,8 @@ impl Op {
 pub struct OpStats {
     pub latency_ns: Histogram<u64>,
     pub errors: u64,
+    /// Error replies by error, indexed by [`Errno::index`].
+    pub errnos: [u64; Errno::ALL.len()],
     pub bytes: u64,
 }
 
@@ -56,6 +59,7 @@ impl OpStats {
             // 1 ns .. 10 min at 2 significant digits: a few KiB per histogram.
             latency_ns: Histogram::new_with_bounds(1, 600_000_000_000, 2).expect("valid bounds"),
             errors: 0,
+            errnos: [0; Errno::ALL.len()],
             bytes: 0,
         }
     }
@@ -67,13 +71,25 @@ impl OpStats {
     fn merge(&mut self, other: &OpStats) {
         self.latency_ns.add(&other.latency_ns).expect("same bounds");
         self.errors += other.errors;
+        for (m, o) in self.errnos.iter_mut().zip(other.errnos) {
+            *m += o;
+        }
         self.bytes += other.bytes;
     }
 }
 
+/// One shard's counters, on cache lines of their own: shards never write
+/// each other's.
+#[repr(align(128))]
 struct ShardSlot {
     ops: Mutex<Vec<OpStats>>,
     connections: AtomicU64,
+    /// Requests refused before they started (out of range, malformed), by
+    /// error, indexed by [`Errno::index`].
+    refused: [AtomicU64; Errno::ALL.len()],
+    /// Requests started and not yet answered, and their read/write bytes.
+    in_flight: AtomicU64,
+    in_flight_bytes: AtomicU64,
 }
 
 /// One live connection of an export.
@@ -97,6 +113,19 @@ pub struct ExportStats {
 pub struct StatsSnapshot {
     pub ops: Vec<(Op, OpStats)>,
     pub connections_per_shard: Vec<u64>,
+    pub in_flight: u64,
+    pub in_flight_bytes: u64,
+    /// Requests refused before they started, by [`Errno::index`].
+    pub refused: [u64; Errno::ALL.len()],
+}
+
+/// The payload a request moves (reads and writes), for in-flight bytes.
+fn payload(op: Op, len: u64) -> u64 {
+    if matches!(op, Op::Read | Op::Write) {
+        len
+    } else {
+        0
+    }
 }
 
 impl ExportStats {
@@ -106,6 +135,9 @@ impl ExportStats {
                 .map(|_| ShardSlot {
                     ops: Mutex::new(Op::ALL.iter().map(|_| OpStats::new()).collect()),
                     connections: AtomicU64::new(0),
+                    refused: Default::default(),
+                    in_flight: AtomicU64::new(0),
+                    in_flight_bytes: AtomicU64::new(0),
                 })
                 .collect(),
             links: Mutex::new(Default::default()),
@@ -113,16 +145,44 @@ impl ExportStats {
         }
     }
 
-    pub fn record(&self, shard: usize, op: Op, latency: Duration, bytes: u64, ok: bool) {
+    /// A request of `len` bytes was read and is under way on `shard`;
+    /// [`record`](Self::record) of the same op and length ends it.
+    pub fn started(&self, shard: usize, op: Op, len: u64) {
         let slot = &self.shards[shard % self.shards.len()];
+        slot.in_flight.fetch_add(1, Ordering::Relaxed);
+        slot.in_flight_bytes
+            .fetch_add(payload(op, len), Ordering::Relaxed);
+    }
+
+    /// A request refused without starting.
+    pub fn refused(&self, shard: usize, error: Errno) {
+        self.shards[shard % self.shards.len()].refused[error.index()]
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request answered: its latency, and its bytes or its error.
+    pub fn record(
+        &self,
+        shard: usize,
+        op: Op,
+        latency: Duration,
+        bytes: u64,
+        error: Option<Errno>,
+    ) {
+        let slot = &self.shards[shard % self.shards.len()];
+        slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+        slot.in_flight_bytes
+            .fetch_sub(payload(op, bytes), Ordering::Relaxed);
         let mut ops = slot.ops.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut ops[op as usize];
         s.latency_ns
             .saturating_record((latency.as_nanos() as u64).max(1));
-        if ok {
-            s.bytes += bytes;
-        } else {
-            s.errors += 1;
+        match error {
+            None => s.bytes += bytes,
+            Some(e) => {
+                s.errors += 1;
+                s.errnos[e.index()] += 1;
+            }
         }
     }
 
@@ -206,9 +266,24 @@ impl ExportStats {
                 m.merge(s);
             }
         }
+        let sum = |f: fn(&ShardSlot) -> &AtomicU64| {
+            self.shards
+                .iter()
+                .map(|s| f(s).load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
         StatsSnapshot {
             ops: Op::ALL.iter().copied().zip(merged).collect(),
             connections_per_shard: self.snapshot_connections(),
+            // A request starts and ends on its connection's shard's slot.
+            in_flight: sum(|s| &s.in_flight),
+            in_flight_bytes: sum(|s| &s.in_flight_bytes),
+            refused: std::array::from_fn(|i| {
+                self.shards
+                    .iter()
+                    .map(|s| s.refused[i].load(Ordering::Relaxed))
+                    .sum()
+            }),
         }
     }
 }
@@ -245,9 +320,25 @@ mod tests {
     #[test]
     fn shards_merge_on_snapshot() {
         let st = ExportStats::new(2);
-        st.record(0, Op::Read, Duration::from_micros(10), 4096, true);
-        st.record(1, Op::Read, Duration::from_micros(30), 4096, true);
-        st.record(1, Op::Write, Duration::from_micros(5), 4096, false);
+        for shard in [0, 1] {
+            st.started(shard, Op::Read, 4096);
+        }
+        st.started(1, Op::Write, 4096);
+        st.started(1, Op::Flush, 0);
+        let snap = st.snapshot();
+        assert_eq!((snap.in_flight, snap.in_flight_bytes), (4, 3 * 4096));
+        st.record(0, Op::Read, Duration::from_micros(10), 4096, None);
+        st.record(1, Op::Read, Duration::from_micros(30), 4096, None);
+        st.record(
+            1,
+            Op::Write,
+            Duration::from_micros(5),
+            4096,
+            Some(Errno::NoSpc),
+        );
+        st.record(1, Op::Flush, Duration::from_micros(5), 0, None);
+        st.refused(0, Errno::Inval);
+        st.refused(1, Errno::Inval);
         let id = 3;
         st.connection_opened(1, "127.0.0.1:5000", id);
         let snap = st.snapshot();
@@ -257,6 +348,9 @@ mod tests {
         assert!(read.latency_ns.max() >= 29_000);
         let write = &snap.ops[Op::Write as usize].1;
         assert_eq!((write.count(), write.errors, write.bytes), (1, 1, 0));
+        assert_eq!(write.errnos[Errno::NoSpc.index()], 1);
+        assert_eq!((snap.in_flight, snap.in_flight_bytes), (0, 0));
+        assert_eq!(snap.refused[Errno::Inval.index()], 2);
         assert_eq!(snap.connections_per_shard, vec![0, 1]);
         assert!(snap.render().contains("read"));
         let link = Link {

@@ -33,6 +33,8 @@ pub struct Runner {
     pub state: Option<tempfile::TempDir>,
     /// The control token nbd-cli presents over TCP.
     pub token_file: PathBuf,
+    /// `--metrics`: where /metrics is served.
+    pub metrics: Option<String>,
 }
 
 impl Runner {
@@ -138,6 +140,7 @@ impl Runner {
             io_unix: io_unix.into(),
             state,
             token_file,
+            metrics: field("metrics="),
         }
     }
 

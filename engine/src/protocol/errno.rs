@@ -16,8 +16,33 @@ pub enum Errno {
 }
 
 impl Errno {
+    pub const ALL: [Errno; 8] = [
+        Errno::Perm,
+        Errno::Io,
+        Errno::NoMem,
+        Errno::Inval,
+        Errno::NoSpc,
+        Errno::Overflow,
+        Errno::NotSup,
+        Errno::Shutdown,
+    ];
+
     pub const fn wire(self) -> u32 {
         self as u32
+    }
+
+    /// Its position in [`Errno::ALL`], for per-error counters.
+    pub const fn index(self) -> usize {
+        match self {
+            Errno::Perm => 0,
+            Errno::Io => 1,
+            Errno::NoMem => 2,
+            Errno::Inval => 3,
+            Errno::NoSpc => 4,
+            Errno::Overflow => 5,
+            Errno::NotSup => 6,
+            Errno::Shutdown => 7,
+        }
     }
 
     /// Maps a host errno onto the subset the spec allows; anything else is EIO.
@@ -73,6 +98,13 @@ mod tests {
         ];
         for (e, v) in table {
             assert_eq!(e.wire(), v, "{e}");
+        }
+    }
+
+    #[test]
+    fn index_is_the_position_in_all() {
+        for (i, e) in Errno::ALL.iter().enumerate() {
+            assert_eq!(e.index(), i, "{e}");
         }
     }
 

@@ -468,8 +468,8 @@ pub fn drive_request(data: &[u8]) -> Option<RequestOutcome> {
     if let Ok(cmd @ Command::BlockStatus { len, .. }) = result {
         let mut out = Vec::new();
         let (done, anomaly) = t.complete(&h, &cmd, Outcome::Extents(&extents), &mut out);
-        assert_eq!(anomaly.is_some(), !done.ok);
-        if done.ok {
+        assert_eq!(anomaly.is_some(), !done.ok());
+        if done.ok() {
             assert_eq!(done.body, Body::Descriptors);
             let n = (out.len() / Descriptor::wire_len(mode)) as u64;
             assert!(n > 0 && len > 0);
@@ -522,12 +522,12 @@ fn check_next(
             assert_eq!(*cmd, c);
             assert_eq!(payload, 0, "{cmd:?} started with a payload to read");
         }
-        (Err(errno), Next::Refuse { reply, skip }) => {
+        (Err(errno), Next::Refuse { reply, skip, .. }) => {
             assert_eq!(skip, payload);
             assert!(payload <= MAX_PAYLOAD as u64);
             check_error_reply(t.style(), reply.as_bytes(), *errno);
         }
-        (Err(errno), Next::RefuseAndClose { reply, why }) => {
+        (Err(errno), Next::RefuseAndClose { reply, why, .. }) => {
             assert_eq!(why, Close::Oversized(payload));
             assert!(payload > MAX_PAYLOAD as u64);
             check_error_reply(t.style(), reply.as_bytes(), *errno);

@@ -8,16 +8,7 @@ fn get_u32(b: &[u8], at: usize) -> u32 {
 }
 
 const COOKIE: u64 = 0x0102_0304_0506_0708;
-const ALL_ERRNOS: [Errno; 8] = [
-    Errno::Perm,
-    Errno::Io,
-    Errno::NoMem,
-    Errno::Inval,
-    Errno::NoSpc,
-    Errno::Overflow,
-    Errno::NotSup,
-    Errno::Shutdown,
-];
+const ALL_ERRNOS: [Errno; 8] = Errno::ALL;
 
 /// Big-endian concatenation, for writing expected wire bytes readably.
 enum Be {

@@ -44,10 +44,18 @@ pub enum Next {
     /// Read `len` bytes of payload, then run `cmd`: a WRITE's data, or a
     /// BLOCK_STATUS payload for [`Transmission::handle_payload`].
     Payload { len: u32, cmd: Command },
-    /// Send this reply, then skip `skip` bytes of payload.
-    Refuse { reply: ReplyHeader, skip: u64 },
-    /// Send this reply, then hang up.
-    RefuseAndClose { reply: ReplyHeader, why: Close },
+    /// Send this reply (of `error`), then skip `skip` bytes of payload.
+    Refuse {
+        reply: ReplyHeader,
+        error: Errno,
+        skip: u64,
+    },
+    /// Send this reply (of `error`), then hang up.
+    RefuseAndClose {
+        reply: ReplyHeader,
+        error: Errno,
+        why: Close,
+    },
     /// NBD_CMD_DISC: the client is done; finish what is in flight and close.
     Disconnect,
 }
@@ -70,8 +78,14 @@ pub enum Outcome<'a> {
 pub struct Completed {
     pub reply: ReplyHeader,
     pub body: Body,
-    /// False for an error reply (counted as an error in the stats).
-    pub ok: bool,
+    /// The error an error reply carries (counted in the stats).
+    pub error: Option<Errno>,
+}
+
+impl Completed {
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+    }
 }
 
 /// What follows the reply header.
@@ -165,11 +179,13 @@ impl Transmission {
                 // Never buffered, and skipping gigabytes only helps an attacker.
                 Next::RefuseAndClose {
                     reply,
+                    error: errno,
                     why: Close::Oversized(payload),
                 }
             } else {
                 Next::Refuse {
                     reply,
+                    error: errno,
                     skip: payload,
                 }
             }
@@ -207,6 +223,7 @@ impl Transmission {
             Ok(cmd) => Next::Start(cmd),
             Err(errno) => Next::Refuse {
                 reply: self.error(h.cookie, h.offset, errno),
+                error: errno,
                 skip: 0,
             },
         }
@@ -227,7 +244,7 @@ impl Transmission {
         let failed = |errno| Completed {
             reply: self.error(cookie, offset, errno),
             body: Body::None,
-            ok: false,
+            error: Some(errno),
         };
         match (outcome, *cmd) {
             (Outcome::Read { got }, Command::Read { len, .. }) => {
@@ -240,7 +257,7 @@ impl Transmission {
                     Completed {
                         reply,
                         body: if len > 0 { Body::Data } else { Body::None },
-                        ok: true,
+                        error: None,
                     },
                     None,
                 )
@@ -258,7 +275,7 @@ impl Transmission {
                                 n,
                             ),
                             body: Body::Descriptors,
-                            ok: true,
+                            error: None,
                         },
                         None,
                     ),
@@ -268,7 +285,7 @@ impl Transmission {
                 Completed {
                     reply: ReplyHeader::done(style, cookie, offset),
                     body: Body::None,
-                    ok: true,
+                    error: None,
                 },
                 None,
             ),

@@ -85,7 +85,7 @@ fn a_write_claiming_gigabytes_is_refused_and_closed_never_buffered() {
             u32::MAX as u64
         };
         match t.handle_header(&req(CMD_WRITE, flags, 0, len), SIZE) {
-            Next::RefuseAndClose { reply, why } => {
+            Next::RefuseAndClose { reply, why, .. } => {
                 assert_eq!(why, Close::Oversized(len));
                 assert_eq!(errno_of(&reply), (Errno::Inval.wire(), 42));
             }
@@ -104,7 +104,7 @@ fn refused_writes_skip_their_payload_and_stay_in_sync() {
     let t = session(ReplyStyle::Simple);
     // Past the end: ENOSPC, then the 4 KiB of data is skipped.
     match t.handle_header(&req(CMD_WRITE, 0, SIZE, 4096), SIZE) {
-        Next::Refuse { reply, skip } => {
+        Next::Refuse { reply, skip, .. } => {
             assert_eq!(errno_of(&reply).0, Errno::NoSpc.wire());
             assert_eq!(skip, 4096);
         }
@@ -117,7 +117,9 @@ fn refused_writes_skip_their_payload_and_stay_in_sync() {
         req(CMD_READ, 1 << 9, 0, 1),
     ] {
         match t.handle_header(&h, SIZE) {
-            Next::Refuse { reply, skip: 0 } => assert_eq!(errno_of(&reply).0, Errno::Inval.wire()),
+            Next::Refuse { reply, skip: 0, .. } => {
+                assert_eq!(errno_of(&reply).0, Errno::Inval.wire())
+            }
             other => panic!("{h:?}: {other:?}"),
         }
     }
@@ -227,7 +229,9 @@ fn block_status_payload_form() {
     ];
     for p in bad {
         match t.handle_payload(&h, cmd, &p, SIZE) {
-            Next::Refuse { reply, skip: 0 } => assert_eq!(errno_of(&reply).0, Errno::Inval.wire()),
+            Next::Refuse { reply, skip: 0, .. } => {
+                assert_eq!(errno_of(&reply).0, Errno::Inval.wire())
+            }
             other => panic!("{p:?}: {other:?}"),
         }
     }
@@ -254,11 +258,11 @@ fn completions() {
         };
         let mut d = Vec::new();
         let (ok, none) = t.complete(&h, &read, Outcome::Read { got: 4096 }, &mut d);
-        assert!(ok.ok && none.is_none());
+        assert!(ok.ok() && none.is_none());
         assert_eq!(ok.body, Body::Data);
         // A backend that returns less than asked is a bug the client sees as EIO.
         let (short, anomaly) = t.complete(&h, &read, Outcome::Read { got: 10 }, &mut d);
-        assert!(!short.ok && short.body == Body::None);
+        assert!(!short.ok() && short.body == Body::None);
         assert_eq!(
             anomaly,
             Some(Anomaly::ShortRead {
@@ -281,7 +285,7 @@ fn completions() {
         };
         let hb = req(CMD_BLOCK_STATUS, 0, 0, 4096);
         let (empty, anomaly) = t.complete(&hb, &bs, Outcome::Extents(&[]), &mut d);
-        assert!(!empty.ok && anomaly == Some(Anomaly::NoExtents));
+        assert!(!empty.ok() && anomaly == Some(Anomaly::NoExtents));
         let extents = [Extent {
             len: 4096,
             flags: STATE_HOLE,

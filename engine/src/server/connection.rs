@@ -311,11 +311,13 @@ impl Conn {
             match next {
                 Next::Start(cmd) => self.start(hdr, cmd, None, permit, started).await,
                 Next::Payload { .. } => unreachable!("payloads are read above"),
-                Next::Refuse { reply, skip } => {
+                Next::Refuse { reply, error, skip } => {
+                    self.export.stats.refused(self.shard.index, error);
                     self.send(reply, Body::None, permit);
                     inbuf.skip(skip as usize).await?;
                 }
-                Next::RefuseAndClose { reply, why } => {
+                Next::RefuseAndClose { reply, error, why } => {
+                    self.export.stats.refused(self.shard.index, error);
                     self.send(reply, Body::None, permit);
                     tracing::info!(%why, "closing connection");
                     return Ok(());
@@ -338,6 +340,8 @@ impl Conn {
         permit: Permit,
         started: Instant,
     ) {
+        let (op, len) = op_of(&cmd);
+        self.export.stats.started(self.shard.index, op, len);
         if matches!(
             cmd,
             Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. }
@@ -398,7 +402,7 @@ impl Conn {
         };
         self.export
             .stats
-            .record(self.shard.index, op, started.elapsed(), len, done.ok);
+            .record(self.shard.index, op, started.elapsed(), len, done.error);
         self.send(done.reply, body, permit);
     }
 
