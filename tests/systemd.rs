@@ -185,3 +185,56 @@ fn without_notify_socket_nothing_is_sent_and_the_runner_runs() {
     assert_healthy(&r.addr, "m");
     r.stop();
 }
+
+#[test]
+fn a_config_file_sets_what_flags_do_and_flags_override_it() {
+    // What the unit's /etc/nbd-runner/nbd-runner.toml does.
+    let dir = scratch();
+    let config = dir.path().join("nbd-runner.toml");
+    std::fs::write(
+        &config,
+        "# settings are the long flags\nthreads = 1\nlist-exports = true\n\
+         export = [\"mem:from-config,size=2M\"]\n",
+    )
+    .unwrap();
+    let r = Runner::start_with(&[
+        "--config",
+        path_str(&config),
+        "--threads",
+        "2",
+        "--export",
+        "mem:from-flags,size=1M",
+    ]);
+    // Each shard's threads (executor and blocking pool) carry its name.
+    let shards: std::collections::BTreeSet<String> = r
+        .threads()
+        .into_iter()
+        .filter(|t| t.name.starts_with("nbd-shard"))
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(
+        shards.len(),
+        2,
+        "--threads 2 overrides the file's 1: {shards:?}"
+    );
+    // list-exports from the file: NBD_OPT_LIST names both exports.
+    let list = run_ok(
+        "nbdinfo",
+        &["--list", "--json", &format!("nbd://{}", r.addr)],
+    );
+    assert!(
+        list.contains("from-config") && list.contains("from-flags"),
+        "{list}"
+    );
+
+    // A mistake: one line naming the file and the key, and no start.
+    std::fs::write(&config, "threads = 2\niohots = \"::1\"\n").unwrap();
+    let err = runner_refuses(&["--config", path_str(&config)]);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(path_str(&config)) && err.contains("unknown setting \"iohots\""),
+        "{err}"
+    );
+    let err = runner_refuses(&["--config", "/nonexistent/nbd-runner.toml"]);
+    assert!(err.contains("No such file"), "{err}");
+}

@@ -113,8 +113,48 @@ pub struct Invocation {
     pub command: Command,
 }
 
+/// A handler's commands, each with the bare keywords it takes after its
+/// KEY: the vocabulary of [`parse`], from which the man page and the shell
+/// completions are built (`cli_docs`; a test there holds the two together).
+pub const HANDLER_VERBS: &[(&str, &[&str])] = &[
+    ("create", &["size", "prealloc", "option", "server", "host"]),
+    ("delete", &["host"]),
+    (
+        "map",
+        &[
+            "timeout",
+            "readonly",
+            "connections",
+            "shards",
+            "route",
+            "host",
+        ],
+    ),
+    ("unmap", &["host"]),
+    (
+        "list",
+        &["map", "unmap", "create", "dead", "live", "all", "host"],
+    ),
+    ("info", &["host"]),
+    ("stats", &["host"]),
+    ("resize", &["size", "allow-shrink", "host"]),
+    ("help", &[]),
+];
+/// Commands without a handler.
+pub const TOP_VERBS: &[(&str, &[&str])] = &[
+    ("watch", &["interval", "host"]),
+    (
+        "list",
+        &["map", "unmap", "create", "dead", "live", "all", "host"],
+    ),
+    ("info", &["host"]),
+    ("stats", &["host"]),
+    ("help", &[]),
+    ("version", &[]),
+];
+
 /// Flags that take a value (`--NAME VALUE` or `--NAME=VALUE`), anywhere.
-const VALUE_FLAGS: [&str; 12] = [
+pub const VALUE_FLAGS: [&str; 12] = [
     "host",
     "token-file",
     "tls-certificates",
@@ -129,7 +169,7 @@ const VALUE_FLAGS: [&str; 12] = [
     "shards",
 ];
 /// Flags that stand alone, anywhere.
-const SWITCHES: [&str; 6] = [
+pub const SWITCHES: [&str; 6] = [
     "json",
     "prealloc",
     "readonly",

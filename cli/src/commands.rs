@@ -256,7 +256,7 @@ fn tls_config(global: &Global) -> Result<Option<std::sync::Arc<rustls::ClientCon
         .transpose()
 }
 
-fn help(handler: Option<Handler>) -> String {
+pub fn help(handler: Option<Handler>) -> String {
     let h = handler.map_or("<gluster|ceph|file|mem>".to_owned(), |h| h.to_string());
     let key = handler.map_or("KEY".to_owned(), |h| format!("<{}>", h.key_form()));
     let mut s = format!(

@@ -1,6 +1,7 @@
 //! Shared pieces of the nbd-runner and nbd-cli binaries.
 
 pub mod cli_args;
+pub mod cli_docs;
 pub mod cli_output;
 pub mod commands;
 pub mod kernel;
@@ -8,6 +9,7 @@ pub mod map;
 pub mod reclaim;
 pub mod runner;
 pub mod runner_args;
+pub mod runner_config;
 pub mod service;
 pub mod watch;
 

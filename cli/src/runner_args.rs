@@ -38,9 +38,16 @@ pub enum TlsArg {
     after_help = "Keyword forms from the original nbd-runner also work:\n  \
                   nbd-runner threads 4 rpchost 127.0.0.1 iohost 127.0.0.1\n  \
                   nbd-runner help | version\n\n\
-                  Example: nbd-runner --export file:/var/lib/nbd/disk0.raw,size=10G"
+                  Example: nbd-runner --export file:/var/lib/nbd/disk0.raw,size=10G",
+    // A flag given twice (in --config and on the command line) takes the last.
+    args_override_self = true
 )]
 pub struct RunnerArgs {
+    /// TOML file of settings: keys are the long flags without the dashes
+    /// (`iohost = "0.0.0.0"`, `list-exports = true`, `export = [...]`);
+    /// flags on the command line override it, lists add up.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address the control route listens on (nbd-cli talks to it).
     #[arg(long, default_value = "127.0.0.1")]
     pub rpchost: IpAddr,

@@ -6,7 +6,13 @@ use nbd_cli::runner_args::{normalize, RunnerArgs};
 use std::io::IsTerminal;
 
 fn main() {
-    let args = RunnerArgs::parse_from(normalize(std::env::args()));
+    let args = match nbd_cli::runner_config::with_config(normalize(std::env::args())) {
+        Ok(args) => RunnerArgs::parse_from(args),
+        Err(e) => {
+            eprintln!("nbd-runner: {e}");
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
