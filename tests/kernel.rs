@@ -244,6 +244,32 @@ fn kernel_attach_in_vm() {
             ],
         ));
     }
+    // The Debian package under a real systemd as PID 1: tests/package.sh
+    // (run by tests/run.sh as root) leaves the .deb in target/debian/.
+    let deb = std::fs::read_dir(repo().join("target/debian"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+    match deb {
+        Some(deb) => runs.push(GuestRun(
+            "guest-systemd.sh",
+            format!("NBD_DEB='{}'", deb.display()),
+            &[
+                "GUEST-SYSTEMD-OK",
+                "SYSTEMD: PID 1 is systemd",
+                "SYSTEMD: nbd-runner.service active",
+                "SYSTEMD: reattached by nbd-cli-watch.service, data intact",
+            ],
+            vec![("VM_INIT", "systemd".into())],
+        )),
+        None => eprintln!(
+            "kernel test: no target/debian/*.deb (tests/package.sh builds it as root): \
+             the systemd guest run is skipped"
+        ),
+    }
     // Gluster in the guest: the guest has no NIC, so it runs its own glusterd
     // (tests/run.sh installs the packages and builds with the feature).
     if cfg!(feature = "gluster") && std::env::var_os("NBD_TEST_GLUSTER_VOLUME").is_some() {

@@ -60,6 +60,17 @@ else
   echo "tests/run.sh: not root (or NBD_TEST_CEPH=0): ceph tests skipped" >&2
 fi
 
+# ---- package -------------------------------------------------------------------
+# The Debian package (cargo deb) built, installed with dpkg -i, checked from
+# the installed paths and removed again. Root only, and with the gluster and
+# ceph libraries the package links.
+if [ "$(id -u)" = 0 ] && [ ${#gluster_features[@]} -gt 0 ] && [ ${#ceph_features[@]} -gt 0 ] \
+   && [ "${NBD_TEST_PACKAGE:-1}" != 0 ]; then
+  tests/package.sh
+else
+  echo "tests/run.sh: not root, no gluster/ceph (or NBD_TEST_PACKAGE=0): package test skipped" >&2
+fi
+
 # The fuzz crate lives outside the workspace; type-check it with the cfg
 # cargo-fuzz sets, so its targets cannot rot.
 RUSTFLAGS="--cfg fuzzing -D warnings" CARGO_TARGET_DIR=target/fuzz-check \

@@ -43,9 +43,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in $(cat /modules/order); do insmod /modules/$m || echo "insmod $m failed"; done
-CMDF=; KVER=; KMODS=
+CMDF=; KVER=; KMODS=; VMINIT=
 for a in $(cat /proc/cmdline); do
-  case $a in vm_cmd=*) CMDF=${a#vm_cmd=};; vm_kver=*) KVER=${a#vm_kver=};; vm_kmods=*) KMODS=${a#vm_kmods=};; esac
+  case $a in vm_cmd=*) CMDF=${a#vm_cmd=};; vm_kver=*) KVER=${a#vm_kver=};; vm_kmods=*) KMODS=${a#vm_kmods=};; vm_init=*) VMINIT=${a#vm_init=};; esac
 done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /mnt/host || { echo "9p mount failed"; poweroff -f; }
 mount -t tmpfs -o size=75% tmpfs /mnt/upper; mkdir -p /mnt/upper/u /mnt/upper/w
@@ -68,6 +68,40 @@ rc=\$?
 echo "===VM-END rc=\$rc uptime=\$(/bin/busybox cut -d' ' -f1 /proc/uptime)"
 /bin/busybox sync; /bin/busybox poweroff -f
 EOS
+# vm_init=systemd (VM_INIT=systemd in run-in-vm.sh): the host's systemd as PID 1, which
+# starts only vm-test.target, whose one service runs the same /vm-init.sh (the command, then
+# poweroff): for tests of the runner's units under a real service manager.
+if [ "$VMINIT" = systemd ]; then
+  mkdir -p /newroot/etc/systemd/system
+  cat > /newroot/etc/systemd/system/vm-test.service <<EOS
+[Unit]
+Description=the VM's test command
+DefaultDependencies=no
+[Service]
+Type=oneshot
+ExecStart=/bin/busybox sh /vm-init.sh
+StandardInput=null
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/ttyS0
+EOS
+  cat > /newroot/etc/systemd/system/vm-test.target <<EOS
+[Unit]
+Description=the VM's test
+Requires=vm-test.service
+AllowIsolate=yes
+EOS
+  # Boot-time work that only costs time here: tmpfiles would walk (and clean) the host's
+  # /tmp and /var/tmp over 9p, and udev would coldplug every device under emulation.
+  for u in systemd-tmpfiles-setup.service systemd-tmpfiles-clean.service systemd-tmpfiles-clean.timer \
+           systemd-udevd.service systemd-udev-trigger.service systemd-udev-settle.service \
+           lvm2-monitor.service e2scrub_reap.service systemd-random-seed.service; do
+    ln -sf /dev/null /newroot/etc/systemd/system/$u
+  done
+  # systemd mounts /run itself.
+  umount /newroot/run
+  exec switch_root /newroot /lib/systemd/systemd --unit=vm-test.target --log-level=warning --show-status=false
+fi
 # switch_root so PID 1 (and kernel usermode helpers such as request_module -> modprobe) see the overlay root.
 exec switch_root /newroot /bin/busybox sh /vm-init.sh
 EOI

@@ -15,6 +15,7 @@
 #      VM_DISK (a raw image file: the guest's virtio disk /dev/vda, storage outside its RAM),
 #      VM_APPEND (more kernel arguments, e.g. loglevel=4 to see hung-task reports),
 #      VM_MONITOR (a unix socket path for QEMU's monitor, to dump a hung guest's tasks),
+#      VM_INIT=systemd (the host's systemd as the guest's PID 1, starting only the command),
 #      VM_VERBOSE (0: only COMMAND's output; 1: the whole console), VM_ACCEL (kvm|tcg; see below).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -63,7 +64,7 @@ QEMU_MODULE_DIR=$R/usr/lib/x86_64-linux-gnu/qemu timeout --foreground -k 10 "${V
   "${ACCEL[@]}" -smp "${VM_CPUS:-2}" -m "${VM_MEM:-2G}" \
   -nodefaults -no-user-config -nographic -serial stdio -nic none -no-reboot \
   -kernel "$R/boot/vmlinuz-$KVER" -initrd "$VM/initramfs.cpio.gz" \
-  -append "console=ttyS0 quiet loglevel=3 panic=-1 vm_cmd=$CMDF vm_kver=$KVER vm_kmods=$R/lib/modules/$KVER ${VM_APPEND:-}" \
+  -append "console=ttyS0 quiet loglevel=3 panic=-1 vm_cmd=$CMDF vm_kver=$KVER vm_kmods=$R/lib/modules/$KVER ${VM_INIT:+vm_init=$VM_INIT} ${VM_APPEND:-}" \
   "${DISK[@]}" "${MON[@]}" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   >"$LOG" 2>&1 </dev/null
