@@ -51,6 +51,41 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// `--json` form of a backstore: its fields, plus for ceph the parts of its
+/// key the way rbd-nbd's `list-mapped --format json` names them (pool,
+/// namespace, "" for none, image, snap, null for none), so an integration
+/// written for rbd-nbd finds them.
+#[derive(serde::Serialize)]
+pub struct JsonBackstore<'a> {
+    #[serde(flatten)]
+    pub info: &'a BackstoreInfo,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub ceph: Option<CephParts>,
+}
+
+#[derive(serde::Serialize)]
+pub struct CephParts {
+    pub pool: String,
+    pub namespace: String,
+    pub image: String,
+    pub snap: Option<String>,
+}
+
+impl<'a> JsonBackstore<'a> {
+    pub fn of(info: &'a BackstoreInfo) -> Self {
+        let ceph = (info.handler == nbd_control::model::Handler::Ceph)
+            .then(|| nbd_engine::config::ceph_key::CephKey::parse(&info.key).ok())
+            .flatten()
+            .map(|k| CephParts {
+                pool: k.pool,
+                namespace: k.namespace.unwrap_or_default(),
+                image: k.image,
+                snap: k.snapshot,
+            });
+        JsonBackstore { info, ceph }
+    }
+}
+
 pub fn list(items: &[BackstoreInfo]) -> String {
     if items.is_empty() {
         return "no backstores\n".into();
@@ -196,6 +231,38 @@ pub fn stats(s: &StatsReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_names_a_ceph_keys_parts() {
+        let mut b: BackstoreInfo = serde_json::from_value(serde_json::json!({
+            "key": "rbd/ns/img@s1", "handler": "ceph", "size": 1, "state": "mapped",
+            "device": "/dev/nbd3", "read_only": true, "flags": 0, "mode": "", "error": null,
+            "connections": [], "links": [], "placement": [], "options": {},
+            "reattaches": 0, "reattached_at": null, "cookie": "c00k1e"
+        }))
+        .expect("a BackstoreInfo");
+        let v = serde_json::to_value(JsonBackstore::of(&b)).unwrap();
+        for (k, want) in [
+            ("pool", "rbd"),
+            ("namespace", "ns"),
+            ("image", "img"),
+            ("snap", "s1"),
+            ("device", "/dev/nbd3"),
+            ("cookie", "c00k1e"),
+            ("state", "mapped"),
+        ] {
+            assert_eq!(v[k], want, "{k} in {v}");
+        }
+        b.key = "rbd/img".into();
+        let v = serde_json::to_value(JsonBackstore::of(&b)).unwrap();
+        assert_eq!(
+            (v["namespace"].as_str(), v["snap"].is_null()),
+            (Some(""), true)
+        );
+        b.handler = nbd_control::model::Handler::Mem;
+        let v = serde_json::to_value(JsonBackstore::of(&b)).unwrap();
+        assert!(v.get("pool").is_none(), "{v}");
+    }
 
     #[test]
     fn sizes_read_naturally() {

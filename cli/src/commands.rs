@@ -129,13 +129,16 @@ pub fn run(inv: Invocation) -> Result<()> {
             let Response::List(items) = client.call(&Request::List { handler, filter })? else {
                 bail!("unexpected answer to list");
             };
-            emit(json, &items, || cli_output::list(&items))
+            let view: Vec<_> = items.iter().map(cli_output::JsonBackstore::of).collect();
+            emit(json, &view, || cli_output::list(&items))
         }
         Command::Info { key } => {
             let Response::Backstore(b) = client.call(&Request::Info { key })? else {
                 bail!("unexpected answer to info");
             };
-            emit(json, &b, || cli_output::info(&b))
+            emit(json, &cli_output::JsonBackstore::of(&b), || {
+                cli_output::info(&b)
+            })
         }
         Command::Stats { key } => {
             let Response::Stats(s) = client.call(&Request::Stats { key })? else {
@@ -295,10 +298,13 @@ pub fn help(handler: Option<Handler>) -> String {
     }
     if handler == Some(Handler::Ceph) {
         s.push_str(
-            "Keys may also be POOL/NAMESPACE/IMAGE. create takes option K=V for: conf=PATH, \
-             id=NAME, keyring=PATH\n(defaults: the runner's --ceph-conf/--ceph-id/--ceph-keyring), \
-             object_size=4M, features=layering,exclusive-lock,...,\nmount_timeout=SECS, \
-             op_timeout=SECS, rbd_cache=true|false.\n",
+            "Keys may also be POOL/NAMESPACE/IMAGE, and either with @SNAP: a snapshot, served \
+             read-only (create adopts it at its size; delete forgets it and removes nothing).\n\
+             create takes option K=V for: conf=PATH, id=NAME, keyring=PATH\n(defaults: the runner's \
+             --ceph-conf/--ceph-id/--ceph-keyring), object_size=4M, features=layering,exclusive-lock,...,\n\
+             mount_timeout=SECS, op_timeout=SECS, rbd_cache=true|false, and encryption=luks1|luks2 with\n\
+             passphrase_file=PATH (0600; librbd's LUKS, formatted when the runner creates the image).\n\
+             list --json and info --json add pool, namespace, image and snap for ceph backstores.\n",
         );
     }
     s

@@ -26,7 +26,7 @@ pub type HandlerDefaults = BTreeMap<String, String>;
 /// Options that name host files or other hosts: a control client could use
 /// them to make the root daemon read any file (librados reads `conf` and
 /// `keyring`) or connect anywhere.
-const HOST_OPTIONS: [&str; 4] = ["conf", "keyring", "id", "server"];
+const HOST_OPTIONS: [&str; 5] = ["conf", "keyring", "id", "server", "passphrase_file"];
 
 /// Runner-wide settings every open follows.
 #[derive(Clone)]
@@ -145,6 +145,8 @@ pub fn options(h: Handler) -> &'static [&'static str] {
             "mount_timeout",
             "op_timeout",
             "rbd_cache",
+            "encryption",
+            "passphrase_file",
         ],
         Handler::File => &["direct"],
         Handler::Mem => &[],

@@ -3,6 +3,7 @@
 //! reason on bad input; what the values mean is checked where they are used
 //! (the control crate's factory for export specs).
 
+pub mod ceph_key;
 pub mod cpulist;
 pub mod export_spec;
 pub mod hostport;

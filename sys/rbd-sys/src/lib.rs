@@ -57,6 +57,21 @@ pub const RBD_FEATURE_FAST_DIFF: u64 = 1 << 4;
 pub const RBD_FLAG_OBJECT_MAP_INVALID: u64 = 1 << 0;
 pub const RBD_FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
 
+/// `rbd_encryption_format_t` (librbd.h, Pacific and later).
+pub const RBD_ENCRYPTION_FORMAT_LUKS1: c_int = 0;
+pub const RBD_ENCRYPTION_FORMAT_LUKS2: c_int = 1;
+/// `rbd_encryption_algorithm_t`.
+pub const RBD_ENCRYPTION_ALGORITHM_AES256: c_int = 1;
+
+/// `rbd_encryption_luks1_format_options_t` and `..._luks2_...`, which have
+/// the same layout; load ignores `alg`.
+#[repr(C)]
+pub struct rbd_encryption_luks_format_options_t {
+    pub alg: c_int,
+    pub passphrase: *const c_char,
+    pub passphrase_size: usize,
+}
+
 extern "C" {
     // librados: cluster handle and pool context.
     pub fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
@@ -92,6 +107,24 @@ extern "C" {
         name: *const c_char,
         image: *mut rbd_image_t,
         snap_name: *const c_char,
+    ) -> c_int;
+    pub fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    pub fn rbd_encryption_format(
+        image: rbd_image_t,
+        format: c_int,
+        opts: *mut rbd_encryption_luks_format_options_t,
+        opts_size: usize,
+    ) -> c_int;
+    pub fn rbd_encryption_load(
+        image: rbd_image_t,
+        format: c_int,
+        opts: *mut rbd_encryption_luks_format_options_t,
+        opts_size: usize,
     ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;

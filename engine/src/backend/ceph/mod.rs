@@ -1,7 +1,12 @@
 //! Ceph RBD backstores through librbd (cargo feature `ceph`).
 //!
-//! Keys are `POOL/IMAGE` or `POOL/NAMESPACE/IMAGE`. Backstores with the
-//! same cluster settings share one rados connection ([`rados::Cluster`]).
+//! Keys are `POOL/IMAGE` or `POOL/NAMESPACE/IMAGE`, and `...@SNAP` for a
+//! snapshot, which is always served read-only and never created or
+//! removed. `encryption=luks1|luks2` with `passphrase_file=PATH` serves an
+//! image through librbd's own LUKS (formatted when the runner creates the
+//! image, loaded otherwise), as `rbd-nbd --encryption-format` does.
+//! Backstores with the same cluster settings share one rados connection
+//! ([`rados::Cluster`]).
 //!
 //! Multi-conn and the exclusive lock: every shard and connection uses one
 //! shared image handle. librbd handles are thread-safe, so this costs
@@ -18,7 +23,8 @@ mod aio;
 pub mod rados;
 
 use super::*;
-use rados::{Cluster, ClusterConfig, Image, ImageOptions};
+use crate::config::ceph_key::CephKey;
+use rados::{Cluster, ClusterConfig, Image, ImageOptions, Luks};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,11 +39,52 @@ const DEFAULT_OP_TIMEOUT: u32 = 60;
 /// Where a backstore lives and how to create it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CephSpec {
-    pub pool: String,
-    pub namespace: Option<String>,
-    pub image: String,
+    /// Pool, namespace, image, and a snapshot (served read-only).
+    pub key: CephKey,
     pub cluster: ClusterConfig,
     pub create: ImageOptions,
+    pub encryption: Option<Encryption>,
+}
+
+/// librbd LUKS: the format, and the file holding the passphrase (read at
+/// open, byte for byte as `rbd encryption format` reads it; never logged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encryption {
+    pub luks: Luks,
+    pub passphrase_file: PathBuf,
+}
+
+/// The longest passphrase file read.
+const MAX_PASSPHRASE: u64 = 4096;
+
+impl Encryption {
+    /// The passphrase; the file must be the owner's alone (0600 or less).
+    fn passphrase(&self) -> Result<Vec<u8>, String> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let path = &self.passphrase_file;
+        let f = std::fs::File::open(path)
+            .map_err(|e| format!("passphrase_file {}: {e}", path.display()))?;
+        let meta = f.metadata().map_err(|e| e.to_string())?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "passphrase_file {} is readable by others (mode {:o}); chmod 600 it",
+                path.display(),
+                meta.mode() & 0o777
+            ));
+        }
+        let mut pass = Vec::new();
+        f.take(MAX_PASSPHRASE + 1)
+            .read_to_end(&mut pass)
+            .map_err(|e| format!("passphrase_file {}: {e}", path.display()))?;
+        if pass.is_empty() || pass.len() as u64 > MAX_PASSPHRASE {
+            return Err(format!(
+                "passphrase_file {} must hold 1 to {MAX_PASSPHRASE} bytes",
+                path.display()
+            ));
+        }
+        Ok(pass)
+    }
 }
 
 fn config_error(key: &str, msg: impl std::fmt::Display) -> BackendError {
@@ -52,15 +99,24 @@ impl CephSpec {
         setting: impl Fn(&str) -> Option<String>,
     ) -> Result<CephSpec, BackendError> {
         let bad = |m: String| config_error(key, m);
-        let parts: Vec<&str> = key.split('/').collect();
-        let (pool, namespace, image) = match parts[..] {
-            [p, i] => (p, None, i),
-            [p, n, i] => (p, Some(n), i),
-            _ => return Err(bad("expected POOL/IMAGE or POOL/NAMESPACE/IMAGE".into())),
+        let parsed = CephKey::parse(key).map_err(bad)?;
+        let luks = match setting("encryption").as_deref() {
+            None => None,
+            Some("luks1") => Some(Luks::V1),
+            Some("luks2") => Some(Luks::V2),
+            Some(v) => return Err(bad(format!("encryption is luks1 or luks2, not {v:?}"))),
         };
-        if [pool, image].iter().any(|s| s.is_empty()) || namespace == Some("") {
-            return Err(bad("empty pool, namespace or image name".into()));
-        }
+        let encryption = match (luks, setting("passphrase_file")) {
+            (Some(luks), Some(f)) => Some(Encryption {
+                luks,
+                passphrase_file: PathBuf::from(f),
+            }),
+            (None, None) => None,
+            (Some(_), None) => return Err(bad("encryption needs passphrase_file=PATH".into())),
+            (None, Some(_)) => {
+                return Err(bad("passphrase_file needs encryption=luks1|luks2".into()))
+            }
+        };
         let secs = |name: &str, default: u32| -> Result<u32, BackendError> {
             setting(name).map_or(Ok(default), |v| {
                 v.parse()
@@ -74,9 +130,8 @@ impl CephSpec {
             .map(|v| parse_features(&v).map_err(bad))
             .transpose()?;
         Ok(CephSpec {
-            pool: pool.into(),
-            namespace: namespace.map(Into::into),
-            image: image.into(),
+            key: parsed,
+            encryption,
             cluster: ClusterConfig {
                 conf: setting("conf").map(PathBuf::from),
                 id: setting("id").map(|s| s.trim_start_matches("client.").to_owned()),
@@ -95,23 +150,24 @@ impl CephSpec {
     }
 
     pub fn key(&self) -> String {
-        match &self.namespace {
-            Some(ns) => format!("{}/{ns}/{}", self.pool, self.image),
-            None => format!("{}/{}", self.pool, self.image),
-        }
+        self.key.to_string()
     }
 
     fn pool(&self) -> Result<rados::Pool, BackendError> {
         let key = self.key();
         let cluster = Cluster::get(&self.cluster).map_err(|e| config_error(&key, e))?;
         cluster
-            .pool(&self.pool, self.namespace.as_deref())
+            .pool(&self.key.pool, self.key.namespace.as_deref())
             .map_err(|e| config_error(&key, e))
     }
 
-    /// Removes the image (blocking). A missing image is not an error.
+    /// Removes the image (blocking). A missing image is not an error; a
+    /// snapshot backstore never removes anything (it is a view).
     pub fn remove(&self) -> Result<(), BackendError> {
-        match self.pool()?.remove(&self.image) {
+        if self.key.snapshot.is_some() {
+            return Ok(());
+        }
+        match self.pool()?.remove(&self.key.image) {
             Err(e) if e.errno == libc::ENOENT => Ok(()),
             r => r.map_err(|e| config_error(&self.key(), e)),
         }
@@ -169,13 +225,20 @@ impl CephBackend {
         let key = spec.key();
         let err = |e: rados::CephError| config_error(&key, e);
         let pool = spec.pool()?;
+        // A snapshot is opened as it is: never created, never written.
+        let read_only = read_only || spec.key.snapshot.is_some();
         let created = create
-            && match pool.create(&spec.image, size, spec.create) {
+            && spec.key.snapshot.is_none()
+            && match pool.create(&spec.key.image, size, spec.create) {
                 Ok(()) => true,
                 Err(e) if e.errno == libc::EEXIST => false,
                 Err(e) => return Err(err(e)),
             };
-        let image = match pool.open(&spec.image) {
+        let opened = match &spec.key.snapshot {
+            Some(snap) => pool.open_snapshot(&spec.key.image, snap),
+            None => pool.open(&spec.key.image),
+        };
+        let image = match opened {
             Ok(i) => i,
             Err(e) => {
                 if created {
@@ -184,17 +247,35 @@ impl CephBackend {
                 return Err(err(e));
             }
         };
-        let stat = image.stat().map_err(err)?;
-        if create && !created && stat.size != size {
+        // Adopting checks the raw size, the one the image was created with.
+        let raw = image.stat().map_err(err)?;
+        if create && !created && raw.size != size {
             return Err(config_error(
                 &key,
                 format!(
                     "the image exists with size {}, not {size}; give its size to adopt it",
-                    stat.size
+                    raw.size
                 ),
             ));
         }
-        let mode = format!(
+        if let Some(enc) = &spec.encryption {
+            let pass = enc.passphrase().map_err(|m| config_error(&key, m))?;
+            // Formatting loads the encryption on this handle too.
+            let done = if created {
+                image.encryption_format(enc.luks, &pass)
+            } else {
+                image.encryption_load(enc.luks, &pass)
+            };
+            if let Err(e) = done {
+                drop(image);
+                if created {
+                    let _ = spec.remove();
+                }
+                return Err(err(e));
+            }
+        }
+        let stat = image.stat().map_err(err)?;
+        let mut mode = format!(
             "librbd aio, one image handle shared by all shards; FLUSH/FUA = rbd_aio_flush; \
              librbd cache {}; {}; object size {} KiB; block status from {}",
             match spec.cluster.rbd_cache {
@@ -210,6 +291,12 @@ impl CephBackend {
                 "object listing (no fast-diff)"
             }
         );
+        if let Some(snap) = &spec.key.snapshot {
+            mode.push_str(&format!("; snapshot {snap}, read-only"));
+        }
+        if let Some(enc) = &spec.encryption {
+            mode.push_str(&format!("; {} encryption by librbd", enc.luks));
+        }
         let shared = Arc::new(Shared {
             size: AtomicU64::new(stat.size),
             image,
@@ -402,8 +489,11 @@ mod tests {
     #[test]
     fn keys_and_settings() {
         let s = spec("rbd/disk0", &[]).unwrap();
-        assert_eq!((s.pool.as_str(), s.image.as_str()), ("rbd", "disk0"));
-        assert_eq!(s.namespace, None);
+        assert_eq!(
+            (s.key.pool.as_str(), s.key.image.as_str()),
+            ("rbd", "disk0")
+        );
+        assert_eq!(s.key.namespace, None);
         assert_eq!(s.cluster.mount_timeout, DEFAULT_MOUNT_TIMEOUT);
         let s = spec(
             "rbd/ns1/disk0",
@@ -416,7 +506,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(s.namespace.as_deref(), Some("ns1"));
+        assert_eq!(s.key.namespace.as_deref(), Some("ns1"));
         assert_eq!(s.key(), "rbd/ns1/disk0");
         assert_eq!(s.cluster.id.as_deref(), Some("nbd"));
         assert_eq!(s.create.order, Some(20));
@@ -428,6 +518,52 @@ mod tests {
         assert!(spec("rbd/x", &[("object_size", "3M")]).is_err());
         assert!(spec("rbd/x", &[("features", "turbo")]).is_err());
         assert!(spec("rbd/x", &[("mount_timeout", "soon")]).is_err());
+    }
+
+    #[test]
+    fn snapshots_and_encryption_settings() {
+        let s = spec("rbd/ns/img@s1", &[]).unwrap();
+        assert_eq!(
+            (s.key.image.as_str(), s.key.snapshot.as_deref()),
+            ("img", Some("s1"))
+        );
+        assert_eq!(s.key(), "rbd/ns/img@s1");
+        let s = spec(
+            "rbd/img",
+            &[("encryption", "luks1"), ("passphrase_file", "/etc/p")],
+        )
+        .unwrap();
+        let enc = s.encryption.unwrap();
+        assert_eq!(
+            (enc.luks, enc.passphrase_file),
+            (Luks::V1, PathBuf::from("/etc/p"))
+        );
+        let msg = |o: &[(&str, &str)]| spec("rbd/img", o).unwrap_err().to_string();
+        assert!(msg(&[("encryption", "luks2")]).contains("needs passphrase_file"));
+        assert!(msg(&[("passphrase_file", "/p")]).contains("needs encryption"));
+        assert!(msg(&[("encryption", "aes"), ("passphrase_file", "/p")]).contains("luks1 or luks2"));
+        assert!(spec("rbd/img@", &[]).is_err());
+    }
+
+    #[test]
+    fn passphrase_files_must_be_private_and_small() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        let enc = Encryption {
+            luks: Luks::V2,
+            passphrase_file: path.clone(),
+        };
+        std::fs::write(&path, b"secret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(enc.passphrase().unwrap_err().contains("readable by others"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Byte for byte, newline included, as `rbd encryption format` reads it.
+        assert_eq!(enc.passphrase().unwrap(), b"secret\n");
+        std::fs::write(&path, vec![b'x'; 5000]).unwrap();
+        assert!(enc.passphrase().unwrap_err().contains("1 to 4096 bytes"));
+        std::fs::write(&path, b"").unwrap();
+        assert!(enc.passphrase().is_err());
     }
 
     #[test]

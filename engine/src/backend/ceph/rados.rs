@@ -61,6 +61,7 @@ pub enum Op {
     Open,
     Create,
     Remove,
+    Encryption,
     Other,
 }
 
@@ -73,11 +74,15 @@ fn hint(op: Op, errno: i32) -> &'static str {
             " (authentication failed; check the client id and its keyring)"
         }
         (Op::Connect, libc::ENOENT) => " (ceph.conf or keyring not found or unreadable)",
+        (Op::Encryption, libc::EPERM | libc::EACCES | libc::EINVAL) => {
+            " (wrong passphrase, or not an encrypted image of that format)"
+        }
+        (Op::Encryption, libc::EEXIST) => " (already encrypted)",
         (_, libc::EACCES | libc::EPERM) => {
             " (the client's caps do not allow this; see `ceph auth get client.ID`)"
         }
         (Op::Pool, libc::ENOENT) => " (no such pool)",
-        (Op::Open, libc::ENOENT) => " (no such image)",
+        (Op::Open, libc::ENOENT) => " (no such image or snapshot)",
         (Op::Create, libc::EEXIST) => " (the image already exists)",
         (Op::Remove, libc::EBUSY) => " (the image is still open somewhere: watchers exist)",
         (_, libc::ETIMEDOUT) => " (the cluster did not answer in time)",
@@ -277,6 +282,46 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Opens snapshot `snap` of image `name`, read-only.
+    pub fn open_snapshot(self, name: &str, snap: &str) -> Result<Image, CephError> {
+        let (cname, csnap) = (cstr(name)?, cstr(snap)?);
+        let mut handle = ptr::null_mut();
+        // SAFETY: valid ioctx, names and out pointer.
+        let r = unsafe { rbd_open_read_only(self.io, cname.as_ptr(), &mut handle, csnap.as_ptr()) };
+        check(r, Op::Open, || format!("opening snapshot {name}@{snap}"))?;
+        Ok(Image {
+            handle,
+            _pool: self,
+        })
+    }
+}
+
+/// LUKS as librbd does it (`rbd encryption format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Luks {
+    V1,
+    V2,
+}
+
+impl std::fmt::Display for Luks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Luks::V1 => "LUKS1",
+            Luks::V2 => "LUKS2",
+        })
+    }
+}
+
+impl Luks {
+    fn format(self) -> std::os::raw::c_int {
+        match self {
+            Luks::V1 => RBD_ENCRYPTION_FORMAT_LUKS1,
+            Luks::V2 => RBD_ENCRYPTION_FORMAT_LUKS2,
+        }
+    }
+}
+
 /// An open image. librbd image handles are thread-safe: one is shared by
 /// every shard (see the backend's notes on the exclusive lock).
 pub struct Image {
@@ -307,6 +352,37 @@ pub struct ImageStat {
 }
 
 impl Image {
+    /// Writes a LUKS header with `passphrase` (AES-256): the image is
+    /// encrypted from now on, and loaded ([`Image::encryption_load`]).
+    pub fn encryption_format(&self, luks: Luks, passphrase: &[u8]) -> Result<(), CephError> {
+        self.encryption(luks, passphrase, true)
+    }
+
+    /// Unlocks an encrypted image: IO through this handle is decrypted and
+    /// its size is what is left after the header.
+    pub fn encryption_load(&self, luks: Luks, passphrase: &[u8]) -> Result<(), CephError> {
+        self.encryption(luks, passphrase, false)
+    }
+
+    fn encryption(&self, luks: Luks, passphrase: &[u8], format: bool) -> Result<(), CephError> {
+        let mut opts = rbd_encryption_luks_format_options_t {
+            alg: RBD_ENCRYPTION_ALGORITHM_AES256,
+            passphrase: passphrase.as_ptr().cast(),
+            passphrase_size: passphrase.len(),
+        };
+        let size = std::mem::size_of_val(&opts);
+        // SAFETY: an open image; opts points at the passphrase for the call only.
+        let r = unsafe {
+            if format {
+                rbd_encryption_format(self.handle, luks.format(), &mut opts, size)
+            } else {
+                rbd_encryption_load(self.handle, luks.format(), &mut opts, size)
+            }
+        };
+        let what = if format { "formatting" } else { "loading" };
+        check(r, Op::Encryption, || format!("{what} {luks} encryption"))
+    }
+
     pub fn raw(&self) -> rbd_image_t {
         self.handle
     }
@@ -320,8 +396,14 @@ impl Image {
         // SAFETY: valid handle, out-pointer to a local.
         let r = unsafe { rbd_get_features(self.handle, &mut features) };
         check(r, Op::Other, || "rbd_get_features".into())?;
+        // rbd_get_size is what IO may address: with encryption loaded, the
+        // image less its header (rbd_stat keeps the raw size).
+        let mut size = 0u64;
+        // SAFETY: valid handle, out-pointer to a local.
+        let r = unsafe { rbd_get_size(self.handle, &mut size) };
+        check(r, Op::Other, || "rbd_get_size".into())?;
         Ok(ImageStat {
-            size: info.size,
+            size,
             obj_size: info.obj_size,
             features,
         })
