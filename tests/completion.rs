@@ -1,6 +1,7 @@
 //! The generated shell completions and man pages, checked by the programs
 //! that read them: bash completes through the function `complete -p`
-//! names, zsh and fish parse their scripts, and man renders both pages.
+//! names, fish through `complete -C`, zsh parses its script, and man
+//! renders both pages.
 
 mod common;
 use std::process::Command;
@@ -71,21 +72,39 @@ fn bash_completes_handlers_commands_keywords_and_flags() {
 }
 
 #[test]
-fn zsh_and_fish_accept_their_scripts_where_installed() {
+fn zsh_and_fish_accept_their_scripts_and_fish_completes_them() {
     let dir = generated();
     for (shell, file) in [("zsh", "zsh/_nbd-cli"), ("fish", "fish/nbd-cli.fish")] {
         let path = dir.path().join("completions").join(file);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("gluster") && text.contains("map"), "{file}");
-        // Syntax check with the shell itself when the machine has it.
-        if let Ok(out) = Command::new(shell).arg("-n").arg(&path).output() {
-            assert!(
-                out.status.success(),
-                "{shell} -n {file}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        // The shell itself parses the script (.ci/run installs zsh and fish).
+        let out = Command::new(shell)
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("{shell}: {e} (.ci/run installs it)"));
+        assert!(
+            out.status.success(),
+            "{shell} -n {file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    // fish's own completion engine, on the generated script.
+    let fish = dir.path().join("completions/fish/nbd-cli.fish");
+    let out = Command::new("fish")
+        .arg("-c")
+        .arg(format!(
+            "source {}; complete -C 'nbd-cli gluster ma'",
+            fish.display()
+        ))
+        .output()
+        .expect("fish");
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.lines().any(|l| l.split('\t').next() == Some("map")),
+        "fish completes 'nbd-cli gluster ma' to: {got:?}"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 need=()
 for tool in fio:fio nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdsh:libnbd-bin \
             qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-            openssl:openssl tcpdump:tcpdump prometheus:prometheus promtool:prometheus man:man-db; do
+            openssl:openssl tcpdump:tcpdump prometheus:prometheus promtool:prometheus man:man-db zsh:zsh fish:fish; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
