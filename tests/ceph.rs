@@ -822,7 +822,7 @@ fn a_snapshot_serves_read_only_the_bytes_it_was_taken_with() {
     let info = json(&cli_ok(&r, &["--json", "ceph", "info", &snap]));
     assert_eq!(info["read_only"], true, "{info}");
     assert_eq!(
-        (info["image"].as_str(), info["snap"].as_str()),
+        (info["image"].as_str(), info["snapshot"].as_str()),
         (key.split('/').nth(1), Some("s1"))
     );
     assert!(

@@ -52,9 +52,9 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// `--json` form of a backstore: its fields, plus for ceph the parts of its
-/// key the way rbd-nbd's `list-mapped --format json` names them (pool,
-/// namespace, "" for none, image, snap, null for none), so an integration
-/// written for rbd-nbd finds them.
+/// key: pool, namespace ("" for none), image, and snapshot (null for none),
+/// also as `snap`, the name rbd-nbd's `list-mapped --format json` uses, so
+/// an integration written for rbd-nbd finds it.
 #[derive(serde::Serialize)]
 pub struct JsonBackstore<'a> {
     #[serde(flatten)]
@@ -68,6 +68,7 @@ pub struct CephParts {
     pub pool: String,
     pub namespace: String,
     pub image: String,
+    pub snapshot: Option<String>,
     pub snap: Option<String>,
 }
 
@@ -80,7 +81,8 @@ impl<'a> JsonBackstore<'a> {
                 pool: k.pool,
                 namespace: k.namespace.unwrap_or_default(),
                 image: k.image,
-                snap: k.snapshot,
+                snap: k.snapshot.clone(),
+                snapshot: k.snapshot,
             });
         JsonBackstore { info, ceph }
     }
@@ -246,6 +248,7 @@ mod tests {
             ("pool", "rbd"),
             ("namespace", "ns"),
             ("image", "img"),
+            ("snapshot", "s1"),
             ("snap", "s1"),
             ("device", "/dev/nbd3"),
             ("cookie", "c00k1e"),

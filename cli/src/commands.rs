@@ -304,7 +304,7 @@ pub fn help(handler: Option<Handler>) -> String {
              --ceph-conf/--ceph-id/--ceph-keyring), object_size=4M, features=layering,exclusive-lock,...,\n\
              mount_timeout=SECS, op_timeout=SECS, rbd_cache=true|false, and encryption=luks1|luks2 with\n\
              passphrase_file=PATH (0600; librbd's LUKS, formatted when the runner creates the image).\n\
-             list --json and info --json add pool, namespace, image and snap for ceph backstores.\n",
+             list --json and info --json add pool, namespace, image and snapshot (also snap) for ceph backstores.\n",
         );
     }
     s
