@@ -41,6 +41,11 @@ def slurp(path):
 meminfo, vmstat = opened("/proc/meminfo"), opened("/proc/vmstat")
 inflight = opened(f"/sys/block/{dev}/inflight")
 sysrq = os.open("/proc/sysrq-trigger", os.O_WRONLY)
+zoneinfo, buddy = opened("/proc/zoneinfo"), opened("/proc/buddyinfo")
+# The kernel log from now on, read without blocking: what sysrq prints reaches
+# it whatever the console's loglevel.
+kmsg = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+os.lseek(kmsg, 0, os.SEEK_END)
 threads = []
 for tid in sorted(os.listdir(f"/proc/{rp}/task"), key=int):
     t = f"/proc/{rp}/task/{tid}"
@@ -90,9 +95,27 @@ for n in range(1, 1000):
                 out.append(f"  task {pid}/{tid} {slurp(t + '/comm').strip()} {state} wchan {slurp(t + '/wchan')}")
                 out += ["    " + l for l in slurp(t + "/stack").splitlines()[:14]]
     out.append("  memory pressure: " + " ".join(slurp("/proc/pressure/memory").split()))
+    # Per zone: free pages against the watermarks, and free blocks by order.
+    for l in read(zoneinfo).splitlines():
+        w = l.split()
+        if w[:1] == ["Node"] or w[:2] == ["pages", "free"] or w[:1] in (["min"], ["low"], ["high"]):
+            out.append("  zone " + " ".join(w))
+    out += ["  buddy " + " ".join(l.split()) for l in read(buddy).splitlines()]
     print("\n".join(out), flush=True)
     # Blocked tasks every stall; every task's stack once, at the second.
     os.write(sysrq, b"w")
     stalls += 1
     if stalls == 2:
         os.write(sysrq, b"t")
+    if stalls <= 3:
+        time.sleep(1)
+        lines = []
+        while len(lines) < 3000:
+            try:
+                rec = os.read(kmsg, 8192).decode(errors="replace")
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: records were overwritten; go on from here
+                continue
+            lines.append(rec.split(";", 1)[-1].rstrip())
+        print("\n".join("  kmsg " + l for l in lines), flush=True)
