@@ -187,6 +187,52 @@ fn without_notify_socket_nothing_is_sent_and_the_runner_runs() {
 }
 
 #[test]
+fn a_manager_that_stops_reading_or_a_bad_notify_socket_cannot_stall_the_runner() {
+    // A manager that binds NOTIFY_SOCKET and never reads: its queue (ten
+    // datagrams by default) fills with pings within a second, and a
+    // blocking send would then hold the supervisor, so the stop, for ever.
+    let dir = scratch();
+    let notify = dir.path().join("deaf.sock");
+    let deaf = UnixDatagram::bind(&notify).expect("bind NOTIFY_SOCKET");
+    let log = dir.path().join("runner.log");
+    let mut r = Runner::start_env(
+        &["--threads", "1", "--export", "mem:m,size=1M"],
+        &[
+            ("NOTIFY_SOCKET", path_str(&notify)),
+            ("WATCHDOG_USEC", "40000"),
+        ],
+        &log,
+    );
+    // 20 ms pings: well past the queue's depth by now, and still serving.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_healthy(&r.addr, "m");
+    r.signal(libc::SIGTERM);
+    let st = r.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "runner exit {st}");
+    drop(deaf);
+
+    // Nobody at the path, a path that is a regular file, an abstract name
+    // nobody bound, a nonsense watchdog: each is ignored, and the runner
+    // serves and stops as usual.
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, "x").unwrap();
+    for (socket, usec) in [
+        (path_str(&dir.path().join("nobody.sock")), "100000"),
+        (path_str(&file), "100000"),
+        ("@nbd-runner-test-nobody", "100000"),
+        (path_str(&notify), "soon"),
+    ] {
+        let mut r = Runner::start_env(
+            &["--threads", "1", "--export", "mem:m,size=1M"],
+            &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", usec)],
+            &log,
+        );
+        assert_healthy(&r.addr, "m");
+        r.stop();
+    }
+}
+
+#[test]
 fn a_config_file_sets_what_flags_do_and_flags_override_it() {
     // What the unit's /etc/nbd-runner/nbd-runner.toml does.
     let dir = scratch();
@@ -237,4 +283,23 @@ fn a_config_file_sets_what_flags_do_and_flags_override_it() {
     );
     let err = runner_refuses(&["--config", "/nonexistent/nbd-runner.toml"]);
     assert!(err.contains("No such file"), "{err}");
+
+    // Hostile files: no end (read capped at 1 MiB), one byte too big, not
+    // UTF-8, not TOML. Each is one line and no start.
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("# {}\n", "x".repeat(1 << 20))).unwrap();
+    let binary = dir.path().join("binary.toml");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+    let garbage = dir.path().join("garbage.toml");
+    std::fs::write(&garbage, "threads = [[[\n").unwrap();
+    for (file, says) in [
+        ("/dev/zero", "larger than 1048576 bytes"),
+        (path_str(&big), "larger than 1048576 bytes"),
+        (path_str(&binary), "UTF-8"),
+        (path_str(&garbage), "line 1: unclosed array"),
+    ] {
+        let err = runner_refuses(&["--config", file]);
+        assert_eq!(err.trim().lines().count(), 1, "{file}: {err}");
+        assert!(err.contains(file) && err.contains(says), "{file}: {err}");
+    }
 }

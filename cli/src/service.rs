@@ -32,10 +32,34 @@ pub fn heartbeats(shards: usize) -> Option<Arc<Heartbeats>> {
     Some(Arc::new(Heartbeats::new(shards, every)))
 }
 
+/// One datagram to NOTIFY_SOCKET, never waiting: a manager that stops
+/// reading (its queue is ten datagrams deep by default) loses messages
+/// instead of stalling the supervisor, and with it the runner's stop.
+/// (sd_notify::notify sends blocking.)
 fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::debug!("sd_notify: {e}");
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    if let Err(e) = send_nonblocking(&path, msg.as_bytes()) {
+        tracing::debug!("sd_notify to {}: {e}", path.to_string_lossy());
     }
+}
+
+fn send_nonblocking(path: &std::ffi::OsStr, msg: &[u8]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    // "@name" is an abstract socket (sd_notify(3)).
+    let addr = match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(path)?,
+    };
+    sock.connect_addr(&addr)?;
+    sock.send(msg)?;
+    Ok(())
 }
 
 fn status(table: &ExportTable, io: &str) -> String {
