@@ -100,8 +100,8 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let s = TcpStream::connect(&self.addr).ok()?;
-        drop(s);
+        // Until Prometheus listens there is no answer yet (`get` would panic).
+        TcpStream::connect(&self.addr).ok()?;
         let (status, body) = get(&self.addr, &format!("/api/v1/query?query={q}"), None);
         if !status.contains("200") {
             return None;
