@@ -23,6 +23,11 @@ pub struct Reader {
     deadline: Option<Instant>,
     /// Set once STARTTLS has run: bytes come out of the session, not the socket.
     tls: Option<Rc<TlsSession>>,
+    /// The last `recv` took less than it had room for, so the socket was
+    /// empty then: the next fill waits first instead of paying a `recv`
+    /// that would fail (at QD1 it always would, as the reply has not even
+    /// gone out yet).
+    drained: bool,
 }
 
 impl Reader {
@@ -34,6 +39,7 @@ impl Reader {
             end: 0,
             deadline: None,
             tls: None,
+            drained: false,
         }
     }
 
@@ -60,6 +66,8 @@ impl Reader {
     pub fn set_tls(&mut self, tls: Rc<TlsSession>) {
         debug_assert_eq!(self.len(), 0);
         self.tls = Some(tls);
+        // The TLS handshake read past what we saw: rustls may hold data.
+        self.drained = false;
     }
 
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
@@ -92,15 +100,22 @@ impl Reader {
             self.start = 0;
         }
         loop {
+            if std::mem::take(&mut self.drained) {
+                self.socket.readable(self.deadline).await?;
+            }
             let space = &mut self.buf[self.end..];
+            let room = space.len();
             let got = match &self.tls {
                 Some(tls) => tls.recv(&self.socket, space),
                 // SAFETY: space is valid writable memory of space.len() bytes.
-                None => unsafe { self.socket.recv(space.as_mut_ptr(), space.len()) },
+                None => unsafe { self.socket.recv(space.as_mut_ptr(), room) },
             };
             if let Some(r) = got {
                 let n = r?;
                 self.end += n;
+                // rustls may hold decrypted bytes back: only a plain
+                // socket tells us it is empty.
+                self.drained = self.tls.is_none() && n > 0 && n < room;
                 return Ok(n);
             }
             self.socket.readable(self.deadline).await?;
@@ -154,6 +169,7 @@ impl Reader {
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
+            self.drained = n < len - at;
             // SAFETY: recv initialised these n bytes.
             unsafe { dst.set_len(at + n) };
         }
