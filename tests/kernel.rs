@@ -5,8 +5,8 @@
 //! tests/vm/guest-cli.sh does the operator's flow with nbd-cli,
 //! tests/vm/guest-tls.sh maps over kernel TLS, tests/vm/guest-restart.sh
 //! restarts and upgrades the runner under fio with `nbd-cli watch`
-//! reattaching (with NBD_TEST_SWAP=1 tests/vm/guest-swap.sh swaps onto a
-//! mapped device), and with the
+//! reattaching, tests/vm/guest-swap.sh swaps onto a mapped device, and
+//! with the
 //! gluster feature tests/vm/guest-gluster.sh maps a gluster backstore; with
 //! the ceph feature tests/vm/guest-ceph.sh maps a ceph backstore and resizes
 //! it under the kernel.
@@ -215,12 +215,10 @@ fn kernel_attach_in_vm() {
     ));
     // Swap on a mapped device served from a virtio disk (a sparse host
     // file), not from the guest's RAM; over the runner's unix socket, the
-    // route that carries the kernel's reserve-backed writes. Only with
-    // NBD_TEST_SWAP=1: it passed every run on the development machine and
-    // hung on a fresh CI machine (issue 11's note has the evidence).
-    let swap_disk = std::env::var_os("NBD_TEST_SWAP").map(|_| vm_dir.join("scratch.img"));
-    if let Some(disk) = &swap_disk {
-        let f = std::fs::File::create(disk).expect("create the VM's scratch disk");
+    // route that carries the kernel's reserve-backed writes.
+    {
+        let disk = vm_dir.join("scratch.img");
+        let f = std::fs::File::create(&disk).expect("create the VM's scratch disk");
         f.set_len(1 << 30).expect("size the VM's scratch disk");
         drop(f);
         runs.push(GuestRun(
@@ -238,7 +236,7 @@ fn kernel_attach_in_vm() {
             ],
             // Swap under emulation moves a few MB/s: this run takes minutes.
             vec![
-                ("VM_DISK", disk.clone()),
+                ("VM_DISK", disk),
                 ("VM_MEM", "768M".into()),
                 ("VM_TIMEOUT", "600".into()),
             ],
@@ -340,9 +338,7 @@ fn kernel_attach_in_vm() {
             .unwrap_or("")
             .to_owned();
     }
-    if let Some(disk) = &swap_disk {
-        let _ = std::fs::remove_file(disk);
-    }
+    let _ = std::fs::remove_file(vm_dir.join("scratch.img"));
     eprintln!(
         "kernel attach test: setup {:.1}s, VM run {:.1}s, total {:.1}s; {}",
         t_setup.as_secs_f64(),

@@ -1,8 +1,6 @@
 #!/bin/bash
-# Runs INSIDE the VM (tests/vm/run-in-vm.sh with VM_DISK), driven by tests/kernel.rs with
-# NBD_TEST_SWAP=1 (not in CI: it passed every run on the development machine and hung on a
-# fresh CI machine, nothing in flight on the device and a runner thread running): swap on
-# an NBD device the runner serves, under memory pressure, without the reclaim deadlock.
+# Runs INSIDE the VM (tests/vm/run-in-vm.sh with VM_DISK), driven by tests/kernel.rs: swap
+# on an NBD device the runner serves, under memory pressure, without the reclaim deadlock.
 #   The backstore is the virtio disk /dev/vda itself (a host file; not in guest RAM: / is a
 #   tmpfs overlay), served direct; /dev/nbdX is the guest's only swap; a memory hog takes well more than the
 #   guest's free RAM, writes a pattern into every page and checks it all back. The guest
@@ -17,7 +15,12 @@
 # timestamps), whose commit thread was seen in reclaim waiting on this very swap device.
 # Under QEMU's emulation swap moves at a few MB/s, so reclaim waits of tens of seconds are
 # normal here; the hung-task detector is left at 120 s, and a report means a real hang.
-# By hand (swap-monitor.py prints the kernel stacks if swap stops moving):
+# Why nothing on the runner's IO path may fault in a page: under this pressure free memory
+# sits at the minimum watermark, where the runner's allocations wait for reclaim, which
+# waits for the runner (the runner's --swap-reserve and its in-flight bound; README).
+# By hand (swap-monitor.py prints the kernel stacks if swap stops moving; add
+# VM_APPEND="loglevel=7 sysrq_always_enabled=1" VM_MONITOR=/tmp/mon.sock to read the
+# hung-task reports and send sysrq keys with QEMU's `sendkey alt-sysrq-t`):
 #   truncate -s 2G target/nbd-vm/scratch.img
 #   VM_DISK=$PWD/target/nbd-vm/scratch.img VM_MEM=1G VM_TIMEOUT=600 \
 #     bash tests/vm/run-in-vm.sh "NBD_RUNNER=$PWD/target/debug/nbd-runner \
@@ -69,15 +72,40 @@ swapon "$DEV"
 grep -q "^$DEV " /proc/swaps || fail "$DEV is not in /proc/swaps"
 swapon --show
 
-step "a memory hog well past free RAM"
+step "a memory hog well past free RAM, under a memory limit"
 echo 120 >/proc/sys/kernel/hung_task_timeout_secs
 free_kb=$(kb MemAvailable)
 # Past what is available by 256 MiB, within the swap.
 hog_mb=$((free_kb / 1024 + 256))
-echo "MemAvailable $((free_kb / 1024)) MiB; the hog takes $hog_mb MiB"
+# The supported setup: what can drive the host into swap runs under a memory limit
+# (cgroup v2 memory.max; systemd's MemoryMax=) that leaves the runner headroom, so its
+# own reclaim swaps it out while free memory stays above the minimum watermark. Without
+# a limit (SWAP_GLOBAL=1, by hand) free memory falls to the minimum, where the runner's
+# kernel-side allocations (the bvec array of an O_DIRECT write, the socket buffer of a
+# reply) wait for reclaim that waits for them: seen here as a shard in pwrite ->
+# __blkdev_direct_IO_simple -> kmalloc -> direct reclaim, with the hog and kswapd waiting
+# on the bio pool. No userspace server can take the kernel's reserves for those; the
+# README says so.
+limit_mb=$((free_kb / 1024 - 128))
+HOG_CG=/sys/fs/cgroup/swap-hog
+if [ "${SWAP_GLOBAL:-0}" = 1 ]; then
+  echo "MemAvailable $((free_kb / 1024)) MiB; the hog takes $hog_mb MiB, no limit"
+  HOG_CG=
+else
+  mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
+  echo +memory >/sys/fs/cgroup/cgroup.subtree_control
+  mkdir -p $HOG_CG
+  # Past memory.high the hog is throttled while its own reclaim swaps it out; memory.max
+  # is the hard stop (an OOM kill there fails the test).
+  echo $(((limit_mb - 64) << 20)) >$HOG_CG/memory.high
+  echo $((limit_mb << 20)) >$HOG_CG/memory.max
+  echo "MemAvailable $((free_kb / 1024)) MiB; the hog takes $hog_mb MiB under memory.high $((limit_mb - 64)) MiB"
+fi
 python3 "$(dirname "$0")/swap-monitor.py" "$RP" "${DEV#/dev/}" &
 MON=$!
-python3 - "$hog_mb" <<'EOF'
+# The hog joins its cgroup before it starts (a child of this shell, moved first).
+bash -c '[ -z "$1" ] || echo $$ >"$1/cgroup.procs"; shift; exec python3 - "$@"' \
+  hog "$HOG_CG" "$hog_mb" <<'EOF'
 import mmap, sys
 n = int(sys.argv[1]) << 20
 page = 4096
@@ -98,6 +126,10 @@ print(f"hog: {n >> 20} MiB written and read back; swap in use "
 EOF
 kill $MON
 kill -0 $RP || fail "the runner died under memory pressure"
+if [ -n "$HOG_CG" ]; then
+  grep -E "^(oom|oom_kill) " $HOG_CG/memory.events
+  awk '$1 == "oom_kill" && $2 > 0 {exit 1}' $HOG_CG/memory.events || fail "the hog's cgroup OOM-killed"
+fi
 echo "SWAP: the hog finished through swap on $DEV; the runner stayed up"
 
 step "the kernel saw no swap or nbd errors"

@@ -205,6 +205,20 @@ pub fn unix_peer(fd: impl std::os::fd::AsFd) -> Option<(u32, i32, bool)> {
     Some((uid, cred.pid.as_raw_nonzero().get(), trusted))
 }
 
+/// With a warm reserve, at most half of it in flight per shard and per
+/// connection: payload buffers in flight (and those kept for reuse) then
+/// stay within the heap each shard warmed at start. Under memory pressure a
+/// fresh page is a fault that waits on reclaim, which waits on our IO (seen
+/// in the VM's swap test as a shard in reclaim).
+fn within_reserve(mut limits: Limits, warm_reserve: usize) -> Limits {
+    if warm_reserve > 0 {
+        let cap = (warm_reserve / 2) as u64;
+        limits.shard_bytes = limits.shard_bytes.min(cap);
+        limits.conn_bytes = limits.conn_bytes.min(cap);
+    }
+    limits
+}
+
 /// Touches `bytes` of this thread's heap and frees it again (see
 /// [`EngineConfig::warm_reserve`]), in chunks the allocator serves from its
 /// heaps rather than with a mapping of their own.
@@ -219,6 +233,25 @@ fn warm_heap(bytes: usize) {
         })
         .collect();
     std::hint::black_box(&chunks);
+}
+
+/// Warms a thread that runs direct IO (a shard, or one of its blocking
+/// threads): `heap` bytes of its heap, its stack, and one pooled O_DIRECT
+/// buffer for the largest swap request (the block layer's default cap,
+/// 1280 KiB). A thread first used once swap writes begin would otherwise
+/// fault these in then, under reclaim that may not start IO.
+fn warm_io_thread(heap: usize) {
+    const LARGEST_SWAP_IO: usize = 1280 << 10;
+    warm_heap(heap);
+    touch_stack();
+    drop(crate::backend::AlignedBuf::take(LARGEST_SWAP_IO));
+}
+
+/// Writes 64 KiB of this thread's stack, far deeper than the IO path goes.
+#[inline(never)]
+fn touch_stack() {
+    let mut probe = [1u8; 64 << 10];
+    std::hint::black_box(&mut probe);
 }
 
 pub fn run(
@@ -240,10 +273,10 @@ pub fn run(
         Arc::new(Mutex::new(receivers.into_iter().map(Some).collect()));
     let started = Arc::new(StartOrder::new(threads));
     let load = ShardLoad::new(threads);
-    let limits = config.limits;
+    let warm_reserve = config.warm_reserve;
+    let limits = within_reserve(config.limits, warm_reserve);
     let admission = Admission::new(limits.max_connections, limits.max_connections_per_peer);
     let tls = config.tls.clone();
-    let warm_reserve = config.warm_reserve;
     let directory = config.directory.clone();
     let heartbeats = config.heartbeats.clone();
     // Each shard reports once it is set up; "ready" waits for all of them.
@@ -272,7 +305,9 @@ pub fn run(
                 directory.clone(),
             );
             async move {
-                warm_heap(warm_reserve);
+                if warm_reserve > 0 {
+                    warm_io_thread(warm_reserve);
+                }
                 let index = started.index_of(glommio::executor().id());
                 if let Ok(cpus) = placement::usable_cpus() {
                     directory.shard_started(
@@ -282,7 +317,7 @@ pub fn run(
                             cpus: cpus.clone(),
                         },
                     );
-                    confine_blocking_pool(&cpus).await;
+                    confine_blocking_pool(&cpus, warm_reserve > 0).await;
                 }
                 let _ = up.send(());
                 if let Some(beats) = heartbeats {
@@ -348,13 +383,17 @@ const BLOCKING_THREADS: usize = 16;
 /// Puts every thread of this shard's blocking pool on `cpus`: one job per
 /// thread, each holding its thread until all have run, so no thread runs
 /// two. Spawned as tasks: a blocking job is queued when first polled.
-async fn confine_blocking_pool(cpus: &[usize]) {
+/// With a warm reserve, each thread is warmed too (stack and one buffer).
+async fn confine_blocking_pool(cpus: &[usize], warm: bool) {
     let all = Arc::new(std::sync::Barrier::new(BLOCKING_THREADS));
     let jobs: Vec<_> = (0..BLOCKING_THREADS)
         .map(|_| {
             let (all, cpus) = (all.clone(), cpus.to_vec());
             glommio::spawn_local(glommio::executor().spawn_blocking(move || {
                 let r = placement::confine_current_thread(&cpus);
+                if warm {
+                    warm_io_thread(0);
+                }
                 all.wait();
                 r
             }))
@@ -617,6 +656,21 @@ async fn receive_loop(rx: SharedReceiver<Handoff>, shard: Rc<ShardCtx>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_warm_reserve_bounds_what_is_in_flight_to_half_of_it() {
+        let usual = Limits::default();
+        let swap_safe = within_reserve(usual, 32 << 20);
+        assert_eq!(swap_safe.shard_bytes, 16 << 20);
+        assert_eq!(swap_safe.conn_bytes, 16 << 20);
+        assert_eq!(swap_safe.shard_requests, usual.shard_requests);
+        // A reserve larger than the usual bounds leaves them; none, too.
+        assert_eq!(
+            within_reserve(usual, 8 << 30).shard_bytes,
+            usual.shard_bytes
+        );
+        assert_eq!(within_reserve(usual, 0).conn_bytes, usual.conn_bytes);
+    }
 
     #[test]
     fn shard_indexes_follow_executor_ids_whatever_order_shards_start_in() {

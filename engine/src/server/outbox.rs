@@ -236,28 +236,62 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
 }
 
 /// Reusable payload buffers, so steady-state IO does not allocate.
+/// Bounded in count and bytes: what it keeps plus what is in flight is what
+/// a shard's warmed heap must hold (see the engine's swap reserve).
 #[derive(Default)]
 pub struct BufferPool {
     free: RefCell<Vec<Vec<u8>>>,
+    bytes: Cell<usize>,
 }
 
 const POOL_MAX_BUFFERS: usize = 64;
 const POOL_MAX_CAPACITY: usize = 1 << 20;
+const POOL_MAX_BYTES: usize = 8 << 20;
 
 impl BufferPool {
     pub fn get(&self, capacity: usize) -> Vec<u8> {
         let mut free = self.free.borrow_mut();
         match free.iter().rposition(|v| v.capacity() >= capacity) {
-            Some(i) => free.swap_remove(i),
+            Some(i) => {
+                let v = free.swap_remove(i);
+                self.bytes.set(self.bytes.get() - v.capacity());
+                v
+            }
             None => Vec::with_capacity(capacity),
         }
     }
 
     pub fn put(&self, mut v: Vec<u8>) {
         let mut free = self.free.borrow_mut();
-        if v.capacity() <= POOL_MAX_CAPACITY && free.len() < POOL_MAX_BUFFERS {
+        let bytes = self.bytes.get() + v.capacity();
+        if v.capacity() <= POOL_MAX_CAPACITY
+            && free.len() < POOL_MAX_BUFFERS
+            && bytes <= POOL_MAX_BYTES
+        {
             v.clear();
             free.push(v);
+            self.bytes.set(bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_keeps_at_most_its_byte_bound() {
+        let pool = BufferPool::default();
+        for _ in 0..20 {
+            pool.put(Vec::with_capacity(1 << 20));
+        }
+        assert_eq!(pool.free.borrow().len(), POOL_MAX_BYTES >> 20);
+        // Taking one makes room for one more, and no more.
+        let v = pool.get(4096);
+        assert!(v.capacity() >= 1 << 20);
+        pool.put(Vec::with_capacity(1 << 20));
+        pool.put(Vec::with_capacity(1 << 20));
+        assert_eq!(pool.free.borrow().len(), POOL_MAX_BYTES >> 20);
+        assert_eq!(pool.bytes.get(), POOL_MAX_BYTES);
     }
 }
