@@ -23,10 +23,10 @@ pub struct Reader {
     deadline: Option<Instant>,
     /// Set once STARTTLS has run: bytes come out of the session, not the socket.
     tls: Option<Rc<TlsSession>>,
-    /// The last `recv` took less than it had room for, so the socket was
-    /// empty then: the next fill waits first instead of paying a `recv`
-    /// that would fail (at QD1 it always would, as the reply has not even
-    /// gone out yet).
+    /// The socket was empty at the last look (a `recv` would block, or took
+    /// less than it had room for): the next fill waits first instead of
+    /// paying a `recv` that would fail (at QD1 it always would, as the
+    /// reply has not even gone out yet).
     drained: bool,
 }
 
@@ -110,15 +110,16 @@ impl Reader {
                 // SAFETY: space is valid writable memory of space.len() bytes.
                 None => unsafe { self.socket.recv(space.as_mut_ptr(), room) },
             };
-            if let Some(r) = got {
-                let n = r?;
-                self.end += n;
-                // rustls may hold decrypted bytes back: only a plain
-                // socket tells us it is empty.
-                self.drained = self.tls.is_none() && n > 0 && n < room;
-                return Ok(n);
-            }
-            self.socket.readable(self.deadline).await?;
+            let Some(r) = got else {
+                self.drained = true;
+                continue;
+            };
+            let n = r?;
+            self.end += n;
+            // rustls may hold decrypted bytes back: only a plain socket
+            // tells us it is empty.
+            self.drained = self.tls.is_none() && n > 0 && n < room;
+            return Ok(n);
         }
     }
 
