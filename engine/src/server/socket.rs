@@ -80,10 +80,12 @@ impl NbdSocket {
     }
 
     /// Waits (through io_uring, with a one-byte peek) until the socket has
-    /// data or is closed; past `deadline` it fails with TimedOut.
+    /// data or is closed; past `deadline` it fails with TimedOut. Callers
+    /// wait after a `recv` found the socket empty, so the peek goes to the
+    /// ring at once, without another non-blocking try first.
     pub async fn readable(&self, deadline: Option<Instant>) -> io::Result<()> {
         let mut probe = [0u8; 1];
-        let peek = self.stream.peek(&mut probe);
+        let peek = self.stream.peek_uring(&mut probe);
         let result = match deadline {
             None => peek.await,
             Some(at) => {
