@@ -307,7 +307,7 @@ async fn on_io_thread<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'stati
 
 /// pread/pwrite until done, or end of file for reads.
 fn direct_io(
-    fd: &std::os::fd::OwnedFd,
+    fd: impl std::os::fd::AsFd,
     buf: &mut [u8],
     pos: u64,
     write: bool,
@@ -316,9 +316,9 @@ fn direct_io(
     while done < buf.len() {
         let at = pos + done as u64;
         let n = if write {
-            rustix::io::pwrite(fd, &buf[done..], at)
+            rustix::io::pwrite(&fd, &buf[done..], at)
         } else {
-            rustix::io::pread(fd, &mut buf[done..], at)
+            rustix::io::pread(&fd, &mut buf[done..], at)
         };
         match n {
             Ok(0) => break,
@@ -334,6 +334,20 @@ impl Handle {
     fn as_raw_fd(&self) -> i32 {
         match self {
             Handle::Buffered(f) | Handle::Direct { file: f, .. } => f.as_raw_fd(),
+        }
+    }
+
+    /// The page-cache file, when this request is its shard's only one: then
+    /// a plain `pread`/`pwrite` here costs one syscall, where io_uring costs
+    /// a submission, a completion and (for buffered writes, which it hands
+    /// to its worker threads) a cross-thread wakeup; nothing waits behind it.
+    fn lone_buffered(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            Handle::Buffered(f) if crate::backend::lone::alone() => {
+                // SAFETY: the descriptor lives as long as `f`, which `self` borrows.
+                Some(unsafe { std::os::fd::BorrowedFd::borrow_raw(f.as_raw_fd()) })
+            }
+            _ => None,
         }
     }
 
@@ -423,9 +437,20 @@ impl FileIo {
 
     /// glommio takes the buffer by value, so a short write cannot be
     /// resumed; it only happens when the disk fills, and the client gets the error.
-    async fn write_all(&self, offset: u64, data: Vec<u8>) -> Result<Option<Vec<u8>>, BackendError> {
+    async fn write_all(
+        &self,
+        offset: u64,
+        mut data: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, BackendError> {
         let len = data.len();
-        let (n, spare) = self.file.write_at(data, offset).await?;
+        let (n, spare) = match self.file.lone_buffered() {
+            Some(fd) => {
+                let n = direct_io(fd, &mut data, offset, true)
+                    .map_err(|e| BackendError::io("write", e))?;
+                (n, Some(data))
+            }
+            None => self.file.write_at(data, offset).await?,
+        };
         if n < len {
             return Err(BackendError::io(
                 "short write",
@@ -535,8 +560,17 @@ impl FileIo {
 }
 
 impl BackendIo for FileIo {
-    fn read(&self, offset: u64, len: usize, _buf: Vec<u8>) -> IoFuture<'_, ReadBuf> {
+    fn read(&self, offset: u64, len: usize, buf: Vec<u8>) -> IoFuture<'_, ReadBuf> {
         Box::pin(async move {
+            if let Some(fd) = self.file.lone_buffered() {
+                let mut v = buf;
+                v.resize(len, 0);
+                let got = direct_io(fd, &mut v, offset, false)
+                    .map_err(|e| BackendError::io("read", e))?;
+                // Past the end of a file that shrank under us reads as zeros.
+                v[got..].fill(0);
+                return Ok(ReadBuf::Vec(v));
+            }
             let first = self.file.read_at(offset, len).await?;
             if first.len() == len {
                 return Ok(first);
@@ -697,6 +731,53 @@ mod tests {
                 let on_disk = std::fs::read(&path).unwrap();
                 assert_eq!(&on_disk[4095..4095 + 8192], &data[..]);
                 assert_eq!(on_disk.len() as u64, 4 * MIB);
+            });
+        }
+    }
+
+    /// A lone request takes plain `pread`/`pwrite`, one with company goes
+    /// through io_uring: each must see what the other wrote, and both read
+    /// zeros past the end of a file that shrank under them.
+    #[test]
+    fn lone_and_queued_requests_share_one_view_of_the_file() {
+        use crate::backend::lone;
+        for dir in test_dirs() {
+            with_file(dir.path(), 4 * MIB, |io, path| async move {
+                let a: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+                let b: Vec<u8> = (0..7000u32).map(|i| (i % 241) as u8).collect();
+                assert!(lone::alone());
+                io.write(100, a.clone(), false).await.unwrap();
+                lone::started();
+                lone::started(); // now two in flight: the io_uring path
+                assert_eq!(&*io.read(100, a.len(), Vec::new()).await.unwrap(), &a[..]);
+                io.write(MIB + 3, b.clone(), false).await.unwrap();
+                lone::finished();
+                lone::finished();
+                assert_eq!(
+                    &*io.read(MIB + 3, b.len(), Vec::new()).await.unwrap(),
+                    &b[..]
+                );
+                // Shrink behind the server's back: both paths pad with zeros.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_len(MIB + 1003)
+                    .unwrap();
+                let mut want = b[..1000].to_vec();
+                want.resize(b.len(), 0);
+                // A reused buffer may hold stale bytes: none may leak past the end.
+                let lone_read = io
+                    .read(MIB + 3, b.len(), vec![0xff; b.len()])
+                    .await
+                    .unwrap();
+                assert_eq!(&*lone_read, &want[..]);
+                lone::started();
+                lone::started();
+                let queued_read = io.read(MIB + 3, b.len(), Vec::new()).await.unwrap();
+                lone::finished();
+                lone::finished();
+                assert_eq!(&*queued_read, &want[..]);
             });
         }
     }
