@@ -1321,23 +1321,30 @@ impl LocalExecutor {
     }
 
     fn run_task_queues(&self) -> bool {
+        let mut first = true;
         loop {
             self.reactor.sys.install_eventfd();
-            if self.need_preempt() {
-                // Patched (nbd-runner): a preemption says "poll I/O and come
-                // back", not "idle". Upstream returned false when it came
-                // before any queue ran (an event landed after the last poll),
-                // and the executor parked with runnable tasks until some
-                // later event: a hang once timers stay armed across passes.
+            // Patched (nbd-runner): a preemption says "poll I/O and come
+            // back", not "idle", and it is honoured only after the pass ran
+            // a task. Upstream returned false when it came before any queue
+            // ran (an event landed after the last poll), and the executor
+            // parked with runnable tasks until some later event: a hang once
+            // timers stay armed across passes. Returning at once instead
+            // livelocks when a preemption is pending at every pass (a short
+            // preempt timer, or a latency ring that is never empty).
+            if !first && self.need_preempt() {
                 return true;
             }
-            if !self.run_one_task_queue() {
+            if !self.run_one_task_queue(first) {
                 return false;
             }
+            first = false;
         }
     }
 
-    fn run_one_task_queue(&self) -> bool {
+    /// Runs one task queue until it is empty, yields or a preemption is
+    /// pending; with `run_one`, its first task runs even if one is.
+    fn run_one_task_queue(&self, run_one: bool) -> bool {
         let mut tq = self.queues.borrow_mut();
         let candidate = tq.active_executors.pop();
         tq.stats.scheduler_runs += 1;
@@ -1374,7 +1381,8 @@ impl LocalExecutor {
             let mut tasks_executed_this_loop = 0;
             loop {
                 let mut queue_ref = queue.borrow_mut();
-                if self.need_preempt() || queue_ref.yielded() {
+                let forced = run_one && tasks_executed_this_loop == 0;
+                if !forced && (self.need_preempt() || queue_ref.yielded()) {
                     break;
                 }
 
