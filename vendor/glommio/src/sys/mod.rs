@@ -172,7 +172,6 @@ pub(crate) fn sendmsg_syscall(
 }
 
 mod dma_buffer;
-mod membarrier;
 pub(crate) mod source;
 pub(crate) mod sysfs;
 mod uring;
@@ -306,6 +305,12 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // nbd-runner patch: pairs with the fence in `prepare_to_sleep`. The
+        // caller published its event (a channel item, a blocking result, a
+        // waker) before this; either the sleeper sees the event or we see
+        // `should_notify`. Upstream used a membarrier syscall on every sleep
+        // instead, one syscall per QD1 request.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
@@ -344,6 +349,9 @@ impl SleepNotifier {
         // for the placeholder (disconnected) case.
         assert_ne!(self.id, usize::MAX);
         self.should_notify.store(true, Ordering::Relaxed);
+        // nbd-runner patch: pairs with the fence in `notify` (store-buffering:
+        // with a SeqCst fence on both sides, one side sees the other's store).
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     pub(super) fn wake_up(&self) {
