@@ -10,21 +10,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// One HTTP/1.0 GET; (status line, body).
-fn get(addr: &str, path: &str, accept: Option<&str>) -> (String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read the answer");
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
-}
-
 fn metrics_addr(r: &Runner) -> String {
     r.metrics
         .clone()
@@ -102,7 +87,7 @@ impl Prometheus {
             .collect();
         // Until Prometheus listens there is no answer yet (`get` would panic).
         TcpStream::connect(&self.addr).ok()?;
-        let (status, body) = get(&self.addr, &format!("/api/v1/query?query={q}"), None);
+        let (status, body) = http_get(&self.addr, &format!("/api/v1/query?query={q}"), None);
         if !status.contains("200") {
             return None;
         }
@@ -144,7 +129,7 @@ fn prometheus_scrapes_the_reads_a_client_issued() {
         assert!(read_at(&mut s, 8 << 20, 4096).is_err());
     }
 
-    let (status, text) = get(&at, "/metrics", None);
+    let (status, text) = http_get(&at, "/metrics", None);
     assert!(status.contains("200"), "{status}");
     let read = r#"nbd_requests_total{export="m",op="read"}"#;
     assert_eq!(sample(&text, read), Some(37.0), "{text}");
@@ -207,7 +192,7 @@ fn prometheus_scrapes_the_reads_a_client_issued() {
         String::from_utf8_lossy(&out.stderr)
     );
     // What Prometheus itself asks for: OpenMetrics.
-    let (_, om) = get(
+    let (_, om) = http_get(
         &at,
         "/metrics",
         Some("application/openmetrics-text;version=1.0.0"),
@@ -263,7 +248,7 @@ fn the_endpoint_holds_against_hostile_clients() {
         .map(|_| TcpStream::connect(&at).expect("connect"))
         .collect();
     let t = Instant::now();
-    let (status, body) = get(&at, "/metrics", None);
+    let (status, body) = http_get(&at, "/metrics", None);
     assert!(status.contains("200"), "{status}");
     assert!(body.contains("nbd_requests_total"));
     assert!(
@@ -279,7 +264,7 @@ fn the_endpoint_holds_against_hostile_clients() {
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
-    assert!(get(&at, "/", None).0.contains("404"));
+    assert!(http_get(&at, "/", None).0.contains("404"));
     let mut s = TcpStream::connect(&at).unwrap();
     s.write_all(b"DELETE /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut answer = String::new();

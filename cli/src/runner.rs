@@ -2,7 +2,7 @@
 //! startup exports, signals, the control plane and the engine, then an
 //! orderly stop. The binary only parses flags and sets up logging.
 
-use crate::runner_args::{RunnerArgs, TlsArg};
+use crate::runner_args::{Colocate, RunnerArgs, TlsArg};
 use anyhow::{Context, Result};
 use nbd_control::daemon;
 use nbd_engine::export::ExportTable;
@@ -124,6 +124,7 @@ pub fn run(args: RunnerArgs) -> Result<()> {
                     .then(|| std::time::Duration::from_secs(args.write_timeout)),
                 idle_timeout: (args.idle_timeout > 0)
                     .then(|| std::time::Duration::from_secs(args.idle_timeout)),
+                colocate: (args.colocate == Colocate::Auto).then(|| args.sched.into()),
                 ..Limits::default()
             },
             tls,

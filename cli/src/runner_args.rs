@@ -22,6 +22,13 @@ impl From<Sched> for nbd_engine::server::placement::SchedPolicy {
     }
 }
 
+/// `--colocate`; see [`nbd_engine::server::colocate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Colocate {
+    Auto,
+    Off,
+}
+
 /// `--tls`, nbdkit's spelling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TlsArg {
@@ -110,6 +117,14 @@ pub struct RunnerArgs {
     /// (SCHED_OTHER). See tuning.md.
     #[arg(long, value_enum, default_value_t = Sched::Batch)]
     pub sched: Sched,
+    /// QD1 co-location: `auto` lets a client on this host that waits for
+    /// each reply be woken on the shard's own CPU (the shard is SCHED_IDLE
+    /// for the send of a reply that is its only request, and backs off when
+    /// other work wants that CPU), so the two take turns on one core instead
+    /// of waking each other across cores. `off` never changes the policy.
+    /// See tuning.md.
+    #[arg(long, value_enum, default_value_t = Colocate::Auto)]
+    pub colocate: Colocate,
     /// Microseconds an idle shard spins for new work before it sleeps
     /// (0: sleep at once). Lowers QD1 latency at the cost of CPU; see tuning.md.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]

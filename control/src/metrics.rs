@@ -278,6 +278,22 @@ impl Collector for Scrape {
             connections,
         )?;
 
+        let (lent, slow) = nbd_engine::server::colocate::counts();
+        family(
+            &mut enc,
+            "nbd_colocated_sends",
+            "Replies sent with the shard's CPU lent to a local client waiting on each reply (--colocate)",
+            Counter,
+            one(ConstCounter::new(lent)),
+        )?;
+        family(
+            &mut enc,
+            "nbd_colocation_backoffs",
+            "Lent sends starved by other work on the shard's CPU; each pauses lending on that shard",
+            Counter,
+            one(ConstCounter::new(slow)),
+        )?;
+
         let backstores = {
             let reg = self.0.registry.lock().unwrap_or_else(|e| e.into_inner());
             reg.list(None, ListFilter::All)

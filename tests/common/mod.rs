@@ -70,7 +70,26 @@ impl Runner {
         Self::launch_at(extra, file.into(), "info", false, &[])
     }
 
+    /// Like [`start_logged`](Self::start_logged), run through `program`
+    /// (a wrapper script that ends in `exec nbd-runner "$@"`).
+    pub fn start_program(program: &str, extra: &[&str], log: &Path) -> Runner {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::launch(program, extra, file.into(), "info", false, &[])
+    }
+
     fn launch_at(
+        extra: &[&str],
+        stderr: Stdio,
+        level: &str,
+        swap_safety: bool,
+        env: &[(&str, &str)],
+    ) -> Runner {
+        let program = env!("CARGO_BIN_EXE_nbd-runner");
+        Self::launch(program, extra, stderr, level, swap_safety, env)
+    }
+
+    fn launch(
+        program: &str,
         extra: &[&str],
         stderr: Stdio,
         level: &str,
@@ -100,7 +119,7 @@ impl Runner {
             args.push("--no-swap-safety");
         }
         args.extend_from_slice(extra);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-runner"))
+        let mut child = Command::new(program)
             .args(&args)
             .env(
                 "RUST_LOG",
@@ -726,4 +745,33 @@ pub fn runner_refuses(args: &[&str]) -> String {
     let out = run(env!("CARGO_BIN_EXE_nbd-runner"), args);
     assert!(!out.status.success(), "nbd-runner {args:?} started");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// One HTTP/1.0 GET; (status line, body).
+pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> (String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// A counter's value in the runner's `/metrics` (0 when absent).
+pub fn metric_value(metrics: &str, name: &str) -> u64 {
+    let (_, body) = http_get(metrics, "/metrics", None);
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
 }

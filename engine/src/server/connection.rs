@@ -88,7 +88,8 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>, peer: super::Peer) {
         }
     };
     tracing::debug!(%peer, export = %export.name, shard = shard.index, "client attached");
-    let outbox = Rc::new(Outbox::new(tls, shard.limits.write_timeout));
+    let local = shard.colocate && runs_here(&stream, route);
+    let outbox = Rc::new(Outbox::new(tls, shard.limits.write_timeout, local));
     let writer = glommio::spawn_local({
         let (outbox, socket) = (outbox.clone(), socket.clone());
         async move { outbox.run(&socket, stream).await }
@@ -124,6 +125,18 @@ pub async fn serve(stream: TcpStream, shard: Rc<ShardCtx>, peer: super::Peer) {
         socket.finish(shard.limits.write_timeout).await;
     }
     tracing::debug!(%peer, "client detached");
+}
+
+/// Whether the peer runs on this host: the unix route, loopback, or a TCP
+/// peer on one of our own addresses (both ends then share the address).
+fn runs_here(stream: &TcpStream, route: super::Route) -> bool {
+    if route == super::Route::Unix {
+        return true;
+    }
+    match (stream.peer_addr(), stream.local_addr()) {
+        (Ok(peer), Ok(local)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+        _ => false,
+    }
 }
 
 /// Counts a connection on its export for as long as it lives.

@@ -10,6 +10,7 @@
 
 mod admission;
 mod budget;
+pub mod colocate;
 mod connection;
 pub mod directory;
 pub mod heartbeat;
@@ -59,6 +60,9 @@ pub struct Limits {
     /// A connection with nothing in flight that sends no request for this
     /// long is closed (off by default: an idle kernel device is normal).
     pub idle_timeout: Option<Duration>,
+    /// A lone reply to a peer on this host lends it the shard's CPU,
+    /// returning to this policy after the send ([`colocate`]); None: off.
+    pub colocate: Option<placement::SchedPolicy>,
 }
 
 impl Default for Limits {
@@ -74,6 +78,7 @@ impl Default for Limits {
             max_connections_per_peer: 1024,
             write_timeout: Some(Duration::from_secs(60)),
             idle_timeout: None,
+            colocate: None,
         }
     }
 }
@@ -277,6 +282,7 @@ pub fn run(
     let limits = within_reserve(config.limits, warm_reserve);
     let admission = Admission::new(limits.max_connections, limits.max_connections_per_peer);
     let tls = config.tls.clone();
+    let shard_cpus = config.shard_cpus.clone();
     let directory = config.directory.clone();
     let heartbeats = config.heartbeats.clone();
     // Each shard reports once it is set up; "ready" waits for all of them.
@@ -294,6 +300,7 @@ pub fn run(
             let admission = admission.clone();
             let up = up_tx.lock().unwrap().clone();
             let heartbeats = heartbeats.clone();
+            let shard_cpus = shard_cpus.clone();
             let (senders, receivers, table, shutdown, started, load, tls, directory) = (
                 senders.clone(),
                 receivers.clone(),
@@ -323,7 +330,22 @@ pub fn run(
                 if let Some(beats) = heartbeats {
                     glommio::spawn_local(heartbeat::run(beats, index)).detach();
                 }
-                let shard = ShardCtx::new(index, table, limits, tls);
+                let follow = shard_cpus.as_ref().map(|cpus| {
+                    let mut allowed = cpus.clone();
+                    allowed.sort_unstable();
+                    allowed.dedup();
+                    colocate::Follow::new(cpus[index % cpus.len()], allowed)
+                });
+                let colocate = limits.colocate.is_some_and(|policy| {
+                    colocate::enable(policy, follow)
+                        .inspect_err(|e| {
+                            if index == 0 {
+                                tracing::warn!("QD1 co-location off: {e}");
+                            }
+                        })
+                        .is_ok()
+                });
+                let shard = ShardCtx::new(index, table, limits, tls, colocate);
                 glommio::spawn_local(watch_shutdown(shard.clone(), shutdown)).detach();
                 if index == 0 {
                     let txs = senders.lock().unwrap().take().unwrap_or_default();

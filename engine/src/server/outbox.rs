@@ -46,13 +46,21 @@ pub struct Outbox {
     tls: Option<Rc<TlsSession>>,
     /// A peer that takes no reply bytes for this long is dropped.
     write_timeout: Option<Duration>,
+    /// The peer runs on this host: a lone reply lends it the shard's CPU
+    /// ([`super::colocate`]).
+    local_peer: bool,
 }
 
 impl Outbox {
-    pub fn new(tls: Option<Rc<TlsSession>>, write_timeout: Option<Duration>) -> Self {
+    pub fn new(
+        tls: Option<Rc<TlsSession>>,
+        write_timeout: Option<Duration>,
+        local_peer: bool,
+    ) -> Self {
         Outbox {
             tls,
             write_timeout,
+            local_peer,
             ..Default::default()
         }
     }
@@ -119,7 +127,10 @@ impl Outbox {
                     .collect();
                 match &self.tls {
                     Some(tls) => tls.send(&mut wr, &slices, self.write_timeout).await,
-                    None => send_all(socket, &mut wr, &slices, self.write_timeout).await,
+                    None => {
+                        let local = self.local_peer;
+                        send_all(socket, &mut wr, &slices, self.write_timeout, local).await
+                    }
                 }
             };
             for r in batch.drain(..) {
@@ -191,6 +202,7 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
     wr: &mut W,
     slices: &[&[u8]],
     limit: Option<Duration>,
+    local_peer: bool,
 ) -> io::Result<()> {
     let mut idx = 0;
     let mut off = 0;
@@ -211,7 +223,12 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
                 });
             }
         }
-        let n = match socket.sendmsg(&iov) {
+        let sent = super::colocate::around_send(
+            local_peer,
+            || socket.incoming_cpu(),
+            || socket.sendmsg(&iov),
+        );
+        let n = match sent {
             Some(r) => r?,
             // Socket full: let glommio wait for room, then go back to gathering.
             None => write_within(wr, &slices[idx][off..], limit).await?,

@@ -125,13 +125,24 @@ pub enum SchedPolicy {
     Normal,
 }
 
+impl SchedPolicy {
+    /// The `sched_setscheduler` policy number.
+    pub(crate) fn raw(self) -> libc::c_int {
+        match self {
+            SchedPolicy::Batch => libc::SCHED_BATCH,
+            SchedPolicy::Normal => libc::SCHED_OTHER,
+        }
+    }
+}
+
 /// Applies `policy` to the calling thread and every thread it starts from
 /// now on. Call it first thing in `main`.
 pub fn set_sched_policy(policy: SchedPolicy) -> std::io::Result<()> {
-    let kind = match policy {
-        SchedPolicy::Batch => libc::SCHED_BATCH,
-        SchedPolicy::Normal => libc::SCHED_OTHER,
-    };
+    set_policy(policy.raw())
+}
+
+/// `sched_setscheduler` for the calling thread, policy number `kind`.
+pub(crate) fn set_policy(kind: libc::c_int) -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: plain syscall on the calling thread (pid 0) with a valid param.
     if unsafe { libc::sched_setscheduler(0, kind, &param) } == 0 {

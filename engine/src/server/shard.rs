@@ -24,6 +24,9 @@ pub struct ShardCtx {
     pub limits: Limits,
     pub tls: Option<TlsServer>,
     pub budget: Rc<Budget>,
+    /// Lone replies to local peers lend them this shard's CPU
+    /// ([`super::colocate`]).
+    pub colocate: bool,
     closing: Cell<bool>,
     next_conn: Cell<u64>,
     conns: RefCell<HashMap<u64, Rc<NbdSocket>>>,
@@ -50,9 +53,11 @@ impl ShardCtx {
         table: Arc<ExportTable>,
         limits: Limits,
         tls: Option<TlsServer>,
+        colocate: bool,
     ) -> Rc<Self> {
         Rc::new(ShardCtx {
             index,
+            colocate,
             table,
             tls,
             budget: Budget::new(limits.shard_requests, limits.shard_bytes),

@@ -51,6 +51,17 @@ impl NbdSocket {
         retry(|| unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
     }
 
+    /// The CPU that last processed a packet from the peer. On loopback the
+    /// receive runs in the sender's context, so that is the CPU the client
+    /// ran on when it sent its last request.
+    pub fn incoming_cpu(&self) -> Option<usize> {
+        // SAFETY: our own descriptor, open for as long as `self` lives.
+        let fd = unsafe { rustix::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
+        rustix::net::sockopt::socket_incoming_cpu(fd)
+            .ok()
+            .map(|c| c as usize)
+    }
+
     /// Stops reading: the reader sees end of stream once the buffered
     /// requests are consumed (a clean shutdown).
     pub fn shut_read(&self) {
