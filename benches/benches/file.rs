@@ -88,7 +88,7 @@ fn file_io(c: &mut Criterion) {
                         let fut = io.read(offs.next_offset(), len, Vec::new());
                         async move {
                             let got = fut.await.unwrap();
-                            assert_eq!(black_box(&*got).len(), len);
+                            assert_eq!(black_box(&got).len(), len);
                         }
                     },
                 )

@@ -57,7 +57,7 @@ fn backend_io(c: &mut Criterion) {
             b.iter(|| {
                 let buf = spare.take().unwrap_or_default();
                 let got = block_on(io.read(offs.next_offset(), len, buf)).unwrap();
-                assert_eq!(black_box(&*got).len(), len);
+                assert_eq!(black_box(&got).len(), len);
                 spare = got.into_vec();
             })
         });

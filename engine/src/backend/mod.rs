@@ -156,6 +156,13 @@ pub use aligned::AlignedBuf;
 
 pub enum ReadBuf {
     Vec(Vec<u8>),
+    /// The bytes where they already are (the `mem` store's chunks), sent
+    /// from there: no copy. `spare` is the buffer the caller lent, unused,
+    /// kept for its pool.
+    Shared {
+        slices: Vec<SharedSlice>,
+        spare: Vec<u8>,
+    },
     Glommio(glommio::io::ReadResult),
     /// Read with O_DIRECT into an aligned buffer: the bytes asked for start
     /// at `start` of it.
@@ -166,22 +173,53 @@ pub enum ReadBuf {
     },
 }
 
-impl std::ops::Deref for ReadBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            ReadBuf::Vec(v) => v,
-            ReadBuf::Glommio(r) => r,
-            ReadBuf::Aligned { buf, start, len } => &buf[*start..*start + *len],
+/// Part of a [`ReadBuf::Shared`]: a range of an immutable chunk that the
+/// read keeps alive (a later write to the chunk copies it first), or zeroes.
+pub struct SharedSlice {
+    pub chunk: Option<std::sync::Arc<[u8]>>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl SharedSlice {
+    pub fn bytes(&self) -> &[u8] {
+        static ZEROES: [u8; mem::CHUNK] = [0; mem::CHUNK];
+        match &self.chunk {
+            Some(c) => &c[self.start..self.start + self.len],
+            None => &ZEROES[..self.len],
         }
     }
 }
 
 impl ReadBuf {
+    /// The bytes read, in order: one slice, or one per chunk.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        let (one, shared): (Option<&[u8]>, &[SharedSlice]) = match self {
+            ReadBuf::Vec(v) => (Some(v), &[]),
+            ReadBuf::Glommio(r) => (Some(r), &[]),
+            ReadBuf::Aligned { buf, start, len } => (Some(&buf[*start..*start + *len]), &[]),
+            ReadBuf::Shared { slices, .. } => (None, slices),
+        };
+        one.into_iter().chain(shared.iter().map(SharedSlice::bytes))
+    }
+
+    pub fn len(&self) -> usize {
+        self.slices().map(<[u8]>::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of the bytes, for tests and slow paths.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.slices().flatten().copied().collect()
+    }
+
     /// The Vec back, for the connection's buffer pool.
     pub fn into_vec(self) -> Option<Vec<u8>> {
         match self {
-            ReadBuf::Vec(v) => Some(v),
+            ReadBuf::Vec(v) | ReadBuf::Shared { spare: v, .. } => Some(v),
             ReadBuf::Glommio(_) | ReadBuf::Aligned { .. } => None,
         }
     }

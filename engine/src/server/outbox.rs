@@ -31,8 +31,10 @@ pub struct Reply {
     pub _permit: Option<Permit>,
 }
 
-/// Replies per sendmsg; well under IOV_MAX (1024) at two iovecs each.
+/// Replies per sendmsg; well under IOV_MAX at two iovecs each.
 const BATCH: usize = 256;
+/// iovecs one sendmsg takes (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
 
 #[derive(Default)]
 pub struct Outbox {
@@ -114,17 +116,15 @@ impl Outbox {
         let mut batch = Vec::with_capacity(BATCH);
         while self.next_batch(&mut batch).await {
             let result = {
-                let slices: Vec<&[u8]> = batch
-                    .iter()
-                    .flat_map(|r| {
-                        let body: &[u8] = match &r.body {
-                            Body::None => &[],
-                            Body::Read(b) => b,
-                            Body::Bytes(b) => b,
-                        };
-                        [r.header.as_bytes(), body]
-                    })
-                    .collect();
+                let mut slices: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+                for r in &batch {
+                    slices.push(r.header.as_bytes());
+                    match &r.body {
+                        Body::None => {}
+                        Body::Read(b) => slices.extend(b.slices()),
+                        Body::Bytes(b) => slices.push(b),
+                    }
+                }
                 match &self.tls {
                     Some(tls) => tls.send(&mut wr, &slices, self.write_timeout).await,
                     None => {
@@ -214,7 +214,8 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
             continue;
         }
         iov.clear();
-        for (i, s) in slices[idx..].iter().enumerate() {
+        // A batch of chunked reads can hold more slices than one sendmsg takes.
+        for (i, s) in slices[idx..].iter().take(IOV_MAX).enumerate() {
             let s = if i == 0 { &s[off..] } else { s };
             if !s.is_empty() {
                 iov.push(libc::iovec {
