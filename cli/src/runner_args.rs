@@ -544,6 +544,12 @@ mod tests {
         assert!(parse(&["nbd-runner", "threads", "0"]).is_err());
         assert!(parse(&["nbd-runner", "--iohost", "not-an-ip"]).is_err());
         assert!(parse(&["nbd-runner", "bogus"]).is_err());
+        let e = parse(&["nbd-runner", "--colocate", "always"]).unwrap_err();
+        assert!(
+            e.to_string().contains("auto") && e.to_string().contains("off"),
+            "{e}"
+        );
+        assert_eq!(parse(&["nbd-runner"]).unwrap().colocate, Colocate::Auto);
         let e = parse(&["nbd-runner", "--sched", "fifo"]).unwrap_err();
         assert!(e.to_string().contains("batch"), "{e}");
         assert_eq!(

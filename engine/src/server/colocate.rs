@@ -27,7 +27,7 @@
 //! else wanted the CPU: lending stops for a backoff that doubles each time.
 
 use super::placement::{set_policy, SchedPolicy};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -155,6 +155,9 @@ impl Lender {
 
 thread_local! {
     static LENDER: RefCell<Option<Lender>> = const { RefCell::new(None) };
+    /// A shard that could not get back from SCHED_IDLE (the right to was
+    /// taken away while it ran): lending is off, and every send retries.
+    static STUCK: Cell<Option<SchedPolicy>> = const { Cell::new(None) };
 }
 
 /// Whether this process may go SCHED_IDLE and come back: coming back needs
@@ -214,6 +217,12 @@ pub fn around_send<R>(
     client_cpu: impl FnOnce() -> Option<usize>,
     send: impl FnOnce() -> R,
 ) -> R {
+    if let Some(policy) = STUCK.get() {
+        if set_policy(policy.raw()).is_ok() {
+            STUCK.set(None);
+            tracing::info!("the shard is back to its scheduling policy");
+        }
+    }
     if !local {
         return send();
     }
@@ -246,10 +255,13 @@ pub fn around_send<R>(
     };
     let r = send();
     if let Err(e) = set_policy(restore.raw()) {
-        // The probe said this works; if it stops working, stay as we are
-        // rather than retry on every request.
-        tracing::warn!("cannot return from SCHED_IDLE after a send; co-location off: {e}");
+        // The probe said this works, so the right was taken away since:
+        // lend no more, and retry the way back on every send until it works.
+        tracing::warn!(
+            "cannot return from SCHED_IDLE after a send ({e}); co-location off, retrying on each send"
+        );
         LENDER.with(|l| *l.borrow_mut() = None);
+        STUCK.set(Some(restore));
         return r;
     }
     let now = Instant::now();
@@ -314,6 +326,22 @@ mod tests {
         assert_eq!(f.client_on(0), Some(0));
         assert_eq!(f.go_home(), Some(1));
         assert_eq!(f.go_home(), None);
+    }
+
+    #[test]
+    fn a_stuck_shard_retries_its_policy_on_every_send_until_it_is_back() {
+        std::thread::spawn(|| {
+            set_policy(libc::SCHED_IDLE).unwrap();
+            STUCK.set(Some(SchedPolicy::Batch));
+            let during = around_send(false, || None, || unsafe { libc::sched_getscheduler(0) });
+            if STUCK.get().is_some() {
+                return; // unprivileged test run: the way back stays shut
+            }
+            assert_eq!(during, libc::SCHED_BATCH, "restored before the send");
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_BATCH);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -339,8 +339,10 @@ pub fn run(
                 let colocate = limits.colocate.is_some_and(|policy| {
                     colocate::enable(policy, follow)
                         .inspect_err(|e| {
+                            // An optimisation the process may not use, not a
+                            // fault: say it once, where operators look.
                             if index == 0 {
-                                tracing::warn!("QD1 co-location off: {e}");
+                                tracing::info!("QD1 co-location off: {e}");
                             }
                         })
                         .is_ok()
