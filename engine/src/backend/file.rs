@@ -351,6 +351,18 @@ impl Handle {
         }
     }
 
+    /// A large read spliced from the page cache into a pipe (page
+    /// references, no copy), when its pages are cached or nothing else
+    /// waits on the shard; None takes the copying path.
+    fn splice(&self, offset: u64, len: usize) -> Option<std::io::Result<pipe::Spliced>> {
+        let Handle::Buffered(f) = self else {
+            return None; // O_DIRECT promised to bypass the cache
+        };
+        // SAFETY: the descriptor lives as long as `f`, which `self` borrows.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(f.as_raw_fd()) };
+        pipe::fill_if_cached(fd, offset, len)
+    }
+
     fn buffered(&self) -> &BufferedFile {
         match self {
             Handle::Buffered(f) | Handle::Direct { file: f, .. } => f,
@@ -431,6 +443,28 @@ fn gerr<T>(context: &'static str) -> impl FnOnce(glommio::GlommioError<T>) -> Ba
 }
 
 impl FileIo {
+    /// Completes a read that has `v` of its `len` bytes: past the end of a
+    /// file that shrank under us reads as zeroes.
+    async fn read_rest(
+        &self,
+        offset: u64,
+        len: usize,
+        mut v: Vec<u8>,
+    ) -> Result<ReadBuf, BackendError> {
+        while v.len() < len {
+            let more = self
+                .file
+                .read_at(offset + v.len() as u64, len - v.len())
+                .await?;
+            if more.is_empty() {
+                v.resize(len, 0);
+                break;
+            }
+            more.slices().for_each(|s| v.extend_from_slice(s));
+        }
+        Ok(ReadBuf::Vec(v))
+    }
+
     async fn sync(&self) -> Result<(), BackendError> {
         self.file.fdatasync().await.map_err(gerr("fdatasync"))
     }
@@ -562,6 +596,16 @@ impl FileIo {
 impl BackendIo for FileIo {
     fn read(&self, offset: u64, len: usize, buf: Vec<u8>) -> IoFuture<'_, ReadBuf> {
         Box::pin(async move {
+            if let Some(pipe) = self.file.splice(offset, len) {
+                let pipe = pipe.map_err(|e| BackendError::io("read", e))?;
+                if pipe.len() == len {
+                    return Ok(ReadBuf::Spliced { pipe, spare: buf });
+                }
+                // Short (end of file, or pages that did not fit the pipe):
+                // the rest is copied.
+                let v = pipe.into_vec().map_err(|e| BackendError::io("read", e))?;
+                return self.read_rest(offset, len, v).await;
+            }
             if let Some(fd) = self.file.lone_buffered() {
                 let mut v = buf;
                 v.resize(len, 0);
@@ -578,18 +622,7 @@ impl BackendIo for FileIo {
             // Short read: the file shrank under us or io_uring split it.
             let mut v = Vec::with_capacity(len);
             first.slices().for_each(|s| v.extend_from_slice(s));
-            while v.len() < len {
-                let more = self
-                    .file
-                    .read_at(offset + v.len() as u64, len - v.len())
-                    .await?;
-                if more.is_empty() {
-                    v.resize(len, 0);
-                    break;
-                }
-                more.slices().for_each(|s| v.extend_from_slice(s));
-            }
-            Ok(ReadBuf::Vec(v))
+            self.read_rest(offset, len, v).await
         })
     }
 

@@ -11,12 +11,16 @@ use std::sync::{Arc, Mutex, RwLock};
 /// Allocation and block-status granularity.
 pub const CHUNK: usize = 64 * 1024;
 
+/// A chunk's bytes. Boxed behind the Arc so that a payload received into
+/// its own buffer becomes the chunk as it is, without a copy.
+pub type ChunkBytes = Arc<Box<[u8]>>;
+
 /// None until first written: a hole. Immutable while a read holds it (its
 /// reply is sent straight from the chunk); a write then copies it first.
-type Chunk = RwLock<Option<Arc<[u8]>>>;
+type Chunk = RwLock<Option<ChunkBytes>>;
 
-fn zeroed_chunk() -> Arc<[u8]> {
-    Arc::from(vec![0u8; CHUNK])
+fn zeroed_chunk() -> ChunkBytes {
+    Arc::new(vec![0u8; CHUNK].into_boxed_slice())
 }
 
 /// The RAM every mem backstore may claim together (`--mem-limit`). Each
@@ -203,6 +207,26 @@ impl MemBackend {
         }
     }
 
+    /// Writes a payload received in pieces (see [`BackendIo::write_pieces`]):
+    /// a piece that is a whole chunk becomes that chunk, the rest is copied.
+    pub fn write_pieces(&self, mut offset: u64, pieces: Vec<Vec<u8>>) {
+        for piece in pieces {
+            let n = piece.len() as u64;
+            let whole = offset.is_multiple_of(CHUNK as u64)
+                && piece.len() == CHUNK
+                && offset + n <= self.size;
+            if whole {
+                let bytes = Arc::new(piece.into_boxed_slice());
+                let idx = (offset / CHUNK as u64) as usize;
+                // The old bytes go once no unsent reply holds them.
+                *self.chunks[idx].write().unwrap_or_else(|e| e.into_inner()) = Some(bytes);
+            } else {
+                self.write_from(offset, &piece);
+            }
+            offset += n;
+        }
+    }
+
     /// Zeroes a range: whole chunks become holes unless `keep_allocated`.
     pub fn zero(&self, offset: u64, len: u64, keep_allocated: bool) {
         for (idx, within, n) in self.spans(offset, len) {
@@ -289,6 +313,15 @@ impl BackendIo for MemIo {
         done(Some(data))
     }
 
+    fn write_piece_size(&self) -> Option<usize> {
+        Some(CHUNK)
+    }
+
+    fn write_pieces(&self, offset: u64, pieces: Vec<Vec<u8>>, _fua: bool) -> IoFuture<'_, ()> {
+        self.0.write_pieces(offset, pieces);
+        done(())
+    }
+
     fn flush(&self) -> IoFuture<'_, ()> {
         done(())
     }
@@ -365,6 +398,42 @@ mod tests {
         let tail = m.read_shared(4 * CHUNK as u64 - 10, 30);
         assert_eq!(tail.len(), 2);
         assert_eq!(bytes_of(&tail), vec![0u8; 30]);
+    }
+
+    #[test]
+    fn pieces_become_chunks_without_changing_what_an_in_flight_read_holds() {
+        let size = 4 * CHUNK as u64 - 1000; // the last chunk is short
+        let m = MemBackend::new(size, false, &MemBudget::unlimited()).unwrap();
+        m.write_from(0, &vec![0x11; size as usize]);
+        let held = m.read_shared(0, size as usize);
+        // A head piece, two whole chunks, a tail into the short last chunk.
+        let off = CHUNK as u64 - 10;
+        let pieces = vec![
+            vec![0xa1; 10],
+            vec![0xa2; CHUNK],
+            vec![0xa3; CHUNK],
+            vec![0xa4; 500],
+        ];
+        let total: usize = pieces.iter().map(Vec::len).sum();
+        let whole_ptr = pieces[1].as_ptr();
+        m.write_pieces(off, pieces);
+        assert_eq!(
+            bytes_of(&held),
+            vec![0x11; size as usize],
+            "an in-flight read changed"
+        );
+        let mut want = vec![0x11u8; size as usize];
+        let o = off as usize;
+        want[o..o + 10].fill(0xa1);
+        want[o + 10..o + 10 + CHUNK].fill(0xa2);
+        want[o + 10 + CHUNK..o + 10 + 2 * CHUNK].fill(0xa3);
+        want[o + 10 + 2 * CHUNK..o + total].fill(0xa4);
+        let mut now = vec![0u8; size as usize];
+        m.read_into(0, &mut now);
+        assert_eq!(now, want);
+        // The whole piece is the chunk itself: received once, never copied.
+        let chunk = m.chunks[1].read().unwrap();
+        assert_eq!(chunk.as_ref().unwrap().as_ptr(), whole_ptr);
     }
 
     #[test]

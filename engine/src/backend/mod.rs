@@ -15,6 +15,7 @@ pub mod file;
 pub mod gluster;
 pub mod lone;
 pub mod mem;
+pub mod pipe;
 
 use crate::protocol::consts::*;
 use crate::protocol::{Errno, Extent, MAX_PAYLOAD};
@@ -171,12 +172,19 @@ pub enum ReadBuf {
         start: usize,
         len: usize,
     },
+    /// Page-cache pages waiting in a pipe, spliced into the socket without
+    /// a copy. Its bytes are not in memory: [`ReadBuf::slices`] yields
+    /// none, [`ReadBuf::unspliced`] reads them out. `spare` as for `Shared`.
+    Spliced {
+        pipe: pipe::Spliced,
+        spare: Vec<u8>,
+    },
 }
 
 /// Part of a [`ReadBuf::Shared`]: a range of an immutable chunk that the
 /// read keeps alive (a later write to the chunk copies it first), or zeroes.
 pub struct SharedSlice {
-    pub chunk: Option<std::sync::Arc<[u8]>>,
+    pub chunk: Option<mem::ChunkBytes>,
     pub start: usize,
     pub len: usize,
 }
@@ -199,12 +207,25 @@ impl ReadBuf {
             ReadBuf::Glommio(r) => (Some(r), &[]),
             ReadBuf::Aligned { buf, start, len } => (Some(&buf[*start..*start + *len]), &[]),
             ReadBuf::Shared { slices, .. } => (None, slices),
+            ReadBuf::Spliced { .. } => (None, &[]),
         };
         one.into_iter().chain(shared.iter().map(SharedSlice::bytes))
     }
 
     pub fn len(&self) -> usize {
-        self.slices().map(<[u8]>::len).sum()
+        match self {
+            ReadBuf::Spliced { pipe, .. } => pipe.len(),
+            _ => self.slices().map(<[u8]>::len).sum(),
+        }
+    }
+
+    /// The same bytes in memory: a spliced read is read out of its pipe
+    /// (for TLS, which must encrypt them, and for tests).
+    pub fn unspliced(self) -> std::io::Result<ReadBuf> {
+        match self {
+            ReadBuf::Spliced { pipe, .. } => pipe.into_vec().map(ReadBuf::Vec),
+            other => Ok(other),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -219,7 +240,9 @@ impl ReadBuf {
     /// The Vec back, for the connection's buffer pool.
     pub fn into_vec(self) -> Option<Vec<u8>> {
         match self {
-            ReadBuf::Vec(v) | ReadBuf::Shared { spare: v, .. } => Some(v),
+            ReadBuf::Vec(v)
+            | ReadBuf::Shared { spare: v, .. }
+            | ReadBuf::Spliced { spare: v, .. } => Some(v),
             ReadBuf::Glommio(_) | ReadBuf::Aligned { .. } => None,
         }
     }
@@ -250,6 +273,20 @@ pub trait BackendIo {
     /// Writes `data` at `offset`; with `fua` it is durable before completion.
     /// Returns the buffer for reuse when the backend is done with it.
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> IoFuture<'_, Option<Vec<u8>>>;
+    /// The piece size this backend keeps a write's payload in as received
+    /// (the mem store's chunks), or None for one buffer.
+    fn write_piece_size(&self) -> Option<usize> {
+        None
+    }
+    /// Writes a payload received in pieces at `offset`: the first piece
+    /// ends at a multiple of [`BackendIo::write_piece_size`], every other
+    /// but the last is one whole piece.
+    fn write_pieces(&self, offset: u64, pieces: Vec<Vec<u8>>, fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.write(offset, pieces.concat(), fua).await?;
+            Ok(())
+        })
+    }
     /// Makes every acknowledged write durable.
     fn flush(&self) -> IoFuture<'_, ()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()>;

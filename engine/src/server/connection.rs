@@ -310,13 +310,32 @@ impl Conn {
             let size = self.export.backend.size();
             let mut next = self.protocol.borrow().handle_header(&hdr, size);
             if let Next::Payload { len, cmd } = next {
+                if let (Command::Write { offset, .. }, Some(piece)) =
+                    (cmd, self.io.write_piece_size())
+                {
+                    if len as usize >= 2 * piece {
+                        let mut pieces = Vec::new();
+                        for n in piece_lens(offset, len as usize, piece) {
+                            let mut v = Vec::with_capacity(n);
+                            inbuf.read_payload(&mut v, n).await?;
+                            pieces.push(v);
+                        }
+                        if self.stopping() {
+                            return Ok(());
+                        }
+                        let data = Payload::Pieces(pieces);
+                        self.start(hdr, cmd, Some(data), permit, started).await;
+                        continue;
+                    }
+                }
                 let mut v = self.outbox.pool.get(len as usize);
                 inbuf.read_payload(&mut v, len as usize).await?;
                 if self.stopping() {
                     return Ok(());
                 }
                 if let Command::Write { .. } = cmd {
-                    self.start(hdr, cmd, Some(v), permit, started).await;
+                    self.start(hdr, cmd, Some(Payload::One(v)), permit, started)
+                        .await;
                     continue;
                 }
                 next = self.protocol.borrow().handle_payload(&hdr, cmd, &v, size);
@@ -349,7 +368,7 @@ impl Conn {
         self: &Rc<Self>,
         hdr: RequestHeader,
         cmd: Command,
-        data: Option<Vec<u8>>,
+        data: Option<Payload>,
         permit: Permit,
         started: Instant,
     ) {
@@ -440,16 +459,39 @@ fn op_of(cmd: &Command) -> (Op, u64) {
     }
 }
 
+/// A write's payload: one buffer, or pieces the backend keeps as they are.
+enum Payload {
+    One(Vec<u8>),
+    Pieces(Vec<Vec<u8>>),
+}
+
+/// Lengths of `len` bytes at `offset` cut at multiples of `piece`.
+fn piece_lens(offset: u64, len: usize, piece: usize) -> impl Iterator<Item = usize> {
+    let first = (piece - (offset % piece as u64) as usize).min(len);
+    let mut left = len - first;
+    std::iter::once(first)
+        .filter(|&n| n > 0)
+        .chain(std::iter::from_fn(move || {
+            let n = left.min(piece);
+            left -= n;
+            (n > 0).then_some(n)
+        }))
+}
+
 async fn execute(
     io: Rc<dyn BackendIo>,
     cmd: Command,
-    data: Option<Vec<u8>>,
+    data: Option<Payload>,
     lend: Vec<u8>,
 ) -> Result<Done, BackendError> {
     Ok(match cmd {
         Command::Read { offset, len } => Done::Data(io.read(offset, len as usize, lend).await?),
         Command::Write { offset, fua, .. } => {
-            io.write(offset, data.unwrap_or_default(), fua).await?;
+            match data {
+                Some(Payload::Pieces(pieces)) => io.write_pieces(offset, pieces, fua).await?,
+                Some(Payload::One(v)) => drop(io.write(offset, v, fua).await?),
+                None => drop(io.write(offset, Vec::new(), fua).await?),
+            }
             Done::Empty
         }
         Command::Flush => {
@@ -478,4 +520,28 @@ async fn execute(
         Command::BlockStatus { offset, len, .. } => Done::Extents(io.extents(offset, len).await?),
         Command::Disconnect => Done::Empty,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::piece_lens;
+
+    #[test]
+    fn pieces_end_at_multiples_of_the_piece_size() {
+        let cut = |o, l| piece_lens(o, l, 100).collect::<Vec<_>>();
+        assert_eq!(cut(0, 300), [100, 100, 100]);
+        assert_eq!(cut(50, 300), [50, 100, 100, 50]);
+        assert_eq!(cut(150, 30), [30]);
+        assert_eq!(cut(199, 2), [1, 1]);
+        assert_eq!(cut(7, 0), Vec::<usize>::new());
+        for (o, l) in [(0u64, 1000usize), (1, 999), (12345, 4321)] {
+            let v = cut(o, l);
+            assert_eq!(v.iter().sum::<usize>(), l);
+            let mut at = o;
+            for (i, n) in v.iter().enumerate() {
+                at += *n as u64;
+                assert!(i + 1 == v.len() || at % 100 == 0);
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@
 use super::budget::Permit;
 use super::socket::NbdSocket;
 use super::tls::TlsSession;
+use crate::backend::pipe::Spliced;
 use crate::backend::ReadBuf;
 use crate::protocol::ReplyHeader;
 use futures_lite::future::or;
@@ -115,23 +116,15 @@ impl Outbox {
     pub async fn run<W: futures_lite::AsyncWrite + Unpin>(&self, socket: &NbdSocket, mut wr: W) {
         let mut batch = Vec::with_capacity(BATCH);
         while self.next_batch(&mut batch).await {
-            let result = {
-                let mut slices: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
-                for r in &batch {
-                    slices.push(r.header.as_bytes());
-                    match &r.body {
-                        Body::None => {}
-                        Body::Read(b) => slices.extend(b.slices()),
-                        Body::Bytes(b) => slices.push(b),
+            let result = match &self.tls {
+                Some(tls) => match unsplice(&mut batch) {
+                    Ok(()) => {
+                        tls.send(&mut wr, &slices_of(&batch), self.write_timeout)
+                            .await
                     }
-                }
-                match &self.tls {
-                    Some(tls) => tls.send(&mut wr, &slices, self.write_timeout).await,
-                    None => {
-                        let local = self.local_peer;
-                        send_all(socket, &mut wr, &slices, self.write_timeout, local).await
-                    }
-                }
+                    Err(e) => Err(e),
+                },
+                None => self.send_plain(socket, &mut wr, &mut batch).await,
             };
             for r in batch.drain(..) {
                 match r.body {
@@ -158,6 +151,88 @@ impl Outbox {
         }
         let _ = wr.flush().await;
     }
+}
+
+impl Outbox {
+    /// Sends a batch on a plain socket: gathered `sendmsg`s, and spliced
+    /// bodies straight from their pipes, each after its own header.
+    async fn send_plain<W: futures_lite::AsyncWrite + Unpin>(
+        &self,
+        socket: &NbdSocket,
+        wr: &mut W,
+        batch: &mut [Reply],
+    ) -> io::Result<()> {
+        let (limit, local) = (self.write_timeout, self.local_peer);
+        let mut from = 0;
+        while from < batch.len() {
+            let spliced = batch[from..]
+                .iter()
+                .position(|r| matches!(r.body, Body::Read(ReadBuf::Spliced { .. })))
+                .map(|i| from + i);
+            let upto = spliced.map_or(batch.len(), |i| i + 1);
+            // Up to and with the spliced reply's header, which waits for
+            // its body (MSG_MORE) instead of leaving alone.
+            let slices = slices_of(&batch[from..upto]);
+            send_all(socket, wr, &slices, limit, local, spliced.is_some()).await?;
+            from = upto;
+            if let Some(i) = spliced {
+                let more = i + 1 < batch.len();
+                if let Body::Read(ReadBuf::Spliced { pipe, .. }) = &mut batch[i].body {
+                    splice_all(socket, wr, pipe, limit, more).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Header and body slices of `replies`, in order (a spliced body has none).
+fn slices_of(replies: &[Reply]) -> Vec<&[u8]> {
+    let mut slices: Vec<&[u8]> = Vec::with_capacity(replies.len() * 2);
+    for r in replies {
+        slices.push(r.header.as_bytes());
+        match &r.body {
+            Body::None => {}
+            Body::Read(b) => slices.extend(b.slices()),
+            Body::Bytes(b) => slices.push(b),
+        }
+    }
+    slices
+}
+
+/// Reads spliced bodies out of their pipes (TLS must encrypt the bytes).
+fn unsplice(batch: &mut [Reply]) -> io::Result<()> {
+    for r in batch {
+        if let Body::Read(b @ ReadBuf::Spliced { .. }) = &mut r.body {
+            let taken = std::mem::replace(b, ReadBuf::Vec(Vec::new()));
+            *b = taken.unspliced()?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves a spliced body into the socket; when it is full, glommio waits
+/// for room while writing the next page of it (read out of the pipe).
+async fn splice_all<W: futures_lite::AsyncWrite + Unpin>(
+    socket: &NbdSocket,
+    wr: &mut W,
+    body: &mut Spliced,
+    limit: Option<Duration>,
+    more: bool,
+) -> io::Result<()> {
+    while body.left() > 0 {
+        match body.send(socket.fd(), more) {
+            Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Some(r) => {
+                r?;
+            }
+            None => {
+                let page = body.take_bytes(4096)?;
+                write_all_within(wr, &page, limit).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One write that waits for room at most `limit`: a peer that stops
@@ -203,6 +278,7 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
     slices: &[&[u8]],
     limit: Option<Duration>,
     local_peer: bool,
+    more: bool,
 ) -> io::Result<()> {
     let mut idx = 0;
     let mut off = 0;
@@ -227,7 +303,7 @@ pub async fn send_all<W: futures_lite::AsyncWrite + Unpin>(
         let sent = super::colocate::around_send(
             local_peer,
             || socket.incoming_cpu(),
-            || socket.sendmsg(&iov),
+            || socket.sendmsg(&iov, more),
         );
         let n = match sent {
             Some(r) => r?,

@@ -27,6 +27,13 @@ impl NbdSocket {
         }
         // SAFETY: fd is a fresh descriptor we own; the stream closes it.
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        // A splice into the socket blocks unless the socket itself is
+        // non-blocking (its flag alone decides). Every other call on it
+        // already passes MSG_DONTWAIT or waits through io_uring.
+        // SAFETY: our own descriptor, open for the duration of the call.
+        let borrowed = unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) };
+        let flags = rustix::fs::fcntl_getfl(borrowed)?;
+        rustix::fs::fcntl_setfl(borrowed, flags | rustix::fs::OFlags::NONBLOCK)?;
         Ok(Rc::new(NbdSocket { stream }))
     }
 
@@ -40,24 +47,31 @@ impl NbdSocket {
         })
     }
 
+    /// For a splice into the socket.
+    pub fn fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        // SAFETY: our own descriptor, open for as long as `self` lives.
+        unsafe { rustix::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) }
+    }
+
     /// A gathering `sendmsg` that never blocks; None means "would block".
-    pub fn sendmsg(&self, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+    /// `more`: the next bytes follow at once (MSG_MORE), so a reply header
+    /// does not leave as a segment of its own.
+    pub fn sendmsg(&self, iov: &[libc::iovec], more: bool) -> Option<io::Result<usize>> {
         // SAFETY: msghdr is plain data; iov points at live slices for this call.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_ptr() as *mut _;
         msg.msg_iovlen = iov.len();
         let fd = self.stream.as_raw_fd();
         // SAFETY: our socket; msg is valid for the duration of the call.
-        retry(|| unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+        retry(|| unsafe { libc::sendmsg(fd, &msg, flags) })
     }
 
     /// The CPU that last processed a packet from the peer. On loopback the
     /// receive runs in the sender's context, so that is the CPU the client
     /// ran on when it sent its last request.
     pub fn incoming_cpu(&self) -> Option<usize> {
-        // SAFETY: our own descriptor, open for as long as `self` lives.
-        let fd = unsafe { rustix::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
-        rustix::net::sockopt::socket_incoming_cpu(fd)
+        rustix::net::sockopt::socket_incoming_cpu(self.fd())
             .ok()
             .map(|c| c as usize)
     }
