@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// Serves until SIGINT/SIGTERM; a second signal exits at once.
 pub fn run(args: RunnerArgs) -> Result<()> {
     let tls = tls_server(&args)?;
-    let max_connections = raise_fd_limit(args.max_connections as usize);
+    let max_connections = raise_fd_limit(args.max_connections as usize, args.threads());
     // Once the flags are known good, before any thread: threads inherit the IO-flusher flag.
     if !args.no_swap_safety {
         let applied = crate::reclaim::protect();
@@ -183,8 +183,9 @@ pub fn run(args: RunnerArgs) -> Result<()> {
 /// Raises the soft RLIMIT_NOFILE to the hard limit (the default soft 1,024
 /// would run out under load, failing accepts and state saves alike) and
 /// returns the connection cap that fits in it: two descriptors per
-/// connection and room for the rest of the runner.
-fn raise_fd_limit(wanted: usize) -> usize {
+/// connection and room for the rest of the runner, the shards' splice
+/// pipes included.
+fn raise_fd_limit(wanted: usize, shards: usize) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut lim = getrlimit(Resource::Nofile);
     if lim.current != lim.maximum {
@@ -194,7 +195,8 @@ fn raise_fd_limit(wanted: usize) -> usize {
         }
     }
     let fds = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    let fits = (fds.saturating_sub(256) / 2).max(1) as usize;
+    let pipes = (shards * nbd_engine::backend::pipe::POOL_MAX * 2) as u64;
+    let fits = (fds.saturating_sub(256 + pipes) / 2).max(1) as usize;
     if fits < wanted {
         tracing::info!(
             fds,
