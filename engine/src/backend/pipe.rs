@@ -159,18 +159,17 @@ impl Spliced {
             return Ok(Vec::new());
         };
         let want = self.left.min(max);
-        let mut v = vec![0u8; want];
-        let mut got = 0;
-        while got < want {
-            match rustix::io::read(&pipe.read, &mut v[got..]) {
+        // Read into uninitialised capacity: zeroing first would cost as much.
+        let mut v = Vec::with_capacity(want);
+        while v.len() < want {
+            match rustix::io::read(&pipe.read, rustix::buffer::spare_capacity(&mut v)) {
                 Ok(0) => break,
-                Ok(n) => got += n,
+                Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        v.truncate(got);
-        self.left -= got;
+        self.left -= v.len();
         Ok(v)
     }
 

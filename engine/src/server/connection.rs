@@ -271,6 +271,8 @@ enum Done {
     Data(ReadBuf),
     Extents(Vec<Extent>),
     Empty,
+    /// A write done; the backend may hand its payload buffer back for reuse.
+    Written(Option<Vec<u8>>),
 }
 
 impl Conn {
@@ -310,34 +312,17 @@ impl Conn {
             let size = self.export.backend.size();
             let mut next = self.protocol.borrow().handle_header(&hdr, size);
             if let Next::Payload { len, cmd } = next {
-                if let (Command::Write { offset, .. }, Some(piece)) =
-                    (cmd, self.io.write_piece_size())
-                {
-                    if len as usize >= 2 * piece {
-                        let mut pieces = Vec::new();
-                        for n in piece_lens(offset, len as usize, piece) {
-                            let mut v = Vec::with_capacity(n);
-                            inbuf.read_payload(&mut v, n).await?;
-                            pieces.push(v);
-                        }
-                        if self.stopping() {
-                            return Ok(());
-                        }
-                        let data = Payload::Pieces(pieces);
-                        self.start(hdr, cmd, Some(data), permit, started).await;
-                        continue;
-                    }
-                }
-                let mut v = self.outbox.pool.get(len as usize);
-                inbuf.read_payload(&mut v, len as usize).await?;
+                let data = self.receive_payload(inbuf, cmd, len as usize).await?;
                 if self.stopping() {
                     return Ok(());
                 }
-                if let Command::Write { .. } = cmd {
-                    self.start(hdr, cmd, Some(Payload::One(v)), permit, started)
-                        .await;
-                    continue;
-                }
+                let v = match data {
+                    Payload::One(v) if !matches!(cmd, Command::Write { .. }) => v,
+                    data => {
+                        self.start(hdr, cmd, Some(data), permit, started).await;
+                        continue;
+                    }
+                };
                 next = self.protocol.borrow().handle_payload(&hdr, cmd, &v, size);
             }
             match next {
@@ -357,6 +342,29 @@ impl Conn {
                 Next::Disconnect => return Ok(()),
             }
         }
+    }
+
+    /// Receives a request's payload: into one pooled buffer, or, for a
+    /// write the backend keeps as received, into pieces cut where it wants.
+    async fn receive_payload(
+        &self,
+        inbuf: &mut Reader,
+        cmd: Command,
+        len: usize,
+    ) -> std::io::Result<Payload> {
+        let piece = self.io.write_piece_size().filter(|&p| len >= 2 * p);
+        if let (Command::Write { offset, .. }, Some(piece)) = (cmd, piece) {
+            let mut pieces = Vec::with_capacity(len.div_ceil(piece) + 1);
+            for n in piece_lens(offset, len, piece) {
+                let mut v = Vec::with_capacity(n);
+                inbuf.read_payload(&mut v, n).await?;
+                pieces.push(v);
+            }
+            return Ok(Payload::Pieces(pieces));
+        }
+        let mut v = self.outbox.pool.get(len);
+        inbuf.read_payload(&mut v, len).await?;
+        Ok(Payload::One(v))
     }
 
     fn stopping(&self) -> bool {
@@ -414,7 +422,7 @@ impl Conn {
                 descriptors = self.outbox.pool.get(64);
                 Outcome::Extents(extents)
             }
-            Ok(Done::Empty) => Outcome::Done,
+            Ok(Done::Empty | Done::Written(_)) => Outcome::Done,
             Err(e) => {
                 tracing::warn!(export = %self.export.name, op = op.name(), error = %e, "backend error");
                 Outcome::Failed(e.errno())
@@ -430,6 +438,10 @@ impl Conn {
         let body = match (done.body, result) {
             (transmission::Body::Data, Ok(Done::Data(buf))) => Body::Read(buf),
             (transmission::Body::Descriptors, _) => Body::Bytes(descriptors),
+            (_, Ok(Done::Written(Some(spare)))) => {
+                self.outbox.pool.put(spare);
+                Body::None
+            }
             _ => Body::None,
         };
         self.export
@@ -486,14 +498,13 @@ async fn execute(
 ) -> Result<Done, BackendError> {
     Ok(match cmd {
         Command::Read { offset, len } => Done::Data(io.read(offset, len as usize, lend).await?),
-        Command::Write { offset, fua, .. } => {
-            match data {
-                Some(Payload::Pieces(pieces)) => io.write_pieces(offset, pieces, fua).await?,
-                Some(Payload::One(v)) => drop(io.write(offset, v, fua).await?),
-                None => drop(io.write(offset, Vec::new(), fua).await?),
+        Command::Write { offset, fua, .. } => match data.unwrap_or(Payload::One(Vec::new())) {
+            Payload::Pieces(pieces) => {
+                io.write_pieces(offset, pieces, fua).await?;
+                Done::Empty
             }
-            Done::Empty
-        }
+            Payload::One(v) => Done::Written(io.write(offset, v, fua).await?),
+        },
         Command::Flush => {
             io.flush().await?;
             Done::Empty

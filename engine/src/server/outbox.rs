@@ -151,9 +151,7 @@ impl Outbox {
         }
         let _ = wr.flush().await;
     }
-}
 
-impl Outbox {
     /// Sends a batch on a plain socket: gathered `sendmsg`s, and spliced
     /// bodies straight from their pipes, each after its own header.
     async fn send_plain<W: futures_lite::AsyncWrite + Unpin>(
