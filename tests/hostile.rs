@@ -430,3 +430,95 @@ fn stalled_and_dripping_handshakes_are_dropped_at_the_deadline() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(read_at(&mut s, 0, 512).unwrap(), vec![0u8; 512]);
 }
+
+/// Pipe descriptors the runner holds.
+fn pipe_count(r: &Runner) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", r.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+#[test]
+fn spliced_file_reads_to_a_client_that_stops_reading_hold_no_shard_and_few_descriptors() {
+    let dir = scratch();
+    let file = tmp_path(&dir, "disk.raw");
+    // Just written, so cached: 1 MiB reads are spliced from the page cache.
+    let data = pattern(64 << 20, 5);
+    write_file(&file, &data);
+    let spec = format!("file:{}", path_str(&file));
+    let mut r = Runner::start(&[&spec]);
+    let name = path_str(&file);
+    let mib = |i: usize| &data[i << 20..(i + 1) << 20];
+    for i in 0..4 {
+        let mut s = negotiate(&r.addr, name);
+        assert!(read_at(&mut s, (i as u64) << 20, 1 << 20).unwrap() == mib(i));
+    }
+    let (fds, pipes) = (r.fd_count(), pipe_count(&r));
+    // Each shard keeps at most 16 pipes, two descriptors each.
+    let shards = std::thread::available_parallelism().unwrap().get();
+    let bound = 2 * 16 * shards;
+
+    // 4 GiB of reads asked for, no reply ever read.
+    let mut stalled = negotiate(&r.addr, name);
+    let burst: Vec<u8> = (0..4096u64)
+        .flat_map(|i| request(CMD_READ, 0, i, (i % 60) << 20, 1 << 20))
+        .collect();
+    stalled
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let _ = stalled.write_all(&burst);
+    // Replies wait in pipes, as many as the pool allows and no more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pipe_count(&r) <= pipes && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = pipe_count(&r);
+    assert!(
+        held > pipes,
+        "no reply waits in a pipe ({held} pipes, {pipes} before)"
+    );
+    assert!(
+        r.fd_count() <= fds + bound,
+        "{} descriptors, {fds} before",
+        r.fd_count()
+    );
+    // Other clients of the export, on either shard, get the right bytes.
+    for i in 0..8 {
+        let mut s = negotiate(&r.addr, name);
+        let got = read_at(&mut s, (i as u64 + 4) << 20, 1 << 20).unwrap();
+        assert!(got == mib(i + 4), "a bystander's read {i} differs");
+    }
+    // The stalled client's first reply is intact once it reads.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(read_simple_reply(&mut stalled).unwrap(), (0, 0));
+    let mut first = vec![0u8; 1 << 20];
+    stalled.read_exact(&mut first).unwrap();
+    assert!(first == mib(0), "the first reply differs");
+    // It vanishes with replies still in pipes, and more like it follow:
+    // their pipes are closed or reused, never piled up.
+    drop(stalled);
+    for round in 0..6u64 {
+        let mut s = negotiate(&r.addr, name);
+        let burst: Vec<u8> = (0..64u64)
+            .flat_map(|i| request(CMD_READ, 0, i, ((i + round) % 60) << 20, 1 << 20))
+            .collect();
+        s.write_all(&burst).unwrap();
+        drop(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.fd_count() > fds + bound && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        r.fd_count() <= fds + bound,
+        "{} descriptors, {fds} before",
+        r.fd_count()
+    );
+    r.assert_alive();
+    let mut s = negotiate(&r.addr, name);
+    assert!(read_at(&mut s, 0, 1 << 20).unwrap() == mib(0));
+}
