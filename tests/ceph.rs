@@ -650,6 +650,34 @@ impl OwnCluster {
             .parse()
             .unwrap()
     }
+
+    /// SIGSTOPs the OSD and returns once every one of its threads is stopped.
+    /// kill(2) only starts a group stop: until the thread the kernel picked
+    /// runs, the other threads still answer what arrives (CI saw a read served).
+    fn stop_osd(&self) {
+        let pid = self.osd_pid();
+        // SAFETY: plain kill(2) on the OSD this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !all_threads_stopped(pid) {
+            assert!(Instant::now() < deadline, "osd {pid} never stopped");
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Whether /proc shows every thread of `pid` in the stopped state (`T`).
+fn all_threads_stopped(pid: i32) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("osd tasks");
+    tasks.flatten().all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // The state follows the parenthesised command name, which may hold spaces.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        // A thread that exited between the listing and the read is not answering.
+        stat.is_empty() || state == Some('T')
+    })
 }
 
 impl Drop for OwnCluster {
@@ -695,8 +723,7 @@ fn a_hung_osd_fails_requests_with_eio_after_op_timeout_and_service_resumes() {
     assert_eq!(call(&mut s, CMD_FLUSH, 0, 0, &[]), 0);
 
     // The OSD stops answering (SIGSTOP: a hung host, not a refused connection).
-    // SAFETY: plain kill(2) on the OSD this test started.
-    assert_eq!(unsafe { libc::kill(cluster.osd_pid(), libc::SIGSTOP) }, 0);
+    cluster.stop_osd();
     let started = Instant::now();
     // A read of written data (librbd answers unwritten ranges from its object
     // map without asking the OSD).
