@@ -13,8 +13,10 @@
 //! straight to the device), so one fdatasync covers writes acknowledged on
 //! every connection, and multi-conn is safe.
 
+use super::mapped::FileMap;
 use super::*;
 use glommio::io::{BufferedFile, OpenOptions};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -44,6 +46,9 @@ pub struct FileBackend {
     storage: Probed,
     /// The inode opened (and, for control-route keys, confined) at open.
     file: Arc<std::fs::File>,
+    /// The whole file mapped, for large cached reads (buffered mode only:
+    /// O_DIRECT promised to bypass the cache).
+    map: Option<Arc<FileMap>>,
 }
 
 /// What the filesystem under a file can do, asked at open rather than
@@ -175,12 +180,17 @@ impl FileBackend {
         } else {
             return Err(cfg("is neither a regular file nor a block device".into()));
         };
+        let map = match io_mode {
+            IoMode::Buffered => FileMap::new(file.as_fd(), size),
+            IoMode::Direct => None,
+        };
         Ok(FileBackend {
             size,
             read_only,
             io_mode,
             storage,
             file: Arc::new(file),
+            map,
         })
     }
 }
@@ -232,6 +242,7 @@ impl Backend for FileBackend {
         // at open instead of resolving the path again.
         let held = self.file.clone();
         let (size, read_only, io_mode) = (self.size, self.read_only, self.io_mode);
+        let map = self.map.clone();
         Box::pin(async move {
             let reopen = PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
             let mut options = OpenOptions::new();
@@ -265,6 +276,7 @@ impl Backend for FileBackend {
                 file,
                 blocking: Arc::new(blocking),
                 size,
+                map,
             });
             Ok(io)
         })
@@ -275,6 +287,7 @@ struct FileIo {
     file: Handle,
     blocking: Arc<std::os::fd::OwnedFd>,
     size: u64,
+    map: Option<Arc<FileMap>>,
 }
 
 /// One connection's open file: through the page cache or around it.
@@ -596,6 +609,9 @@ impl FileIo {
 impl BackendIo for FileIo {
     fn read(&self, offset: u64, len: usize, buf: Vec<u8>) -> IoFuture<'_, ReadBuf> {
         Box::pin(async move {
+            if let Some(read) = self.map.as_ref().and_then(|m| m.read(offset, len)) {
+                return Ok(ReadBuf::Mapped { read, spare: buf });
+            }
             if let Some(pipe) = self.file.splice(offset, len) {
                 let pipe = pipe.map_err(|e| BackendError::io("read", e))?;
                 if pipe.len() == len {

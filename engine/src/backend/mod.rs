@@ -14,6 +14,7 @@ pub mod file;
 #[cfg(feature = "gluster")]
 pub mod gluster;
 pub mod lone;
+pub mod mapped;
 pub mod mem;
 pub mod pipe;
 
@@ -179,6 +180,13 @@ pub enum ReadBuf {
         pipe: pipe::Spliced,
         spare: Vec<u8>,
     },
+    /// Page-cache pages of a mapped file, which only the kernel may read
+    /// ([`mapped`]): [`ReadBuf::slices`] hands them to `sendmsg`,
+    /// [`ReadBuf::unspliced`] copies them with `pread`. `spare` as for `Shared`.
+    Mapped {
+        read: mapped::MappedRead,
+        spare: Vec<u8>,
+    },
 }
 
 /// Part of a [`ReadBuf::Shared`]: a range of an immutable chunk that the
@@ -208,6 +216,7 @@ impl ReadBuf {
             ReadBuf::Aligned { buf, start, len } => (Some(&buf[*start..*start + *len]), &[]),
             ReadBuf::Shared { slices, .. } => (None, slices),
             ReadBuf::Spliced { .. } => (None, &[]),
+            ReadBuf::Mapped { read, .. } => (Some(read.for_kernel()), &[]),
         };
         one.into_iter().chain(shared.iter().map(SharedSlice::bytes))
     }
@@ -219,11 +228,19 @@ impl ReadBuf {
         }
     }
 
-    /// The same bytes in memory: a spliced read is read out of its pipe
-    /// (for TLS, which must encrypt them, and for tests).
+    /// Whether the bytes are somewhere the runner may not read them as
+    /// memory (a pipe, a file mapping): TLS must [`ReadBuf::unspliced`] them.
+    pub fn outside_memory(&self) -> bool {
+        matches!(self, ReadBuf::Spliced { .. } | ReadBuf::Mapped { .. })
+    }
+
+    /// The same bytes in memory: a spliced read is read out of its pipe, a
+    /// mapped one copied by `pread` (for TLS, which must encrypt them, and
+    /// for tests).
     pub fn unspliced(self) -> std::io::Result<ReadBuf> {
         match self {
             ReadBuf::Spliced { pipe, .. } => pipe.into_vec().map(ReadBuf::Vec),
+            ReadBuf::Mapped { read, .. } => read.copy_out().map(ReadBuf::Vec),
             other => Ok(other),
         }
     }
@@ -234,6 +251,9 @@ impl ReadBuf {
 
     /// A copy of the bytes, for tests and slow paths.
     pub fn to_vec(&self) -> Vec<u8> {
+        if let ReadBuf::Mapped { read, .. } = self {
+            return read.copy_out().unwrap_or_default();
+        }
         self.slices().flatten().copied().collect()
     }
 
@@ -242,7 +262,8 @@ impl ReadBuf {
         match self {
             ReadBuf::Vec(v)
             | ReadBuf::Shared { spare: v, .. }
-            | ReadBuf::Spliced { spare: v, .. } => Some(v),
+            | ReadBuf::Spliced { spare: v, .. }
+            | ReadBuf::Mapped { spare: v, .. } => Some(v),
             ReadBuf::Glommio(_) | ReadBuf::Aligned { .. } => None,
         }
     }

@@ -198,10 +198,13 @@ fn slices_of(replies: &[Reply]) -> Vec<&[u8]> {
     slices
 }
 
-/// Reads spliced bodies out of their pipes (TLS must encrypt the bytes).
+/// Brings spliced and mapped bodies into memory (TLS must encrypt the bytes).
 fn unsplice(batch: &mut [Reply]) -> io::Result<()> {
     for r in batch {
-        if let Body::Read(b @ ReadBuf::Spliced { .. }) = &mut r.body {
+        if let Body::Read(b) = &mut r.body {
+            if !b.outside_memory() {
+                continue;
+            }
             let taken = std::mem::replace(b, ReadBuf::Vec(Vec::new()));
             *b = taken.unspliced()?;
         }
