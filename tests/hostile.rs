@@ -450,15 +450,25 @@ fn unread(s: &std::net::TcpStream) -> usize {
     n as usize
 }
 
-#[test]
-fn cached_file_reads_to_a_client_that_stops_reading_hold_no_shard_and_few_descriptors() {
+/// A runner serving a file export of `len` pattern bytes (`seed`), just
+/// written and so cached; returns the scratch dir, file, bytes and runner.
+fn cached_file_export(
+    len: usize,
+    seed: u64,
+) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>, Runner) {
     let dir = scratch();
     let file = tmp_path(&dir, "disk.raw");
-    // Just written, so cached: 1 MiB reads are sent from the page cache.
-    let data = pattern(64 << 20, 5);
+    let data = pattern(len, seed);
     write_file(&file, &data);
     let spec = format!("file:{}", path_str(&file));
-    let mut r = Runner::start(&[&spec]);
+    let r = Runner::start(&[&spec]);
+    (dir, file, data, r)
+}
+
+#[test]
+fn cached_file_reads_to_a_client_that_stops_reading_hold_no_shard_and_few_descriptors() {
+    // Cached: 1 MiB reads are sent from the page cache.
+    let (_dir, file, data, mut r) = cached_file_export(64 << 20, 5);
     let name = path_str(&file);
     let mib = |i: usize| &data[i << 20..(i + 1) << 20];
     for i in 0..4 {
@@ -543,12 +553,7 @@ fn cached_file_reads_to_a_client_that_stops_reading_hold_no_shard_and_few_descri
 /// or its connection closed, and once the file is restored it serves it again.
 #[test]
 fn a_file_truncated_under_cached_reads_never_kills_the_runner() {
-    let dir = scratch();
-    let file = tmp_path(&dir, "disk.raw");
-    let data = pattern(16 << 20, 9);
-    write_file(&file, &data);
-    let spec = format!("file:{}", path_str(&file));
-    let mut r = Runner::start(&[&spec]);
+    let (_dir, file, data, mut r) = cached_file_export(16 << 20, 9);
     let name = path_str(&file);
     let mut s = negotiate(&r.addr, name);
     assert!(read_at(&mut s, 0, 1 << 20).unwrap() == data[..1 << 20]);

@@ -319,7 +319,7 @@ async fn on_io_thread<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'stati
 }
 
 /// pread/pwrite until done, or end of file for reads.
-fn direct_io(
+pub(super) fn direct_io(
     fd: impl std::os::fd::AsFd,
     buf: &mut [u8],
     pos: u64,
@@ -609,10 +609,17 @@ impl FileIo {
 impl BackendIo for FileIo {
     fn read(&self, offset: u64, len: usize, buf: Vec<u8>) -> IoFuture<'_, ReadBuf> {
         Box::pin(async move {
-            if let Some(read) = self.map.as_ref().and_then(|m| m.read(offset, len)) {
+            // A range the mapping covers is sent from it when cached and
+            // copied when not; splicing is for ranges past it (a grown export).
+            let mapped = self.map.as_ref().filter(|m| m.covers(offset, len));
+            if let Some(read) = mapped.and_then(|m| m.read(offset, len)) {
                 return Ok(ReadBuf::Mapped { read, spare: buf });
             }
-            if let Some(pipe) = self.file.splice(offset, len) {
+            if let Some(pipe) = mapped
+                .is_none()
+                .then(|| self.file.splice(offset, len))
+                .flatten()
+            {
                 let pipe = pipe.map_err(|e| BackendError::io("read", e))?;
                 if pipe.len() == len {
                     return Ok(ReadBuf::Spliced { pipe, spare: buf });

@@ -69,18 +69,24 @@ impl FileMap {
     /// `len` bytes at `offset` as a reply body, when the mapping covers
     /// them and every page is cached (so the send does not wait for the disk).
     pub fn read(self: &Arc<Self>, offset: u64, len: usize) -> Option<MappedRead> {
-        let start = usize::try_from(offset).ok()?;
-        if len < MAP_MIN || start.checked_add(len)? > self.len {
-            return None;
-        }
-        if !super::pipe::resident(self.file.as_fd(), offset, len) {
+        if !self.covers(offset, len) || !super::pipe::resident(self.file.as_fd(), offset, len) {
             return None;
         }
         Some(MappedRead {
             map: self.clone(),
-            start,
+            start: offset as usize, // fits: covers() checked it against len
             len,
         })
+    }
+
+    /// Whether a read of `len` at `offset` is large enough to map and lies
+    /// inside the mapping.
+    pub fn covers(&self, offset: u64, len: usize) -> bool {
+        len >= MAP_MIN
+            && usize::try_from(offset)
+                .ok()
+                .and_then(|s| s.checked_add(len))
+                .is_some_and(|end| end <= self.len)
     }
 }
 
@@ -124,15 +130,7 @@ impl MappedRead {
     /// The bytes in memory, by `pread` (zeros past an end that moved).
     pub fn copy_out(&self) -> io::Result<Vec<u8>> {
         let mut v = vec![0u8; self.len];
-        let mut done = 0;
-        while done < v.len() {
-            match rustix::io::pread(&self.map.file, &mut v[done..], (self.start + done) as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        super::file::direct_io(&self.map.file, &mut v, self.start as u64, false)?;
         Ok(v)
     }
 }
